@@ -1,0 +1,336 @@
+"""Web chat: an embeddable widget talking to the gateway over a WebSocket.
+
+Routes (sub-app mounted at ``/webchat``): ``GET /ws`` (the socket, protocol in
+docs/webchat-protocol.md), ``GET /widget.js``, ``GET /widget.css``. The demo page at ``/``
+is ``demo_page``. A visitor token (kept by the browser, stored here only as a SHA-256)
+is bound to one visitor and so to that visitor's one conversation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSCloseCode, WSMsgType, web
+from pydantic import ValidationError
+from pymongo.errors import PyMongoError
+
+from connectors.base import Connector, ConnectorContext, DeliveryResult
+from connectors.webchat.frames import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Hello,
+    HistoryRequest,
+    SendAction,
+    SendMessage,
+    error,
+)
+from connectors.webchat.sockets import CHANNEL, Hub, VisitorSocket
+from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage, Party, Role
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+HARD_FRAME_LIMIT = 1024 * 1024  # aiohttp closes the socket with 1009 above this
+HELLO_TIMEOUT = 10.0
+CLOSE_INVALID_TOKEN = 4401
+CLOSE_NO_HELLO = 4408
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WebchatConfig:
+    allowed_origins: list[str] = field(default_factory=list)
+    max_frame_bytes: int = 65536
+    max_text: int = 4000
+
+
+def _token_key(token: str) -> str:
+    return "token:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+class WebchatConnector(Connector):
+    channel = CHANNEL
+
+    def __init__(self, config: WebchatConfig | None = None) -> None:
+        self.config = config or WebchatConfig()
+        self.hub = Hub()
+        self._context: ConnectorContext | None = None
+
+    @property
+    def context(self) -> ConnectorContext:
+        if self._context is None:
+            raise RuntimeError("WebchatConnector.setup() was not called")
+        return self._context
+
+    # ------------------------------------------------------------------- wiring
+
+    def setup(self, app: web.Application) -> None:
+        sub = web.Application()
+        sub.router.add_get("/ws", self.handle_socket)
+        sub.router.add_get("/widget.js", self._static("widget.js", "text/javascript"))
+        sub.router.add_get("/widget.css", self._static("widget.css", "text/css"))
+        app.add_subapp("/webchat", sub)
+        app.on_shutdown.append(self._on_shutdown)
+
+    async def start(self, context: ConnectorContext) -> None:
+        self._context = context
+
+    async def _on_shutdown(self, _app: web.Application) -> None:
+        await self.hub.close_all(WSCloseCode.GOING_AWAY, b"server shutting down")
+
+    @staticmethod
+    def _static(name: str, content_type: str) -> Any:
+        path = STATIC / name
+
+        async def handler(_request: web.Request) -> web.StreamResponse:
+            return web.Response(
+                body=path.read_bytes(),
+                content_type=content_type,
+                charset="utf-8",
+                headers={
+                    "Cache-Control": "no-cache",
+                    "X-Content-Type-Options": "nosniff",
+                    "Access-Control-Allow-Origin": "*",
+                },
+            )
+
+        return handler
+
+    @staticmethod
+    async def demo_page(_request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            body=(STATIC / "demo.html").read_bytes(),
+            content_type="text/html",
+            charset="utf-8",
+            headers={
+                "Content-Security-Policy": PAGE_CSP,
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+            },
+        )
+
+    # ------------------------------------------------------------------ outbound
+
+    async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
+        """Push to the visitor's open sockets; otherwise it waits in the store for them."""
+        delivered = await self.hub.push(conversation.thread_key, item)
+        return DeliveryResult(DeliveryStatus.DELIVERED if delivered else DeliveryStatus.STORED)
+
+    # ------------------------------------------------------------------- inbound
+
+    def origin_allowed(self, request: web.Request) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True  # not a browser; the token still guards every conversation
+        allowed = self.config.allowed_origins
+        if "*" in allowed or origin.rstrip("/") in allowed:
+            return True
+        own = f"{request.scheme}://{request.host}"
+        forwarded = request.headers.get("X-Forwarded-Proto")
+        return origin in {own, f"{forwarded}://{request.host}" if forwarded else own}
+
+    async def handle_socket(self, request: web.Request) -> web.StreamResponse:
+        if not self.origin_allowed(request):
+            log.info("webchat: refused Origin %s", request.headers.get("Origin"))
+            return web.json_response(
+                {
+                    "error": "origin_not_allowed",
+                    "message": "this page's origin may not open the chat; see "
+                    "OMNIGATE_WEBCHAT_ALLOWED_ORIGINS",
+                },
+                status=403,
+            )
+        ws = web.WebSocketResponse(max_msg_size=HARD_FRAME_LIMIT, heartbeat=30.0)
+        await ws.prepare(request)
+        socket: VisitorSocket | None = None
+        try:
+            socket = await self._handshake(ws)
+            if socket is not None:
+                await self._serve(ws, socket)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("webchat: socket failed")
+            if not ws.closed:
+                await ws.send_json(error(ErrorCode.INTERNAL, "unexpected server error"))
+                await ws.close(code=WSCloseCode.INTERNAL_ERROR)
+        finally:
+            if socket is not None:
+                self.hub.remove(socket)
+        return ws
+
+    async def _read_frame(
+        self, ws: web.WebSocketResponse, wait: float | None = None
+    ) -> dict[str, Any] | None:
+        """The next JSON object from the client; errors are answered; None when closed."""
+        while True:
+            msg = await ws.receive(timeout=wait)
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return None
+            if msg.type is WSMsgType.ERROR:
+                log.info("webchat: socket error: %s", ws.exception())
+                return None
+            if msg.type is not WSMsgType.TEXT:
+                await ws.send_json(error(ErrorCode.BAD_FRAME, "only JSON text frames"))
+                continue
+            if len(msg.data.encode()) > self.config.max_frame_bytes:
+                await ws.send_json(
+                    error(ErrorCode.TOO_LARGE, f"frame over {self.config.max_frame_bytes} bytes")
+                )
+                continue
+            try:
+                frame = json.loads(msg.data)
+            except ValueError:
+                frame = None
+            if not isinstance(frame, dict):
+                await ws.send_json(error(ErrorCode.BAD_JSON, "frame is not a JSON object"))
+                continue
+            return frame
+
+    async def _handshake(self, ws: web.WebSocketResponse) -> VisitorSocket | None:
+        store = self.context.store
+        while True:
+            try:
+                frame = await self._read_frame(ws, wait=HELLO_TIMEOUT)
+            except TimeoutError:
+                await ws.close(code=CLOSE_NO_HELLO, message=b"no hello")
+                return None
+            if frame is None:
+                return None
+            if frame.get("type") != "hello":
+                await ws.send_json(error(ErrorCode.NOT_READY, "say hello first"))
+                continue
+            try:
+                hello = Hello.model_validate(frame)
+            except ValidationError as exc:
+                await ws.send_json(error(ErrorCode.BAD_FRAME, _explain(exc)))
+                continue
+            break
+        new = hello.token is None
+        try:
+            if hello.token is None:
+                token, visitor_id = secrets.token_urlsafe(32), "v_" + secrets.token_urlsafe(12)
+                await store.put_state(CHANNEL, _token_key(token), {"visitor_id": visitor_id})
+            else:
+                token = hello.token
+                state = await store.get_state(CHANNEL, _token_key(token))
+                if state is None:
+                    await ws.send_json(
+                        error(
+                            ErrorCode.INVALID_TOKEN, "unknown visitor token; say hello without one"
+                        )
+                    )
+                    await ws.close(code=CLOSE_INVALID_TOKEN, message=b"invalid token")
+                    return None
+                visitor_id = str(state["visitor_id"])
+        except PyMongoError as exc:
+            log.warning("webchat: store unavailable at hello: %s", exc)
+            await ws.send_json(error(ErrorCode.UNAVAILABLE, "store unavailable, retry"))
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER)
+            return None
+        socket = VisitorSocket(ws, store, visitor_id)
+        conversation_id = await socket.find_conversation()
+        await ws.send_json(
+            {
+                "type": "welcome",
+                "protocol": PROTOCOL_VERSION,
+                "token": token,
+                "visitor_id": visitor_id,
+                "conversation_id": conversation_id,
+                "new": new,
+            }
+        )
+        synced = await socket.replay(hello.watermark)
+        await socket.send(synced)
+        self.hub.add(socket)
+        await socket.catch_up()  # anything stored between the replay and joining the hub
+        return socket
+
+    async def _serve(self, ws: web.WebSocketResponse, socket: VisitorSocket) -> None:
+        while (frame := await self._read_frame(ws)) is not None:
+            kind = frame.get("type")
+            client_id = frame.get("client_id") if isinstance(frame.get("client_id"), str) else None
+            try:
+                if kind in ("message", "action"):
+                    await self._receive(socket, frame)
+                elif kind == "ping":
+                    await socket.send({"type": "pong"})
+                elif kind == "history":
+                    request = HistoryRequest.model_validate(frame)
+                    await socket.send(await socket.history(request.before, request.limit))
+                elif kind == "hello":
+                    await socket.send(error(ErrorCode.ALREADY_READY, "already said hello"))
+                else:
+                    await socket.send(
+                        error(ErrorCode.UNKNOWN_TYPE, f"unknown frame type {kind!r}", client_id)
+                    )
+            except ValidationError as exc:
+                await socket.send(error(ErrorCode.BAD_FRAME, _explain(exc), client_id))
+            except PyMongoError as exc:
+                log.warning("webchat: store unavailable: %s", exc)
+                await socket.send(
+                    error(
+                        ErrorCode.UNAVAILABLE,
+                        "not stored: the store is unavailable; send it "
+                        "again with the same client_id",
+                        client_id,
+                    )
+                )
+
+    async def _receive(self, socket: VisitorSocket, frame: dict[str, Any]) -> None:
+        if frame.get("type") == "message":
+            sent = SendMessage.model_validate(frame)
+            text, value, client_id = sent.text.strip(), None, sent.client_id
+            if not text:
+                await socket.send(error(ErrorCode.BAD_FRAME, "text is empty", client_id))
+                return
+            if len(text) > self.config.max_text:
+                await socket.send(
+                    error(
+                        ErrorCode.TEXT_TOO_LONG,
+                        f"text over {self.config.max_text} characters",
+                        client_id,
+                    )
+                )
+                return
+        else:
+            action = SendAction.model_validate(frame)
+            text, value, client_id = action.title.strip(), action.value, action.client_id
+        result = await self.context.ingest(
+            InboundMessage(
+                channel=CHANNEL,
+                external_id=f"{socket.visitor_id}:{client_id}",
+                thread_key=socket.visitor_id,
+                sender=Party(role=Role.CUSTOMER, id=socket.visitor_id),
+                sender_external_id=socket.visitor_id,
+                text=text,
+                value=value,
+            )
+        )
+        socket.conversation_id = result.conversation.id
+        await socket.send(
+            {
+                "type": "ack",
+                "client_id": client_id,
+                "id": result.item.id,
+                "seq": result.item.seq,
+                "duplicate": result.duplicate,
+            }
+        )
+        await self.hub.push(socket.visitor_id, result.item)
+
+
+def _explain(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'frame'}: {e['msg']}" for e in exc.errors()
+    )

@@ -1,0 +1,87 @@
+"""Frames of the web chat socket protocol (docs/webchat-protocol.md), both ways."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway.model import Activity, ActivityType
+
+PROTOCOL_VERSION = 1
+CLIENT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown fields: forward compatible
+
+
+class Hello(_Frame):
+    type: Literal["hello"]
+    token: str | None = Field(None, max_length=200)
+    watermark: int | None = Field(None, ge=0)
+
+
+class SendMessage(_Frame):
+    type: Literal["message"]
+    client_id: str = Field(pattern=CLIENT_ID)
+    text: str = Field(max_length=1_000_000)
+
+
+class SendAction(_Frame):
+    type: Literal["action"]
+    client_id: str = Field(pattern=CLIENT_ID)
+    value: str = Field(min_length=1, max_length=200)
+    title: str = Field(min_length=1, max_length=200)
+
+
+class HistoryRequest(_Frame):
+    type: Literal["history"]
+    before: int = Field(ge=1)
+    limit: int = Field(50, ge=1, le=100)
+
+
+class ErrorCode:
+    BAD_JSON = "bad_json"
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    NOT_READY = "not_ready"
+    ALREADY_READY = "already_ready"
+    TOO_LARGE = "too_large"
+    TEXT_TOO_LONG = "text_too_long"
+    INVALID_TOKEN = "invalid_token"  # noqa: S105 - an error code
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+def error(code: str, message: str, client_id: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message, "client_id": client_id}
+
+
+def item_frame(item: Activity) -> dict[str, Any]:
+    """A stored item as the client sees it (never the raw channel payload)."""
+    timestamp = item.created_at.isoformat()
+    if item.type is ActivityType.EVENT:
+        return {
+            "type": "event",
+            "id": item.id,
+            "seq": item.seq,
+            "name": item.name,
+            "text": item.text,
+            "timestamp": timestamp,
+        }
+    client_id = None
+    if item.external_id and ":" in item.external_id:
+        client_id = item.external_id.split(":", 1)[1]
+    return {
+        "type": "message",
+        "id": item.id,
+        "seq": item.seq,
+        "role": item.sender.role.value,
+        "sender": {"name": item.sender.name},
+        "text": item.text,
+        "buttons": [b.model_dump() for b in item.buttons],
+        "attachments": [a.model_dump() for a in item.attachments],
+        "timestamp": timestamp,
+        "client_id": client_id,
+    }

@@ -1,0 +1,149 @@
+"""Open visitor sockets, and the rule that each gets every item once, in seq order.
+
+A socket remembers the last ``seq`` it sent. Whenever something may have been added to
+its conversation it *catches up*: reads ``seq > last`` from the store (an index range) and
+sends it. Because seqs are contiguous and become visible in order, this sends nothing
+twice and skips nothing, whether the item was pushed live, replayed after a reconnect, or
+both at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from typing import Any
+
+from aiohttp import web
+
+from connectors.webchat.frames import item_frame
+from gateway.model import Activity
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "webchat"
+BATCH = 200
+
+
+class VisitorSocket:
+    def __init__(self, ws: web.WebSocketResponse, store: Store, visitor_id: str) -> None:
+        self.ws = ws
+        self.store = store
+        self.visitor_id = visitor_id
+        self.conversation_id: str | None = None
+        self.last_seq = 0
+        self.lock = asyncio.Lock()  # one writer at a time, and catch-ups in order
+
+    async def send(self, frame: dict[str, Any]) -> None:
+        async with self.lock:
+            await self._send(frame)
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        if not self.ws.closed:
+            await self.ws.send_json(frame)
+
+    async def find_conversation(self) -> str | None:
+        if self.conversation_id is None:
+            conversation = await self.store.find_conversation(CHANNEL, self.visitor_id)
+            self.conversation_id = conversation.id if conversation else None
+        return self.conversation_id
+
+    async def replay(self, watermark: int | None) -> dict[str, Any]:
+        """Send history after ``watermark`` (or the last 50 items); return the synced frame."""
+        async with self.lock:
+            conversation_id = await self.find_conversation()
+            has_more = truncated = False
+            items: list[Activity] = []
+            if conversation_id is not None:
+                if watermark is None:
+                    page, has_more = await self.store.history(conversation_id, limit=50)
+                    items = page[::-1]
+                else:
+                    conversation = await self.store.get_conversation(conversation_id)
+                    top = conversation.seq if conversation else 0
+                    start = min(watermark, top)
+                    if top - start > 1000:
+                        start, truncated = top - 1000, True
+                    items = await self.store.items_after(conversation_id, start, 1000)
+                    self.last_seq = start
+                    has_more = start > 0
+            for item in items:
+                await self._send(item_frame(item))
+                self.last_seq = item.seq
+            return {
+                "type": "synced",
+                "watermark": self.last_seq,
+                "has_more": has_more,
+                "truncated": truncated,
+            }
+
+    async def catch_up(self, hint: Activity | None = None) -> bool:
+        """Send every item this socket has not sent yet. Returns False if it is closed."""
+        if self.ws.closed:
+            return False
+        async with self.lock:
+            if hint is not None and hint.seq == self.last_seq + 1:
+                self.conversation_id = hint.conversation_id
+                await self._send(item_frame(hint))  # fast path: no read needed
+                self.last_seq = hint.seq
+                return True
+            conversation_id = await self.find_conversation()
+            if conversation_id is None:
+                return True
+            while True:
+                items = await self.store.items_after(conversation_id, self.last_seq, BATCH)
+                for item in items:
+                    await self._send(item_frame(item))
+                    self.last_seq = item.seq
+                if len(items) < BATCH:
+                    return not self.ws.closed
+
+    async def history(self, before: int, limit: int) -> dict[str, Any]:
+        conversation_id = await self.find_conversation()
+        items: list[Activity] = []
+        has_more = False
+        if conversation_id is not None:
+            page, has_more = await self.store.history(conversation_id, before=before, limit=limit)
+            items = page[::-1]
+        return {"type": "history", "items": [item_frame(i) for i in items], "has_more": has_more}
+
+
+class Hub:
+    """The open sockets of this process, by visitor (one visitor, one conversation)."""
+
+    def __init__(self) -> None:
+        self._sockets: defaultdict[str, set[VisitorSocket]] = defaultdict(set)
+
+    def add(self, socket: VisitorSocket) -> None:
+        self._sockets[socket.visitor_id].add(socket)
+
+    def remove(self, socket: VisitorSocket) -> None:
+        sockets = self._sockets.get(socket.visitor_id)
+        if sockets is not None:
+            sockets.discard(socket)
+            if not sockets:
+                del self._sockets[socket.visitor_id]
+
+    def count(self, visitor_id: str | None = None) -> int:
+        if visitor_id is None:
+            return sum(len(s) for s in self._sockets.values())
+        return len(self._sockets.get(visitor_id, ()))
+
+    async def push(self, visitor_id: str, hint: Activity | None = None) -> int:
+        """Make every socket of the visitor catch up. Returns how many are still open."""
+        delivered = 0
+        for socket in list(self._sockets.get(visitor_id, ())):
+            try:
+                if await socket.catch_up(hint):
+                    delivered += 1
+            except (ConnectionError, RuntimeError) as exc:
+                log.info("webchat: socket of %s went away: %s", visitor_id, exc)
+        return delivered
+
+    async def close_all(self, code: int, message: bytes) -> None:
+        for sockets in list(self._sockets.values()):
+            for socket in list(sockets):
+                with contextlib.suppress(Exception):
+                    await socket.ws.close(code=code, message=message)

@@ -1,0 +1,46 @@
+"""The seam between the pipeline and whatever answers as the bot.
+
+The pipeline calls ``Bot.respond`` once per inbound customer message, in order, while the
+bot owns the conversation. The bot returns what to say, the memory to keep for the next
+turn, and optionally a handoff request. It never touches the store or a channel: the
+pipeline stores and delivers its replies. The flow engine (flows/engine.py, a later issue)
+will implement this same protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.model import Activity, Button, Contact, Conversation
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    text: str
+    buttons: list[Button] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffRequest:
+    reason: str
+    skill: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    conversation: Conversation
+    contact: Contact | None
+    message: Activity
+    state: dict[str, Any]  # the bot's memory from the previous turn (copy; return a new one)
+
+
+@dataclass(slots=True)
+class BotTurn:
+    replies: list[Reply] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)
+    handoff: HandoffRequest | None = None
+
+
+class Bot(Protocol):
+    async def respond(self, turn: TurnContext) -> BotTurn: ...

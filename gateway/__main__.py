@@ -1,0 +1,170 @@
+"""The ``omnigate`` command: ``serve``, ``agents add|list``, ``openapi``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import TypeVar
+
+from aiohttp import web
+
+from flows.faq import ScriptError
+from gateway.settings import Settings, SettingsError, load_settings
+from gateway.store import Store, StoreError
+
+T = TypeVar("T")
+log = logging.getLogger("omnigate")
+
+
+def _version() -> str:
+    try:
+        return version("omnigate")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omnigate",
+        description="Omnigate: an omnichannel customer-service gateway. Every setting can "
+        "also come from an OMNIGATE_* environment variable (see README).",
+    )
+    parser.add_argument("--version", action="version", version=f"omnigate {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    store_options = argparse.ArgumentParser(add_help=False)
+    store_options.add_argument(
+        "--data-dir",
+        type=Path,
+        help="data directory for the embedded store (OMNIGATE_DATA_DIR, default ./.omnigate)",
+    )
+    store_options.add_argument(
+        "--mongodb-uri",
+        help="use this MongoDB instead of the embedded store (OMNIGATE_MONGODB_URI)",
+    )
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[store_options],
+        help="run the gateway (web chat demo at http://HOST:PORT/)",
+    )
+    serve.add_argument("--host", help="address to listen on (OMNIGATE_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (OMNIGATE_PORT, default 8080)")
+
+    agents = commands.add_parser("agents", help="manage agents")
+    agent_commands = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
+    add = agent_commands.add_parser(
+        "add", parents=[store_options], help="create an agent and print its API token"
+    )
+    add.add_argument("--name", required=True, help="display name customers see")
+    add.add_argument("--email")
+    agent_commands.add_parser("list", parents=[store_options], help="list agents")
+
+    commands.add_parser("openapi", help="print the agent API's OpenAPI document")
+    return parser
+
+
+async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
+    """Run ``work`` against the configured store (the embedded one, started if needed)."""
+    from gateway.store.embedded import EmbeddedStore
+
+    embedded = None
+    uri = settings.mongodb_uri
+    if uri is None:
+        embedded = EmbeddedStore(settings.data_dir, sync_on_commit=settings.embedded_sync_on_commit)
+        uri = await embedded.start()
+    store = Store.connect(uri, settings.mongodb_db)
+    try:
+        await store.ensure_indexes()
+        return await work(store)
+    finally:
+        await store.close()
+        if embedded is not None:
+            await embedded.stop()
+
+
+def _agents(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.desk.agents import Agents
+
+    if args.agents_command == "add":
+        agent, token = asyncio.run(
+            _with_store(settings, lambda store: Agents(store).add(args.name, args.email))
+        )
+        print(f"agent {agent.name} created (id {agent.id}).")
+        print("API token (shown once; keep it secret):")
+        print(token)
+        return 0
+    agents = asyncio.run(_with_store(settings, lambda store: Agents(store).list()))
+    for agent in agents:
+        print(f"{agent.id}  {agent.name}  {agent.email or ''}")
+    if not agents:
+        print("no agents yet: omnigate agents add --name 'Your Name'")
+    return 0
+
+
+def _serve(settings: Settings) -> int:
+    from gateway.app import create_app
+
+    app = create_app(settings)
+    store = (settings.mongodb_uri and "MongoDB at OMNIGATE_MONGODB_URI") or (
+        f"embedded store in {settings.data_dir.resolve()}"
+    )
+    log.info(
+        "Omnigate %s: demo page http://%s:%d/  agent API http://%s:%d/api/docs  (%s)",
+        _version(),
+        settings.host,
+        settings.port,
+        settings.host,
+        settings.port,
+        store,
+    )
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=10.0,
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(
+            host=getattr(args, "host", None),
+            port=getattr(args, "port", None),
+            data_dir=getattr(args, "data_dir", None),
+            mongodb_uri=getattr(args, "mongodb_uri", None),
+        )
+    except SettingsError as exc:
+        print(f"omnigate: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "serve":
+            return _serve(settings)
+        if args.command == "agents":
+            return _agents(args, settings)
+        from gateway.desk.api import SPEC, DeskApi
+
+        print(json.dumps(DeskApi().app()[SPEC], indent=2))
+        return 0
+    except (StoreError, ScriptError, OSError) as exc:
+        print(f"omnigate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

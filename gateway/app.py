@@ -1,0 +1,138 @@
+"""``create_app(settings)``: mounts the connectors, the agent API, and opens every resource
+in a cleanup context (store first, then the core services, then the connectors)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from pymongo.errors import PyMongoError
+
+from connectors.base import Connector, ConnectorContext
+from connectors.webchat import WebchatConfig, WebchatConnector
+from flows.faq import FaqBot
+from gateway.desk.agents import Agents
+from gateway.desk.api import DeskApi
+from gateway.keys import (
+    AGENTS,
+    CONNECTORS,
+    OUTBOX,
+    PIPELINE,
+    ROUTING,
+    SETTINGS,
+    STORE,
+    STORE_READY,
+)
+from gateway.outbox import Outbox
+from gateway.pipeline import Pipeline
+from gateway.routing import Routing
+from gateway.settings import Settings
+from gateway.store import Store
+from gateway.store.embedded import EmbeddedStore
+
+log = logging.getLogger(__name__)
+
+
+def build_connectors(settings: Settings) -> dict[str, Connector]:
+    webchat = WebchatConnector(
+        WebchatConfig(
+            allowed_origins=settings.webchat_allowed_origins,
+            max_frame_bytes=settings.webchat_max_frame_bytes,
+            max_text=settings.webchat_max_text,
+        )
+    )
+    return {webchat.channel: webchat}
+
+
+async def _ensure_indexes(store: Store, ready: dict[str, bool]) -> None:
+    """Create indexes, retrying until the store answers; /healthz is 503 until then."""
+    delay = 0.5
+    while True:
+        try:
+            await store.ensure_indexes()
+        except PyMongoError as exc:
+            log.error("store unreachable (%s); retrying in %.0f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        else:
+            ready["ready"] = True
+            return
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    embedded: EmbeddedStore | None = None
+    uri = settings.mongodb_uri
+    if uri is None:
+        embedded = EmbeddedStore(settings.data_dir, sync_on_commit=settings.embedded_sync_on_commit)
+        uri = await embedded.start()
+    store = Store.connect(uri, settings.mongodb_db)
+    app[STORE] = store
+    ready = app[STORE_READY]
+    indexer = asyncio.create_task(_ensure_indexes(store, ready), name="ensure-indexes")
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(indexer), 10.0)
+    try:
+        yield
+    finally:
+        indexer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await indexer
+        await store.close()
+        if embedded is not None:
+            await embedded.stop()
+
+
+async def core_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings, store, connectors = app[SETTINGS], app[STORE], app[CONNECTORS]
+    bot = FaqBot.from_dir(settings.flows_dir)
+    outbox = Outbox(
+        store,
+        connectors,
+        max_attempts=settings.outbox_max_attempts,
+        sweep_seconds=settings.outbox_sweep_seconds,
+    )
+    routing = Routing(store, outbox)
+    pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot.script.bot_name)
+    app[OUTBOX], app[ROUTING], app[PIPELINE] = outbox, routing, pipeline
+    app[AGENTS] = Agents(store)
+    outbox.start()
+    pipeline.start()
+    context = ConnectorContext(ingest=pipeline.ingest, store=store)
+    for connector in connectors.values():
+        await connector.start(context)
+        log.info("channel %s: on", connector.channel)
+    try:
+        yield
+    finally:
+        for connector in connectors.values():
+            await connector.stop()
+        await pipeline.stop()
+        await outbox.stop()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    ready = request.app[STORE_READY]["ready"]
+    if ready and await request.app[STORE].ping():
+        return web.json_response({"status": "ok", "store": "ok"})
+    return web.json_response({"status": "unavailable", "store": "unreachable"}, status=503)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The whole gateway as one aiohttp application."""
+    FaqBot.from_dir(settings.flows_dir)  # fail now, with the file's name, if the script is bad
+    app = web.Application(client_max_size=1024 * 1024)
+    app[SETTINGS] = settings
+    app[STORE_READY] = {"ready": False}
+    connectors = build_connectors(settings)
+    app[CONNECTORS] = connectors
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/", WebchatConnector.demo_page)
+    for connector in connectors.values():
+        connector.setup(app)
+    app.add_subapp("/api", DeskApi().app())
+    app.cleanup_ctx.extend([store_ctx, core_ctx])
+    return app

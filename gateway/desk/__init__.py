@@ -1,0 +1,1 @@
+"""The agent desk: agents, their tokens, and the REST API they work through."""

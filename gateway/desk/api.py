@@ -1,0 +1,456 @@
+"""The agent REST API (JSON, bearer-token auth), mounted at ``/api``.
+
+Agents list the queue, claim a conversation (one winner; the others get 409), read the
+whole history, reply (delivered on the customer's channel), resolve, and hand back to the
+bot. ``GET /api/openapi.json`` is the OpenAPI 3.1 description, ``GET /api/docs`` a page.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pymongo.errors import PyMongoError
+
+from gateway.desk.openapi import Endpoint, Query, add_routes, build_spec, render_docs
+from gateway.keys import AGENTS, ROUTING, STORE
+from gateway.model import (
+    Activity,
+    Agent,
+    Contact,
+    Conversation,
+    Handoff,
+    Identity,
+    OwnerState,
+)
+from gateway.routing import Conflict, Routing
+from gateway.store import NotFound, Store
+
+log = logging.getLogger(__name__)
+
+AGENT = web.RequestKey("agent", Agent)
+SPEC = web.AppKey("openapi_spec", dict)
+PUBLIC = {"/api/openapi.json", "/api/docs"}
+
+
+class ErrorOut(BaseModel):
+    error: str = Field(description="machine-readable code")
+    message: str
+    owner: OwnerState | None = Field(None, description="on 409: the conversation's state now")
+
+
+class IdentityOut(BaseModel):
+    channel: str
+    external_id: str
+    display_name: str | None
+    reachable: bool
+
+
+class ContactOut(BaseModel):
+    id: str
+    name: str | None
+    profile: dict[str, Any]
+    identities: list[IdentityOut]
+
+    @classmethod
+    def of(cls, contact: Contact) -> ContactOut:
+        return cls(
+            id=contact.id,
+            name=contact.name,
+            profile=contact.profile,
+            identities=[_identity(i) for i in contact.identities],
+        )
+
+
+def _identity(identity: Identity) -> IdentityOut:
+    return IdentityOut(
+        channel=identity.channel,
+        external_id=identity.external_id,
+        display_name=identity.display_name,
+        reachable=identity.reachable,
+    )
+
+
+class ConversationOut(BaseModel):
+    id: str
+    channel: str
+    owner: OwnerState
+    assignee_id: str | None
+    handoff: Handoff | None
+    contact: ContactOut | None
+    last_seq: int = Field(description="seq of the newest item")
+    created_at: datetime
+    last_activity_at: datetime | None
+
+
+class ConversationList(BaseModel):
+    items: list[ConversationOut]
+
+
+class Page(BaseModel):
+    items: list[Activity] = Field(description="newest first")
+    has_more: bool
+    next_before: int | None = Field(description="pass as ?before= for the next, older page")
+
+
+class ReplyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str = Field(min_length=1, max_length=4000)
+
+
+class AgentOut(BaseModel):
+    id: str
+    name: str
+    email: str | None
+
+
+def _store(request: web.Request) -> Store:
+    return request.config_dict[STORE]
+
+
+def _routing(request: web.Request) -> Routing:
+    return request.config_dict[ROUTING]
+
+
+async def _conversation_out(request: web.Request, conversation: Conversation) -> ConversationOut:
+    contact = await _store(request).get_contact(conversation.contact_id)
+    return ConversationOut(
+        id=conversation.id,
+        channel=conversation.channel,
+        owner=conversation.owner,
+        assignee_id=conversation.assignee_id,
+        handoff=conversation.handoff,
+        contact=ContactOut.of(contact) if contact else None,
+        last_seq=conversation.seq,
+        created_at=conversation.created_at,
+        last_activity_at=conversation.last_activity_at,
+    )
+
+
+async def _load(request: web.Request) -> Conversation:
+    conversation = await _store(request).get_conversation(request.match_info["id"])
+    if conversation is None:
+        raise NotFound("no such conversation")
+    return conversation
+
+
+class DeskApi:
+    """Handlers; the services they use come from the app (``request.config_dict``)."""
+
+    # ----------------------------------------------------------------- handlers
+
+    async def me(self, request: web.Request) -> web.Response:
+        agent = request[AGENT]
+        return _json(AgentOut(id=agent.id, name=agent.name, email=agent.email))
+
+    async def list_conversations(self, request: web.Request) -> web.Response:
+        owner = request.query.get("owner", "queued")
+        try:
+            owners = [OwnerState(o) for o in owner.split(",")]
+        except ValueError:
+            raise _Bad("owner must be bot, queued, agent or resolved (comma separated)") from None
+        assignee = request[AGENT].id if request.query.get("mine") in ("1", "true") else None
+        limit = _int(request, "limit", 50, 1, 200)
+        conversations = await _store(request).list_conversations(
+            owners, assignee_id=assignee, limit=limit
+        )
+        items = [await _conversation_out(request, c) for c in conversations]
+        return _json(ConversationList(items=items))
+
+    async def get_conversation(self, request: web.Request) -> web.Response:
+        return _json(await _conversation_out(request, await _load(request)))
+
+    async def messages(self, request: web.Request) -> web.Response:
+        conversation = await _load(request)
+        before = _int(request, "before", None, 1, None)
+        items, has_more = await _store(request).history(
+            conversation.id, before=before, limit=_int(request, "limit", 50, 1, 200)
+        )
+        return _json(
+            Page(
+                items=items,
+                has_more=has_more,
+                next_before=items[-1].seq if has_more and items else None,
+            )
+        )
+
+    async def claim(self, request: web.Request) -> web.Response:
+        await _load(request)
+        conversation = await _routing(request).claim(request.match_info["id"], request[AGENT])
+        return _json(await _conversation_out(request, conversation))
+
+    async def reply(self, request: web.Request) -> web.Response:
+        body = await _body(request, ReplyIn)
+        item = await _routing(request).reply(request.match_info["id"], request[AGENT], body.text)
+        return _json(item, status=201)
+
+    async def resolve(self, request: web.Request) -> web.Response:
+        await _load(request)
+        conversation = await _routing(request).resolve(request.match_info["id"], request[AGENT])
+        return _json(await _conversation_out(request, conversation))
+
+    async def handback(self, request: web.Request) -> web.Response:
+        await _load(request)
+        conversation = await _routing(request).handback(request.match_info["id"], request[AGENT])
+        return _json(await _conversation_out(request, conversation))
+
+    async def contact(self, request: web.Request) -> web.Response:
+        contact = await _store(request).get_contact(request.match_info["id"])
+        if contact is None:
+            raise NotFound("no such contact")
+        return _json(ContactOut.of(contact))
+
+    async def timeline(self, request: web.Request) -> web.Response:
+        contact_id = request.match_info["id"]
+        items, has_more = await _store(request).contact_timeline(
+            contact_id,
+            before=_int(request, "before", None, 1, None),
+            limit=_int(request, "limit", 50, 1, 200),
+        )
+        return _json(
+            Page(
+                items=items,
+                has_more=has_more,
+                next_before=items[-1].contact_seq if has_more and items else None,
+            )
+        )
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(request.app[SPEC])
+
+    async def docs(self, request: web.Request) -> web.Response:
+        return web.Response(text=render_docs(request.app[SPEC]), content_type="text/html")
+
+    # ------------------------------------------------------------------ routing
+
+    def endpoints(self) -> list[Endpoint]:
+        page = (
+            Query("before", "only items older than this seq", "integer"),
+            Query("limit", "page size, 1-200 (default 50)", "integer"),
+        )
+        conflict = (401, 404, 409, 503)
+        return [
+            Endpoint(
+                "GET", "/v1/me", self.me, "The agent this token belongs to", AgentOut, tag="agents"
+            ),
+            Endpoint(
+                "GET",
+                "/v1/conversations",
+                self.list_conversations,
+                "List conversations: by default the queue (oldest handoff first)",
+                ConversationList,
+                query=(
+                    Query(
+                        "owner",
+                        "comma-separated owner states (default queued)",
+                        enum=tuple(o.value for o in OwnerState),
+                    ),
+                    Query("mine", "true: only conversations assigned to me"),
+                    Query("limit", "1-200 (default 50)", "integer"),
+                ),
+            ),
+            Endpoint(
+                "GET",
+                "/v1/conversations/{id}",
+                self.get_conversation,
+                "One conversation with its contact",
+                ConversationOut,
+                errors=(401, 404, 503),
+            ),
+            Endpoint(
+                "GET",
+                "/v1/conversations/{id}/messages",
+                self.messages,
+                "The conversation's history, newest first, paged by seq",
+                Page,
+                query=page,
+                errors=(401, 404, 503),
+            ),
+            Endpoint(
+                "POST",
+                "/v1/conversations/{id}/claim",
+                self.claim,
+                "Take a queued conversation. Of concurrent claims exactly one wins; "
+                "the others get 409",
+                ConversationOut,
+                errors=conflict,
+            ),
+            Endpoint(
+                "POST",
+                "/v1/conversations/{id}/messages",
+                self.reply,
+                "Reply as the assigned agent; delivered on the customer's channel",
+                Activity,
+                status=201,
+                body=ReplyIn,
+                errors=conflict,
+            ),
+            Endpoint(
+                "POST",
+                "/v1/conversations/{id}/resolve",
+                self.resolve,
+                "Mark resolved (assigned agent only)",
+                ConversationOut,
+                errors=conflict,
+            ),
+            Endpoint(
+                "POST",
+                "/v1/conversations/{id}/handback",
+                self.handback,
+                "Hand the conversation back to the bot (assigned agent only)",
+                ConversationOut,
+                errors=conflict,
+            ),
+            Endpoint(
+                "GET",
+                "/v1/contacts/{id}",
+                self.contact,
+                "A contact with all of its channel identities",
+                ContactOut,
+                errors=(401, 404, 503),
+                tag="contacts",
+            ),
+            Endpoint(
+                "GET",
+                "/v1/contacts/{id}/timeline",
+                self.timeline,
+                "Everything the contact said and was told, on every channel and in "
+                "every conversation, newest first",
+                Page,
+                query=page,
+                errors=(401, 404, 503),
+                tag="contacts",
+            ),
+            Endpoint(
+                "GET",
+                "/openapi.json",
+                self.openapi,
+                "This API as OpenAPI 3.1",
+                None,
+                errors=(),
+                tag="meta",
+                auth=False,
+            ),
+            Endpoint(
+                "GET",
+                "/docs",
+                self.docs,
+                "This API as a web page",
+                None,
+                errors=(),
+                tag="meta",
+                auth=False,
+            ),
+        ]
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors, self._auth])
+        endpoints = self.endpoints()
+        add_routes(app, endpoints)
+        app[SPEC] = build_spec(
+            endpoints,
+            prefix="/api",
+            title="Omnigate agent API",
+            version="1",
+            description="Work the queue of conversations that the bot handed off.",
+            models=[
+                ErrorOut,
+                AgentOut,
+                ConversationList,
+                ConversationOut,
+                Page,
+                ReplyIn,
+                ContactOut,
+                Activity,
+            ],
+        )
+        return app
+
+    # --------------------------------------------------------------- middleware
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in PUBLIC:
+            return await handler(request)  # type: ignore[no-any-return]
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        agent = None
+        if scheme.lower() == "bearer":
+            agent = await request.config_dict[AGENTS].authenticate(token.strip())
+        if agent is None:
+            return _error(
+                401,
+                "unauthorized",
+                "send Authorization: Bearer <agent token> (omnigate agents add)",
+                headers={"WWW-Authenticate": 'Bearer realm="omnigate"'},
+            )
+        request[AGENT] = agent
+        return await handler(request)  # type: ignore[no-any-return]
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        except _Bad as exc:
+            return _error(400, "bad_request", str(exc))
+        except NotFound as exc:
+            return _error(404, "not_found", str(exc))
+        except Conflict as exc:
+            owner = exc.conversation.owner if exc.conversation else None
+            return _error(409, "conflict", str(exc), owner=owner)
+        except PyMongoError as exc:
+            log.warning("agent API: store unavailable: %s", exc)
+            return _error(503, "unavailable", "the store is unavailable; nothing was changed")
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+
+
+class _Bad(Exception):
+    pass
+
+
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    owner: OwnerState | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = ErrorOut(error=code, message=message, owner=owner).model_dump(mode="json")
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(text=model.model_dump_json(), status=status)
+
+
+def _int(request: web.Request, name: str, default: int | None, low: int, high: int | None) -> Any:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _Bad(f"{name} must be an integer") from None
+    if value < low or (high is not None and value > high):
+        raise _Bad(f"{name} must be between {low} and {high or 'any'}")
+    return value
+
+
+async def _body(request: web.Request, model: type[ReplyIn]) -> ReplyIn:
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise _Bad("the body must be JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _Bad(
+            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        ) from None

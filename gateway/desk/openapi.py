@@ -1,0 +1,174 @@
+"""Routes declared once, with their models: aiohttp serves them, OpenAPI documents them.
+
+The spec is generated from the same ``Endpoint`` list the router is built from, and the
+schemas from the same pydantic models the handlers use, so the documentation cannot
+drift from the API.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ERROR_TEXT = {
+    400: "Bad request: the body or a parameter is invalid",
+    401: "Missing or invalid agent token",
+    404: "No such conversation or contact",
+    409: "The conversation is not in a state that allows this",
+    503: "The store is unavailable; nothing was changed",
+}
+
+
+@dataclass(frozen=True)
+class Query:
+    name: str
+    description: str
+    type: str = "string"
+    enum: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    response: type[BaseModel] | None
+    status: int = 200
+    body: type[BaseModel] | None = None
+    query: tuple[Query, ...] = ()
+    errors: tuple[int, ...] = (401, 503)
+    description: str = ""
+    tag: str = "conversations"
+    auth: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def add_routes(app: web.Application, endpoints: list[Endpoint]) -> None:
+    for endpoint in endpoints:
+        app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
+
+
+def build_spec(
+    endpoints: list[Endpoint],
+    *,
+    prefix: str,
+    models: list[type[BaseModel]],
+    title: str,
+    version: str,
+    description: str,
+) -> dict[str, Any]:
+    ref = "#/components/schemas/{model}"
+    _, schemas = models_json_schema([(m, "serialization") for m in models], ref_template=ref)
+    paths: dict[str, dict[str, Any]] = {}
+    for ep in endpoints:
+        params: list[dict[str, Any]] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"{(\w+)}", ep.path)
+        ]
+        params += [
+            {
+                "name": q.name,
+                "in": "query",
+                "required": False,
+                "description": q.description,
+                "schema": {"type": q.type, **({"enum": list(q.enum)} if q.enum else {})},
+            }
+            for q in ep.query
+        ]
+        responses: dict[str, Any] = {
+            str(ep.status): {"description": "OK"}
+            if ep.response is None
+            else {
+                "description": "OK",
+                "content": {
+                    "application/json": {"schema": {"$ref": ref.format(model=ep.response.__name__)}}
+                },
+            }
+        }
+        for status in sorted(set(ep.errors) | ({400} if ep.body or ep.query else set())):
+            responses[str(status)] = {
+                "description": ERROR_TEXT.get(status, "Error"),
+                "content": {"application/json": {"schema": {"$ref": ref.format(model="ErrorOut")}}},
+            }
+        operation: dict[str, Any] = {
+            "summary": ep.summary,
+            "operationId": ep.handler.__name__.strip("_"),
+            "tags": [ep.tag],
+            "parameters": params,
+            "responses": responses,
+            **ep.extra,
+        }
+        if ep.description:
+            operation["description"] = ep.description
+        if ep.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": ref.format(model=ep.body.__name__)}}
+                },
+            }
+        if not ep.auth:
+            operation["security"] = []
+        paths.setdefault(prefix + ep.path, {})[ep.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": title,
+            "version": version,
+            "description": description,
+            "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"agentToken": []}],
+        "paths": paths,
+        "components": {
+            "schemas": schemas.get("$defs", {}),
+            "securitySchemes": {
+                "agentToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An agent token from `omnigate agents add`.",
+                }
+            },
+        },
+    }
+
+
+def render_docs(spec: dict[str, Any]) -> str:
+    """A plain, dependency-free HTML reference of the spec (no CDN, works offline)."""
+    esc = html.escape
+    rows = []
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            statuses = ", ".join(op["responses"])
+            params = ", ".join(p["name"] for p in op["parameters"] if p["in"] == "query")
+            body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
+            body_ref = body.get("schema", {}).get("$ref", "").rsplit("/", 1)[-1]
+            rows.append(
+                f"<tr><td><code>{esc(method.upper())}</code></td><td><code>{esc(path)}</code>"
+                f"</td><td>{esc(op['summary'])}<br><small>{esc(op.get('description', ''))}"
+                f"</small></td><td>{esc(params)}</td><td>{esc(body_ref)}</td>"
+                f"<td>{esc(statuses)}</td></tr>"
+            )
+    info = spec["info"]
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{esc(info['title'])}</title></head><body>"
+        f"<h1>{esc(info['title'])} {esc(info['version'])}</h1><p>{esc(info['description'])}"
+        '</p><p>Machine-readable: <a href="/api/openapi.json">/api/openapi.json</a>. '
+        "Authenticate with <code>Authorization: Bearer &lt;agent token&gt;</code>.</p>"
+        "<table border=1 cellpadding=4><tr><th>Method</th><th>Path</th><th>What</th>"
+        "<th>Query</th><th>Body</th><th>Statuses</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )

@@ -1,0 +1,25 @@
+"""Typed keys for everything shared on the aiohttp app (no globals).
+
+Sub-apps read them through ``request.config_dict``, which falls back to the main app.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from connectors.base import Connector
+from gateway.desk.agents import Agents
+from gateway.outbox import Outbox
+from gateway.pipeline import Pipeline
+from gateway.routing import Routing
+from gateway.settings import Settings
+from gateway.store import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+STORE_READY = web.AppKey("store_ready", dict)  # {"ready": bool}: indexes created
+OUTBOX = web.AppKey("outbox", Outbox)
+ROUTING = web.AppKey("routing", Routing)
+PIPELINE = web.AppKey("pipeline", Pipeline)
+AGENTS = web.AppKey("agents", Agents)
+CONNECTORS = web.AppKey("connectors", dict[str, Connector])

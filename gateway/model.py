@@ -1,0 +1,219 @@
+"""The normalised model every channel is translated into.
+
+Modelled on the Bot Framework Activity schema (used here as a data model only): an
+``Activity`` has a type, ids, timestamps, the channel, sender and recipient, a reference to
+the conversation with the channel's own thread key, text, attachments, suggested actions,
+``reply_to_id`` and the raw channel payload (``channel_data``) kept alongside.
+
+A ``Contact`` is one person; it has many ``Identity`` records (channel + external id), so a
+customer who writes from web chat and Telegram can be one contact. A ``Conversation`` has
+one explicit owner state (``OwnerState``), changed only atomically in the store.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utcnow() -> datetime:
+    """Now, in UTC, at the millisecond precision MongoDB stores."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+class ActivityType(StrEnum):
+    MESSAGE = "message"
+    EVENT = "event"
+
+
+class Direction(StrEnum):
+    INBOUND = "in"
+    OUTBOUND = "out"
+
+
+class Role(StrEnum):
+    CUSTOMER = "customer"
+    BOT = "bot"
+    AGENT = "agent"
+    SYSTEM = "system"
+
+
+class OwnerState(StrEnum):
+    """Who answers a conversation. Exactly one at any time."""
+
+    BOT = "bot"
+    QUEUED = "queued"  # waiting for a human
+    AGENT = "agent"  # assigned to one agent
+    RESOLVED = "resolved"
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # stored, not yet handed to the connector
+    SENDING = "sending"  # a worker holds it
+    DELIVERED = "delivered"  # the channel accepted it (or a live socket received it)
+    STORED = "stored"  # web chat: no socket open; the client fetches it on reconnect
+    SKIPPED = "skipped"  # the channel has no rendering for it (e.g. an event)
+    FAILED = "failed"  # permanent failure, or retries exhausted
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+
+class Party(_Model):
+    """Sender or recipient of an activity."""
+
+    role: Role
+    id: str | None = None  # identity external id, agent id, or None for the bot
+    name: str | None = None
+
+
+class ConversationRef(_Model):
+    """Where on the channel the conversation lives (chat id, DM channel, thread, ...)."""
+
+    channel: str
+    thread_key: str
+
+
+class Attachment(_Model):
+    content_type: str
+    name: str | None = None
+    url: str | None = None
+    size: int | None = None
+
+
+class Button(_Model):
+    """A suggested action. ``value`` comes back as the customer's choice."""
+
+    title: str = Field(min_length=1, max_length=200)
+    value: str = Field(min_length=1, max_length=200)
+
+
+class Delivery(_Model):
+    status: DeliveryStatus = DeliveryStatus.PENDING
+    attempts: int = 0
+    next_attempt_at: datetime | None = None
+    lease_until: datetime | None = None
+    last_error: str | None = None
+    external_id: str | None = None  # the channel's id of the sent message
+    updated_at: datetime | None = None
+
+
+class Activity(_Model):
+    """One stored item of a conversation: a message or an event."""
+
+    id: str
+    type: ActivityType = ActivityType.MESSAGE
+    conversation_id: str
+    contact_id: str
+    seq: int  # per-conversation, starts at 1, +1 per item, no gaps
+    contact_seq: int  # per-contact, orders the contact's timeline across conversations
+    direction: Direction
+    channel: str
+    conversation_ref: ConversationRef
+    sender: Party
+    recipient: Party | None = None
+    external_id: str | None = None  # the channel's message id (inbound), for dedupe
+    timestamp: datetime  # when the channel says it happened
+    created_at: datetime  # when it was stored
+    text: str | None = None
+    value: str | None = None  # a pressed button's value
+    name: str | None = None  # event name (handoff, assigned, resolved, ...)
+    attachments: list[Attachment] = Field(default_factory=list)
+    buttons: list[Button] = Field(default_factory=list)
+    reply_to_id: str | None = None
+    channel_data: dict[str, Any] = Field(default_factory=dict)
+    processed: bool | None = None  # inbound: has the owner (bot) seen it
+    delivery: Delivery | None = None  # outbound only
+    dedupe_key: str | None = None  # outbound: makes re-processing idempotent
+
+
+class InboundMessage(_Model):
+    """What a connector hands to the pipeline: one normalised inbound message."""
+
+    channel: str
+    external_id: str = Field(min_length=1, max_length=512)
+    thread_key: str = Field(min_length=1, max_length=512)
+    sender: Party
+    sender_external_id: str = Field(min_length=1, max_length=512)
+    timestamp: datetime | None = None
+    text: str | None = None
+    value: str | None = None
+    attachments: list[Attachment] = Field(default_factory=list)
+    reply_to_external_id: str | None = None
+    channel_data: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutboundDraft(_Model):
+    """A message or event someone (bot, agent, system) wants to say in a conversation."""
+
+    type: ActivityType = ActivityType.MESSAGE
+    sender: Party
+    text: str | None = None
+    name: str | None = None
+    buttons: list[Button] = Field(default_factory=list)
+    attachments: list[Attachment] = Field(default_factory=list)
+    reply_to_id: str | None = None
+    dedupe_key: str | None = None
+
+
+class Identity(_Model):
+    """One channel account of a contact."""
+
+    id: str  # f"{channel}:{external_id}"
+    channel: str
+    external_id: str
+    contact_id: str
+    display_name: str | None = None
+    reachable: bool = True
+    created_at: datetime
+
+
+class Contact(_Model):
+    id: str
+    name: str | None = None
+    profile: dict[str, Any] = Field(default_factory=dict)
+    identities: list[Identity] = Field(default_factory=list)
+    seq: int = 0
+    created_at: datetime
+
+
+class Handoff(_Model):
+    reason: str
+    skill: str | None = None
+    requested_at: datetime
+
+
+class Lease(_Model):
+    """Which gateway process is processing a conversation's turns, until when."""
+
+    owner: str
+    until: datetime
+
+
+class Conversation(_Model):
+    id: str
+    channel: str
+    thread_key: str
+    contact_id: str
+    owner: OwnerState = OwnerState.BOT
+    assignee_id: str | None = None
+    handoff: Handoff | None = None
+    bot_state: dict[str, Any] = Field(default_factory=dict)
+    seq: int = 0  # the last item's seq
+    created_at: datetime
+    updated_at: datetime
+    last_activity_at: datetime | None = None
+    lease: Lease | None = None
+
+
+class Agent(_Model):
+    id: str
+    name: str
+    email: str | None = None
+    active: bool = True
+    created_at: datetime

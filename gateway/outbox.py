@@ -1,0 +1,234 @@
+"""Durable delivery of outbound items: stored first, then sent, with status recorded.
+
+Every outbound item (bot reply, agent reply, event) is appended to the store with
+``delivery.status = pending``. Delivery then runs per conversation, in ``seq`` order (a
+failed item blocks the ones after it until it is delivered or given up, so customers never
+see replies out of order). A worker claims an item with a lease in the store, so several
+gateway processes can share the outbox; a crashed worker's lease expires and the sweeper
+picks the item up again. Transient errors retry with exponential backoff (or the channel's
+``retry_after``); permanent ones and exhausted retries mark the item ``failed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+
+from pymongo import ReturnDocument
+from pymongo.errors import PyMongoError
+
+from connectors.base import Connector, DeliveryError, DeliveryResult
+from gateway.locks import KeyedLocks
+from gateway.model import Activity, Conversation, DeliveryStatus, Direction, OutboundDraft, utcnow
+from gateway.store import Store
+from gateway.store.mongo import from_doc
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(seconds=60)
+MAX_BACKOFF = 300.0
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Store,
+        connectors: Mapping[str, Connector],
+        *,
+        max_attempts: int = 8,
+        sweep_seconds: float = 2.0,
+    ) -> None:
+        self.store = store
+        self.connectors = connectors
+        self.max_attempts = max_attempts
+        self.sweep_seconds = sweep_seconds
+        self._locks = KeyedLocks()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._dirty: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def enqueue(
+        self, conversation: Conversation, drafts: Sequence[OutboundDraft]
+    ) -> list[Activity]:
+        """Store the drafts (idempotent per ``dedupe_key``) and start delivering them."""
+        items = [(await self.store.append_outbound(conversation, d))[0] for d in drafts]
+        if items:
+            self.kick(conversation.id)
+        return items
+
+    def kick(self, conversation_id: str) -> None:
+        """Deliver whatever is pending in this conversation, in the background."""
+        if conversation_id in self._dirty:
+            return
+        self._dirty.add(conversation_id)
+        task = asyncio.create_task(self._run(conversation_id), name=f"outbox:{conversation_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, conversation_id: str) -> None:
+        async with self._locks.hold(conversation_id):
+            self._dirty.discard(conversation_id)
+            try:
+                await self.deliver_conversation(conversation_id)
+            except PyMongoError as exc:
+                log.warning(
+                    "outbox: store error on %s, sweeper will retry: %s", conversation_id, exc
+                )
+            except Exception:
+                log.exception("outbox: unexpected error on conversation %s", conversation_id)
+
+    async def deliver_conversation(self, conversation_id: str) -> None:
+        while True:
+            now = utcnow()
+            doc = await self.store.messages.find_one(
+                {
+                    "conversation_id": conversation_id,
+                    "direction": Direction.OUTBOUND.value,
+                    "delivery.status": {
+                        "$in": [DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]
+                    },
+                },
+                sort=[("seq", 1)],
+            )
+            if doc is None:
+                return
+            item = from_doc(Activity, doc)
+            delivery = item.delivery
+            assert delivery is not None
+            if delivery.next_attempt_at and delivery.next_attempt_at > now:
+                return  # backing off; the sweeper comes back when it is due
+            if delivery.status is DeliveryStatus.SENDING and (
+                delivery.lease_until and delivery.lease_until > now
+            ):
+                return  # another worker holds it
+            claimed = await self.store.messages.find_one_and_update(
+                {
+                    "_id": item.id,
+                    "delivery.status": delivery.status.value,
+                    "delivery.attempts": delivery.attempts,
+                },
+                {
+                    "$set": {
+                        "delivery.status": DeliveryStatus.SENDING.value,
+                        "delivery.lease_until": now + LEASE,
+                        "delivery.updated_at": now,
+                    },
+                    "$inc": {"delivery.attempts": 1},
+                },
+                return_document=ReturnDocument.AFTER,
+            )
+            if claimed is None:
+                return  # lost the race to another worker
+            await self._attempt(from_doc(Activity, claimed))
+
+    async def _attempt(self, item: Activity) -> None:
+        assert item.delivery is not None
+        attempts = item.delivery.attempts
+        connector = self.connectors.get(item.channel)
+        conversation = await self.store.get_conversation(item.conversation_id)
+        error: DeliveryError
+        if connector is None or conversation is None:
+            error = DeliveryError(f"channel {item.channel!r} is not enabled")
+        else:
+            try:
+                result = await connector.send(conversation, item)
+            except DeliveryError as exc:
+                error = exc
+            except Exception as exc:
+                log.exception("outbox: %s connector crashed sending %s", item.channel, item.id)
+                error = DeliveryError(f"connector error: {exc!r}")
+            else:
+                await self._finish(item, result)
+                return
+        now = utcnow()
+        if error.permanent or attempts >= self.max_attempts:
+            status, next_at = DeliveryStatus.FAILED, None
+            log.warning("outbox: giving up on %s after %d attempt(s): %s", item.id, attempts, error)
+        else:
+            delay = (
+                error.retry_after
+                if error.retry_after is not None
+                else min(MAX_BACKOFF, 0.5 * 2 ** (attempts - 1))
+            )
+            status, next_at = DeliveryStatus.PENDING, now + timedelta(seconds=delay)
+            log.info(
+                "outbox: %s attempt %d failed (%s); retry in %.1f s",
+                item.id,
+                attempts,
+                error,
+                delay,
+            )
+        await self.store.messages.update_one(
+            {"_id": item.id},
+            {
+                "$set": {
+                    "delivery.status": status.value,
+                    "delivery.next_attempt_at": next_at,
+                    "delivery.lease_until": None,
+                    "delivery.last_error": str(error),
+                    "delivery.updated_at": now,
+                }
+            },
+        )
+
+    async def _finish(self, item: Activity, result: DeliveryResult) -> None:
+        await self.store.messages.update_one(
+            {"_id": item.id},
+            {
+                "$set": {
+                    "delivery.status": result.status.value,
+                    "delivery.external_id": result.external_id,
+                    "delivery.lease_until": None,
+                    "delivery.last_error": None,
+                    "delivery.updated_at": utcnow(),
+                }
+            },
+        )
+
+    # ------------------------------------------------------------------ sweeper
+
+    async def sweep_once(self) -> None:
+        """Kick every conversation with an item that is due (or whose lease expired)."""
+        now = utcnow()
+        ids = await self.store.messages.distinct(
+            "conversation_id",
+            {
+                "$or": [
+                    {
+                        "delivery.status": DeliveryStatus.PENDING.value,
+                        "delivery.next_attempt_at": {"$lte": now},
+                    },
+                    {
+                        "delivery.status": DeliveryStatus.SENDING.value,
+                        "delivery.lease_until": {"$lte": now},
+                    },
+                ]
+            },
+        )
+        for conversation_id in ids:
+            self.kick(str(conversation_id))
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except PyMongoError as exc:
+                log.warning("outbox sweep failed: %s", exc)
+            await asyncio.sleep(self.sweep_seconds)
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="outbox-sweeper")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

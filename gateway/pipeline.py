@@ -1,0 +1,236 @@
+"""``ingest``: the only orchestration code. Every channel's messages take this road.
+
+    connector ─► ingest: dedupe ─► contact + identity ─► conversation ─► store (durable)
+              ◄─ ack (the connector answers its network only now)
+    background, per conversation, in seq order:
+       owner bot      ─► Bot.respond ─► outbox (stored, then delivered) ─► maybe handoff
+       owner queued / agent ─► nothing: the agent reads it from the store
+       owner resolved ─► reopened to the bot, then as above
+
+Processing state lives in the store: an inbound item is ``processed: false`` until its
+turn is done, and a conversation is processed by whoever holds its lease. A crash or a
+restart loses nothing: the sweeper finds unprocessed items and processes them again, and
+replies carry a ``dedupe_key`` so a re-processed message is still answered only once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from datetime import timedelta
+
+from pymongo.errors import PyMongoError
+
+from connectors.base import IngestResult
+from flows.bot import Bot, TurnContext
+from gateway.model import (
+    Activity,
+    Conversation,
+    InboundMessage,
+    OutboundDraft,
+    OwnerState,
+    Party,
+    Role,
+    utcnow,
+)
+from gateway.outbox import Outbox
+from gateway.routing import Routing
+from gateway.store import Store
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(seconds=30)
+STALE_AFTER = timedelta(seconds=10)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        store: Store,
+        bot: Bot,
+        outbox: Outbox,
+        routing: Routing,
+        *,
+        bot_name: str = "Bot",
+        sweep_seconds: float = 5.0,
+    ) -> None:
+        self.store = store
+        self.bot = bot
+        self.outbox = outbox
+        self.routing = routing
+        self.bot_party = Party(role=Role.BOT, name=bot_name)
+        self.sweep_seconds = sweep_seconds
+        self.instance = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ inbound
+
+    async def open_conversation(
+        self, channel: str, thread_key: str, sender_external_id: str, name: str | None = None
+    ) -> Conversation:
+        identity = await self.store.resolve_identity(channel, sender_external_id, name)
+        return await self.store.resolve_conversation(channel, thread_key, identity.contact_id)
+
+    async def ingest(self, message: InboundMessage) -> IngestResult:
+        """Store one inbound message durably (once) and schedule its processing.
+
+        Returns only after the write is acknowledged by the store; raises ``PyMongoError``
+        if it could not be stored (the connector must then tell its network to retry).
+        """
+        duplicate = await self.store.find_by_external_id(message.channel, message.external_id)
+        if duplicate is not None:
+            conversation = await self.store.get_conversation(duplicate.conversation_id)
+            assert conversation is not None
+            return IngestResult(duplicate, conversation, True)
+        conversation = await self.open_conversation(
+            message.channel, message.thread_key, message.sender_external_id, message.sender.name
+        )
+        item, is_duplicate = await self.store.append_inbound(conversation, message)
+        if not is_duplicate:
+            self.schedule(conversation.id)
+        return IngestResult(item, conversation, is_duplicate)
+
+    # --------------------------------------------------------------- processing
+
+    def schedule(self, conversation_id: str) -> None:
+        """Process the conversation's unprocessed messages, in order, in the background."""
+        if conversation_id in self._running:
+            self._again.add(conversation_id)
+            return
+        task = asyncio.create_task(self._drain(conversation_id), name=f"turns:{conversation_id}")
+        self._running[conversation_id] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _drain(self, conversation_id: str) -> None:
+        try:
+            while True:
+                self._again.discard(conversation_id)
+                try:
+                    await self._process(conversation_id)
+                except PyMongoError as exc:
+                    log.warning(
+                        "pipeline: store error on %s (the sweeper retries): %s",
+                        conversation_id,
+                        exc,
+                    )
+                    return
+                except Exception:
+                    log.exception("pipeline: unexpected error on %s", conversation_id)
+                    return
+                if conversation_id not in self._again:
+                    return
+        finally:
+            self._running.pop(conversation_id, None)
+
+    async def _acquire(self, conversation_id: str) -> bool:
+        now = utcnow()
+        result = await self.store.conversations.update_one(
+            {
+                "_id": conversation_id,
+                "$or": [
+                    {"lease": None},
+                    {"lease.until": {"$lt": now}},
+                    {"lease.owner": self.instance},
+                ],
+            },
+            {"$set": {"lease": {"owner": self.instance, "until": now + LEASE}}},
+        )
+        return result.matched_count == 1
+
+    async def _release(self, conversation_id: str) -> None:
+        await self.store.conversations.update_one(
+            {"_id": conversation_id, "lease.owner": self.instance}, {"$set": {"lease": None}}
+        )
+
+    async def _process(self, conversation_id: str) -> None:
+        if not await self._acquire(conversation_id):
+            return  # another process holds it and will process what is there
+        try:
+            while batch := await self.store.unprocessed(conversation_id):
+                for item in batch:
+                    await self._turn(item)
+                    await self.store.mark_processed(item.id)
+                await self._acquire(conversation_id)  # extend the lease
+        finally:
+            with contextlib.suppress(PyMongoError):
+                await self._release(conversation_id)
+
+    async def _turn(self, item: Activity) -> None:
+        """One inbound message, dispatched to the conversation's owner."""
+        conversation = await self.store.get_conversation(item.conversation_id)
+        if conversation is None:
+            log.error("pipeline: message %s has no conversation", item.id)
+            return
+        if conversation.owner is OwnerState.RESOLVED:
+            reopened = await self.routing.reopen(conversation.id, f"{item.id}:reopen")
+            conversation = reopened or conversation
+        if conversation.owner is not OwnerState.BOT:
+            return  # a human owns it (or will): the bot stays silent
+        contact = await self.store.get_contact(conversation.contact_id)
+        turn = await self.bot.respond(
+            TurnContext(conversation, contact, item, dict(conversation.bot_state))
+        )
+        if not await self.store.set_bot_state(conversation.id, turn.state):
+            return  # ownership changed while the bot was thinking: say nothing
+        drafts = [
+            OutboundDraft(
+                sender=self.bot_party,
+                text=reply.text,
+                buttons=reply.buttons,
+                reply_to_id=item.id,
+                dedupe_key=f"{item.id}:reply:{n}",
+            )
+            for n, reply in enumerate(turn.replies)
+        ]
+        await self.outbox.enqueue(conversation, drafts)
+        if turn.handoff is not None:
+            await self.routing.handoff(
+                conversation.id,
+                turn.handoff.reason,
+                skill=turn.handoff.skill,
+                dedupe_key=f"{item.id}:handoff",
+            )
+
+    # ------------------------------------------------------------------ sweeper
+
+    async def sweep_once(self, older_than: timedelta = STALE_AFTER) -> int:
+        """Schedule every conversation with messages left unprocessed (crash, restart)."""
+        ids = await self.store.conversations_with_unprocessed(utcnow() - older_than)
+        for conversation_id in ids:
+            self.schedule(conversation_id)
+        return len(ids)
+
+    async def _sweep_forever(self) -> None:
+        first = True
+        while True:
+            try:
+                found = await self.sweep_once(timedelta(0) if first else STALE_AFTER)
+                if found:
+                    log.info(
+                        "pipeline: resuming %d conversation(s) with unprocessed messages", found
+                    )
+                first = False
+            except PyMongoError as exc:
+                log.warning("pipeline sweep failed: %s", exc)
+            await asyncio.sleep(self.sweep_seconds)
+
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name="pipeline-sweeper")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
