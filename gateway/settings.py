@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "OMNIGATE_"
@@ -61,6 +61,17 @@ class Settings(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin like https://shop.example.com")
         return value
 
+    @model_validator(mode="after")
+    def _frame_fits_text(self) -> Settings:
+        # A text of max_text characters, each JSON-escaped as \uXXXX, must fit in a frame.
+        needed = 6 * self.webchat_max_text + 1024
+        if self.webchat_max_frame_bytes < needed:
+            raise ValueError(
+                f"OMNIGATE_WEBCHAT_MAX_FRAME_BYTES must be at least {needed} "
+                "(6 x OMNIGATE_WEBCHAT_MAX_TEXT + 1024) so a maximal message fits in one frame"
+            )
+        return self
+
     @field_validator("mongodb_uri")
     @classmethod
     def _check_uri(cls, value: str | None) -> str | None:
@@ -84,6 +95,9 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = ENV_PREFIX + "_".join(str(part) for part in error["loc"][:1]).upper()
-            lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+            if error["loc"]:
+                name = ENV_PREFIX + str(error["loc"][0]).upper()
+                lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+            else:
+                lines.append(str(error["msg"]).removeprefix("Value error, "))
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

@@ -183,15 +183,15 @@ class WebchatConnector(Connector):
             if msg.type is not WSMsgType.TEXT:
                 await ws.send_json(error(ErrorCode.BAD_FRAME, "only JSON text frames"))
                 continue
-            if len(msg.data.encode()) > self.config.max_frame_bytes:
-                await ws.send_json(
-                    error(ErrorCode.TOO_LARGE, f"frame over {self.config.max_frame_bytes} bytes")
-                )
-                continue
             try:
                 frame = json.loads(msg.data)
             except ValueError:
                 frame = None
+            if len(msg.data.encode()) > self.config.max_frame_bytes:
+                limit = self.config.max_frame_bytes
+                message = f"frame over {limit} bytes"
+                await ws.send_json(error(ErrorCode.TOO_LARGE, message, _client_id(frame)))
+                continue
             if not isinstance(frame, dict):
                 await ws.send_json(error(ErrorCode.BAD_JSON, "frame is not a JSON object"))
                 continue
@@ -259,7 +259,7 @@ class WebchatConnector(Connector):
     async def _serve(self, ws: web.WebSocketResponse, socket: VisitorSocket) -> None:
         while (frame := await self._read_frame(ws)) is not None:
             kind = frame.get("type")
-            client_id = frame.get("client_id") if isinstance(frame.get("client_id"), str) else None
+            client_id = _client_id(frame)
             try:
                 if kind in ("message", "action"):
                     await self._receive(socket, frame)
@@ -328,6 +328,15 @@ class WebchatConnector(Connector):
             }
         )
         await self.hub.push(socket.visitor_id, result.item)
+
+
+def _client_id(frame: object) -> str | None:
+    """The frame's client_id if it has a usable one, so errors can name the message."""
+    if isinstance(frame, dict):
+        value = frame.get("client_id")
+        if isinstance(value, str) and len(value) <= 64:
+            return value
+    return None
 
 
 def _explain(exc: ValidationError) -> str:

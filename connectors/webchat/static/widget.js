@@ -1,0 +1,600 @@
+/*
+ * Omnigate web chat widget.
+ *
+ * Embed with one tag:
+ *   <script src="https://gateway.example/webchat/widget.js" defer></script>
+ * Optional attributes: data-title, data-open="true", data-storage-key.
+ * Theme: set `--og-accent` on `#omnigate-webchat` from the host page.
+ *
+ * Speaks protocol version 1 (docs/webchat-protocol.md). Vanilla ES2020, no
+ * dependencies, CSP-safe: DOM is built with createElement/textContent only,
+ * styles come from widget.css loaded inside an open Shadow DOM.
+ */
+(function () {
+  "use strict";
+
+  // Must be captured synchronously: currentScript is null once we go async.
+  const SCRIPT = document.currentScript || document.querySelector('script[src*="/webchat/widget.js"]');
+  if (!SCRIPT || window.OmnigateWebchat) return; // not loadable as a module; no double init
+
+  const BASE = new URL(".", SCRIPT.src); // .../webchat/
+  const WS_URL = (BASE.protocol === "https:" ? "wss:" : "ws:") + "//" + BASE.host + "/webchat/ws";
+  const CSS_URL = BASE.origin + "/webchat/widget.css";
+  const TITLE = SCRIPT.dataset.title || "Chat with us";
+  const PREFIX = SCRIPT.dataset.storageKey || "omnigate";
+  const START_OPEN = SCRIPT.dataset.open === "true";
+
+  const PING_MS = 25000;          // keep-alive while open
+  const STALE_MS = 70000;         // nothing heard for this long: the socket is dead
+  const HANDSHAKE_MS = 20000;     // from opening the socket to `synced`
+  const BACKOFF_MIN = 500, BACKOFF_MAX = 15000;
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const ERROR_TEXT = {
+    text_too_long: "Too long, not sent",
+    bad_frame: "Not sent",
+    too_large: "Too long, not sent",
+  };
+
+  // ---------------------------------------------------------------- storage
+  // localStorage can throw (privacy modes, quota); the widget must still work.
+  const store = {
+    get(key) { try { return localStorage.getItem(PREFIX + "." + key); } catch (e) { return null; } },
+    set(key, value) {
+      try {
+        if (value === null) localStorage.removeItem(PREFIX + "." + key);
+        else localStorage.setItem(PREFIX + "." + key, value);
+      } catch (e) { /* ignore */ }
+    },
+  };
+
+  // Unacked outgoing frames, persisted so a reload does not lose them. Every
+  // change re-reads storage first so two tabs do not overwrite each other.
+  const outbox = {
+    read() {
+      try {
+        const list = JSON.parse(store.get("queue") || "[]");
+        return Array.isArray(list) ? list.filter((f) => f && typeof f.client_id === "string") : [];
+      } catch (e) { return []; }
+    },
+    add(frame) { const list = outbox.read(); list.push(frame); store.set("queue", JSON.stringify(list)); },
+    remove(clientId) {
+      const list = outbox.read().filter((f) => f.client_id !== clientId);
+      store.set("queue", list.length ? JSON.stringify(list) : null);
+    },
+  };
+
+  // ------------------------------------------------------------------ state
+  let ws = null;
+  let state = "offline";       // offline | connecting | online
+  let watermark = null;        // highest seq rendered in this page (memory only)
+  let lowestSeq = null;        // oldest seq rendered, for "Load earlier"
+  let attempt = 0;             // reconnect attempts since last sync
+  let reconnectTimer = null, pingTimer = null, retryTimer = null, retryDelay = 2000;
+  let handshakeTimer = null;   // gives up on a socket that never reaches `synced`
+  let lastHeard = 0;
+  let resetPending = false;    // invalid token seen: start over on close
+  let historyBusy = false;
+  let helloWatermark = null;   // the watermark the current hello asked from
+  let isOpen = false;
+  let unread = 0;
+  let buttonsRow = null;       // { el, seq } suggested actions currently shown
+  const pending = new Map();   // client_id -> { frame, el } for every send of this page
+  const seenClientIds = new Set(); // client_ids of customer items already rendered
+
+  // ------------------------------------------------------------------- DOM
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") el.className = v;
+      else if (k === "text") el.textContent = v;
+      else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+      else el.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const c of children) if (c) el.append(c);
+    return el;
+  }
+
+  // Small inline icons, built node by node (no innerHTML).
+  function icon(paths, cls) {
+    const svg = document.createElementNS(SVG_NS, "svg");
+    if (cls) svg.setAttribute("class", cls);
+    svg.setAttribute("viewBox", "0 0 24 24");
+    svg.setAttribute("aria-hidden", "true");
+    svg.setAttribute("focusable", "false");
+    for (const d of paths) {
+      const p = document.createElementNS(SVG_NS, "path");
+      p.setAttribute("d", d);
+      svg.append(p);
+    }
+    return svg;
+  }
+  const ICON_CHAT = ["M4 5.5A2.5 2.5 0 0 1 6.5 3h11A2.5 2.5 0 0 1 20 5.5v8a2.5 2.5 0 0 1-2.5 2.5H10l-4.2 3.6A.5.5 0 0 1 5 19.2V16a2.5 2.5 0 0 1-1-2v-8.5Z"];
+  const ICON_CLOSE = ["M6 6l12 12M18 6L6 18"];
+  const ICON_SEND = ["M4 12l16-8-6 16-2.5-6.5L4 12Z"];
+
+  const host = h("div", { id: "omnigate-webchat" });
+  const shadow = host.attachShadow({ mode: "open" });
+  // Stay hidden until the stylesheet arrives so nothing flashes unstyled.
+  const root = h("div", { class: "og-root", hidden: true });
+  const link = h("link", { rel: "stylesheet", href: CSS_URL });
+  link.addEventListener("load", () => root.removeAttribute("hidden"));
+  link.addEventListener("error", () => root.removeAttribute("hidden"));
+
+  const badge = h("span", { class: "og-badge", hidden: true, "aria-hidden": "true" });
+  const launcher = h("button", {
+    type: "button", class: "og-launcher", "data-og": "launcher",
+    "aria-label": "Open chat", "aria-expanded": "false", "aria-controls": "og-panel",
+    onclick: () => (isOpen ? close() : open()),
+  }, icon(ICON_CHAT, "og-i-chat"), icon(ICON_CLOSE, "og-i-close"), badge);
+
+  const statusEl = h("span", { class: "og-status", "data-og": "status", "data-state": "offline", text: "offline" });
+  const closeBtn = h("button", {
+    type: "button", class: "og-icon-btn", "aria-label": "Close chat", onclick: () => close(),
+  }, icon(ICON_CLOSE));
+  const header = h("div", { class: "og-header" },
+    h("div", { class: "og-heading" }, h("h2", { class: "og-title", text: TITLE }), statusEl),
+    closeBtn);
+
+  const moreBtn = h("button", {
+    type: "button", class: "og-more", hidden: true, text: "Load earlier messages",
+    "aria-label": "Load earlier messages", onclick: loadEarlier,
+  });
+  const list = h("div", {
+    class: "og-messages", "data-og": "messages", role: "log", "aria-live": "polite",
+    "aria-label": "Conversation",
+  });
+  const scroller = h("div", { class: "og-scroll" }, moreBtn, list);
+
+  const input = h("textarea", {
+    class: "og-input", "data-og": "input", rows: "1", placeholder: "Type a message…",
+    "aria-label": "Message", autocomplete: "off",
+  });
+  const sendBtn = h("button", {
+    type: "submit", class: "og-send", "data-og": "send", "aria-label": "Send message",
+  }, icon(ICON_SEND));
+  const form = h("form", { class: "og-composer" }, input, sendBtn);
+  form.addEventListener("submit", (e) => { e.preventDefault(); sendText(input.value); });
+  input.addEventListener("keydown", (e) => {
+    // Enter sends, Shift+Enter is a newline; never interrupt an IME composition.
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendText(input.value); }
+  });
+
+  const panel = h("div", {
+    id: "og-panel", class: "og-panel", "data-og": "panel", role: "dialog",
+    "aria-label": TITLE, hidden: true,
+  }, header, scroller, form);
+  panel.addEventListener("keydown", (e) => { if (e.key === "Escape") { close(); launcher.focus(); } });
+
+  root.append(panel, launcher);
+  shadow.append(link, root);
+
+  // ------------------------------------------------------------- rendering
+  function nearBottom() { return scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight < 80; }
+  function scrollToBottom() { scroller.scrollTop = scroller.scrollHeight; }
+
+  // Text with http(s) links made clickable; everything else stays plain text.
+  function richText(text) {
+    const frag = document.createDocumentFragment();
+    const re = /\bhttps?:\/\/[^\s<>"']+[^\s<>"'.,;:!?)\]]/g;
+    let last = 0, m;
+    while ((m = re.exec(text))) {
+      frag.append(text.slice(last, m.index));
+      frag.append(h("a", { href: m[0], target: "_blank", rel: "noopener noreferrer", text: m[0] }));
+      last = m.index + m[0].length;
+    }
+    frag.append(text.slice(last));
+    return frag;
+  }
+
+  function safeUrl(url) {
+    try {
+      const u = new URL(String(url), BASE);
+      return u.protocol === "https:" || u.protocol === "http:" ? u.href : null;
+    } catch (e) { return null; }
+  }
+
+  function formatSize(n) {
+    if (typeof n !== "number") return "";
+    return n < 1024 ? n + " B" : n < 1048576 ? Math.round(n / 1024) + " KB" : (n / 1048576).toFixed(1) + " MB";
+  }
+
+  function formatTime(ts) {
+    const d = new Date(ts);
+    return isNaN(d) ? "" : d.toLocaleString([], { dateStyle: "medium", timeStyle: "short" });
+  }
+
+  // Build one message/event element (not yet in the list).
+  function buildItem(item) {
+    const isEvent = item.type === "event";
+    const role = isEvent ? "system" : (["customer", "bot", "agent", "system"].includes(item.role) ? item.role : "bot");
+    const el = h("div", { class: "og-msg og-" + role, "data-og": "msg", "data-role": role });
+    if (typeof item.seq === "number") el.dataset.seq = String(item.seq);
+    if (isEvent && item.name) el.dataset.event = String(item.name);
+    const text = typeof item.text === "string" ? item.text : "";
+    if (role === "system") {
+      el.append(h("div", { class: "og-note", text: text || String(item.name || "") }));
+      return el;
+    }
+    if (role === "agent" && item.sender && item.sender.name) {
+      el.append(h("div", { class: "og-sender", text: String(item.sender.name) }));
+    }
+    const bubble = h("div", { class: "og-bubble" });
+    if (item.timestamp) bubble.title = formatTime(item.timestamp);
+    if (text) bubble.append(richText(text));
+    for (const a of Array.isArray(item.attachments) ? item.attachments : []) {
+      const href = a && safeUrl(a.url);
+      if (!href) continue;
+      const label = String(a.name || "attachment") + (a.size ? " (" + formatSize(a.size) + ")" : "");
+      bubble.append(h("a", { class: "og-attachment", href, target: "_blank", rel: "noopener noreferrer", text: label }));
+    }
+    el.append(bubble);
+    return el;
+  }
+
+  // Where a sequenced item goes: before any unsequenced pending send (those
+  // float at the bottom) and before any item with a higher seq.
+  function insertSequenced(el, seq) {
+    let before = null;
+    for (let c = list.lastElementChild; c; c = c.previousElementSibling) {
+      if (c === el) continue;
+      const cs = c.dataset.seq ? Number(c.dataset.seq) : null;
+      if ((cs === null && c.dataset.pending === "true") || (cs !== null && cs > seq)) before = c;
+      else break; // a lower seq, or a failed send that stays where it is
+    }
+    if (el.parentNode === list && el.nextElementSibling === before) return; // already in place
+    list.insertBefore(el, before);
+  }
+
+  // Has the customer already said something below this element (e.g. a pending send)?
+  function customerAfter(el) {
+    for (let c = el.nextElementSibling; c; c = c.nextElementSibling) if (c.dataset.role === "customer") return true;
+    return false;
+  }
+
+  function hideButtons() {
+    if (buttonsRow) { buttonsRow.el.remove(); buttonsRow = null; }
+  }
+
+  function showButtons(msgEl, seq, buttons) {
+    hideButtons();
+    const row = h("div", { class: "og-buttons", role: "group", "aria-label": "Suggested replies" });
+    for (const b of buttons) {
+      if (!b || typeof b.title !== "string" || typeof b.value !== "string") continue;
+      row.append(h("button", {
+        type: "button", class: "og-button", "data-og": "button", text: b.title,
+        "aria-label": b.title, onclick: () => sendAction(b.value, b.title),
+      }));
+    }
+    msgEl.append(row);
+    buttonsRow = { el: row, seq };
+  }
+
+  // A live or replayed item. Ignores anything already shown (seq <= watermark).
+  function handleItem(item) {
+    if (typeof item.seq !== "number") return;
+    if (watermark !== null && item.seq <= watermark) return;
+    watermark = item.seq;
+    if (lowestSeq === null) lowestSeq = item.seq;
+    const stick = nearBottom();
+    if (item.client_id) seenClientIds.add(item.client_id);
+
+    // Our own send echoed back: attach the seq to the bubble already shown.
+    const mine = item.type === "message" && item.role === "customer" && item.client_id && pending.get(item.client_id);
+    if (mine && mine.el.isConnected) {
+      mine.el.dataset.seq = String(item.seq);
+      delivered(item.client_id, mine);
+      insertSequenced(mine.el, item.seq); // moves it into seq order
+    } else {
+      const el = buildItem(item);
+      insertSequenced(el, item.seq);
+      if (item.type === "message" && item.role !== "customer" && Array.isArray(item.buttons) && item.buttons.length
+          && !customerAfter(el)) {
+        showButtons(el, item.seq, item.buttons);
+      }
+      if (!isOpen && item.type === "message" && item.role !== "customer" && state === "online") {
+        unread += 1;
+        renderBadge();
+      }
+    }
+    if (item.type === "message" && item.role === "customer" && buttonsRow && item.seq > buttonsRow.seq) hideButtons();
+    if (stick || (item.role === "customer")) scrollToBottom();
+  }
+
+  // synced.truncated: more than 1000 items were missed, so there is a hole
+  // after `seq`. Drop everything up to it; "Load earlier" fills in from the top.
+  function dropBefore(seq) {
+    for (const el of list.querySelectorAll("[data-seq]")) if (Number(el.dataset.seq) <= seq) el.remove();
+    if (buttonsRow && buttonsRow.seq <= seq) hideButtons();
+    const first = list.querySelector("[data-seq]");
+    lowestSeq = first ? Number(first.dataset.seq) : null;
+    moreBtn.hidden = lowestSeq === null;
+  }
+
+  // Older items from `history` go above everything shown.
+  function prependHistory(items) {
+    const anchor = scroller.scrollHeight - scroller.scrollTop;
+    const older = items.filter((i) => typeof i.seq === "number" && (lowestSeq === null || i.seq < lowestSeq));
+    const frag = document.createDocumentFragment();
+    for (const item of older) frag.append(buildItem(item));
+    list.insertBefore(frag, list.firstChild);
+    if (older.length) lowestSeq = older[0].seq;
+    scroller.scrollTop = scroller.scrollHeight - anchor; // keep the view where it was
+  }
+
+  function renderBadge() {
+    badge.textContent = unread > 9 ? "9+" : String(unread);
+    badge.hidden = unread === 0;
+    launcher.setAttribute("aria-label", unread ? "Open chat (" + unread + " new)" : (isOpen ? "Close chat" : "Open chat"));
+  }
+
+  function setState(next) {
+    state = next;
+    statusEl.textContent = next;
+    statusEl.dataset.state = next;
+    panel.dataset.state = next;
+  }
+
+  // Forget the whole conversation (invalid token): keep only unsent messages.
+  function resetConversation() {
+    store.set("token", null);
+    watermark = null;
+    lowestSeq = null;
+    hideButtons();
+    list.replaceChildren();
+    moreBtn.hidden = true;
+    pending.clear();
+    seenClientIds.clear();
+    for (const frame of outbox.read()) renderPending(frame);
+  }
+
+  // ---------------------------------------------------------------- sending
+  function newClientId() {
+    const bytes = new Uint8Array(12);
+    crypto.getRandomValues(bytes);
+    return "c-" + Array.from(bytes, (b) => b.toString(36).padStart(2, "0")).join("");
+  }
+
+  function renderPending(frame) {
+    const text = frame.type === "action" ? frame.title : frame.text;
+    const el = buildItem({ type: "message", role: "customer", text });
+    el.dataset.pending = "true";
+    el.append(h("div", { class: "og-meta", text: "Sending…" }));
+    list.append(el);
+    pending.set(frame.client_id, { frame, el });
+    hideButtons();
+    scrollToBottom();
+  }
+
+  function queueFrame(frame) {
+    outbox.add(frame);
+    renderPending(frame);
+    if (state === "online") transmit(frame);
+  }
+
+  function sendText(raw) {
+    const text = String(raw || "").trim();
+    if (!text) return false;
+    input.value = "";
+    queueFrame({ type: "message", client_id: newClientId(), text });
+    input.focus();
+    return true;
+  }
+
+  function sendAction(value, title) {
+    queueFrame({ type: "action", client_id: newClientId(), value, title });
+  }
+
+  function transmit(frame) {
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(frame));
+  }
+
+  // After `synced`: resend every unacked frame with the same client_id.
+  function flushOutbox() {
+    for (const frame of outbox.read()) {
+      if (seenClientIds.has(frame.client_id) && !pending.has(frame.client_id)) {
+        outbox.remove(frame.client_id); // another tab's send, already stored and shown
+        continue;
+      }
+      if (!pending.has(frame.client_id)) renderPending(frame); // queued by another tab or before reload
+      transmit(frame);
+    }
+  }
+
+  // The small status line under a customer bubble ("Sending…", errors).
+  function setMeta(el, text) {
+    let meta = el.querySelector(".og-meta");
+    if (!text) { if (meta) meta.remove(); return; }
+    if (!meta) { meta = h("div", { class: "og-meta" }); el.append(meta); }
+    meta.textContent = text;
+  }
+
+  function delivered(clientId, entry) {
+    outbox.remove(clientId);
+    if (!entry || entry.el.dataset.pending !== "true") return;
+    delete entry.el.dataset.pending;
+    setMeta(entry.el, "");
+    retryDelay = 2000;
+  }
+
+  function failed(clientId, code) {
+    outbox.remove(clientId);
+    const entry = pending.get(clientId);
+    if (!entry) return;
+    delete entry.el.dataset.pending;
+    entry.el.dataset.failed = "true";
+    setMeta(entry.el, ERROR_TEXT[code] || "Not sent");
+  }
+
+  // The store was unreachable: try the queue again a little later.
+  function scheduleRetry() {
+    if (retryTimer) return;
+    retryTimer = setTimeout(() => {
+      retryTimer = null;
+      if (state === "online") flushOutbox();
+    }, retryDelay);
+    retryDelay = Math.min(retryDelay * 2, 30000);
+  }
+
+  // ----------------------------------------------------------- connection
+  function connect() {
+    clearTimeout(reconnectTimer);
+    reconnectTimer = null;
+    if (ws) return;
+    setState("connecting");
+    let sock;
+    try { sock = new WebSocket(WS_URL); } catch (e) { scheduleReconnect(); return; }
+    ws = sock;
+    handshakeTimer = setTimeout(() => { drop(sock); scheduleReconnect(); }, HANDSHAKE_MS);
+    sock.onopen = () => {
+      lastHeard = Date.now();
+      helloWatermark = watermark;
+      sock.send(JSON.stringify({ type: "hello", token: store.get("token"), watermark }));
+      pingTimer = setInterval(() => {
+        if (Date.now() - lastHeard > STALE_MS) { drop(sock); scheduleReconnect(); return; }
+        transmit({ type: "ping" });
+      }, PING_MS);
+    };
+    sock.onmessage = (e) => {
+      lastHeard = Date.now();
+      let frame;
+      try { frame = JSON.parse(e.data); } catch (err) { return; }
+      if (frame && typeof frame === "object") onFrame(frame);
+    };
+    sock.onclose = (e) => {
+      if (ws !== sock) return; // already abandoned
+      drop(sock);
+      if (e.code === 4401 || resetPending) {
+        resetPending = false;
+        resetConversation();
+        attempt = 0;
+        scheduleReconnect(100);
+      } else if (e.code === 1001) {
+        scheduleReconnect(250 + Math.random() * 750); // server restarting: come back soon
+      } else {
+        scheduleReconnect();
+      }
+    };
+    sock.onerror = () => { /* onclose follows and handles it */ };
+  }
+
+  // Forget a socket without waiting for its closing handshake.
+  function drop(sock) {
+    clearInterval(pingTimer);
+    clearTimeout(handshakeTimer);
+    pingTimer = handshakeTimer = null;
+    historyBusy = false;
+    moreBtn.disabled = false;
+    sock.onopen = sock.onmessage = sock.onclose = sock.onerror = null;
+    try { sock.close(); } catch (e) { /* ignore */ }
+    if (ws === sock) ws = null;
+    setState("offline");
+  }
+
+  function scheduleReconnect(delay) {
+    if (reconnectTimer) return;
+    if (delay === undefined) {
+      const base = Math.min(BACKOFF_MAX, BACKOFF_MIN * 2 ** attempt);
+      delay = base / 2 + Math.random() * base / 2; // jitter: 50–100 %
+      attempt += 1;
+    }
+    reconnectTimer = setTimeout(connect, delay);
+  }
+
+  function onFrame(f) {
+    switch (f.type) {
+      case "welcome":
+        if (typeof f.token === "string") store.set("token", f.token);
+        break;
+      case "message":
+      case "event":
+        handleItem(f);
+        break;
+      case "synced":
+        clearTimeout(handshakeTimer);
+        attempt = 0;
+        setState("online");
+        if (f.truncated && helloWatermark !== null) dropBefore(helloWatermark);
+        // has_more is about the initial replay; later syncs only fill the gap.
+        if (helloWatermark === null) moreBtn.hidden = !(f.has_more && lowestSeq !== null && lowestSeq > 1);
+        flushOutbox();
+        break;
+      case "ack": {
+        const entry = pending.get(f.client_id);
+        if (entry && typeof f.seq === "number" && !entry.el.dataset.seq) entry.el.dataset.seq = String(f.seq);
+        delivered(f.client_id, entry);
+        break;
+      }
+      case "history":
+        historyBusy = false;
+        prependHistory(Array.isArray(f.items) ? f.items : []);
+        moreBtn.hidden = !f.has_more || lowestSeq === null || lowestSeq <= 1;
+        moreBtn.disabled = false;
+        break;
+      case "error":
+        onError(f);
+        break;
+      default: // pong and anything newer: nothing to do
+    }
+  }
+
+  function onError(f) {
+    if (f.code === "invalid_token") { resetPending = true; return; } // close 4401 follows
+    if (f.client_id && pending.has(f.client_id)) {
+      if (f.code === "unavailable" || f.code === "internal") scheduleRetry(); // same client_id is safe
+      else failed(f.client_id, f.code);
+    } else if (historyBusy && f.code === "bad_frame") {
+      historyBusy = false;
+      moreBtn.disabled = false;
+    }
+  }
+
+  function loadEarlier() {
+    if (historyBusy || state !== "online" || lowestSeq === null) return;
+    historyBusy = true;
+    moreBtn.disabled = true;
+    transmit({ type: "history", before: lowestSeq, limit: 50 });
+  }
+
+  // ------------------------------------------------------------ public API
+  function open(focus = true) {
+    isOpen = true;
+    panel.hidden = false;
+    root.classList.add("og-open");
+    launcher.setAttribute("aria-expanded", "true");
+    unread = 0;
+    renderBadge();
+    try { sessionStorage.setItem(PREFIX + ".open", "1"); } catch (e) { /* ignore */ }
+    scrollToBottom();
+    if (focus) input.focus({ preventScroll: true });
+  }
+
+  function close() {
+    isOpen = false;
+    panel.hidden = true;
+    root.classList.remove("og-open");
+    launcher.setAttribute("aria-expanded", "false");
+    renderBadge();
+    try { sessionStorage.removeItem(PREFIX + ".open"); } catch (e) { /* ignore */ }
+  }
+
+  window.OmnigateWebchat = Object.freeze({
+    open: () => open(true),
+    close: () => close(),
+    send: (text) => sendText(text),
+  });
+
+  // ------------------------------------------------------------------ start
+  function start() {
+    document.body.append(host);
+    for (const frame of outbox.read()) renderPending(frame); // unsent from last visit
+    let reopen = false;
+    try { reopen = sessionStorage.getItem(PREFIX + ".open") === "1"; } catch (e) { /* ignore */ }
+    if (START_OPEN || reopen) open(false);
+    connect();
+    window.addEventListener("online", () => { if (!ws) { attempt = 0; connect(); } });
+  }
+
+  if (document.body) start();
+  else document.addEventListener("DOMContentLoaded", start);
+})();
