@@ -41,6 +41,7 @@ HARD_FRAME_LIMIT = 1024 * 1024  # aiohttp closes the socket with 1009 above this
 HELLO_TIMEOUT = 10.0
 CLOSE_INVALID_TOKEN = 4401
 CLOSE_NO_HELLO = 4408
+MAX_TOKEN_CHARS = 200
 PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -170,10 +171,15 @@ class WebchatConnector(Connector):
         return ws
 
     async def _read_frame(
-        self, ws: web.WebSocketResponse, wait: float | None = None
+        self, ws: web.WebSocketResponse, deadline: float | None = None
     ) -> dict[str, Any] | None:
-        """The next JSON object from the client; errors are answered; None when closed."""
+        """The next JSON object from the client; errors are answered; None when closed.
+
+        ``deadline`` (event loop time) bounds the whole wait, however many bad frames come.
+        """
+        loop = asyncio.get_running_loop()
         while True:
+            wait = None if deadline is None else max(0.0, deadline - loop.time())
             msg = await ws.receive(timeout=wait)
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return None
@@ -185,7 +191,7 @@ class WebchatConnector(Connector):
                 continue
             try:
                 frame = json.loads(msg.data)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deeply
                 frame = None
             if len(msg.data.encode()) > self.config.max_frame_bytes:
                 limit = self.config.max_frame_bytes
@@ -199,16 +205,19 @@ class WebchatConnector(Connector):
 
     async def _handshake(self, ws: web.WebSocketResponse) -> VisitorSocket | None:
         store = self.context.store
+        deadline = asyncio.get_running_loop().time() + HELLO_TIMEOUT
         while True:
             try:
-                frame = await self._read_frame(ws, wait=HELLO_TIMEOUT)
+                frame = await self._read_frame(ws, deadline)
             except TimeoutError:
                 await ws.close(code=CLOSE_NO_HELLO, message=b"no hello")
                 return None
             if frame is None:
                 return None
             if frame.get("type") != "hello":
-                await ws.send_json(error(ErrorCode.NOT_READY, "say hello first"))
+                await ws.send_json(
+                    error(ErrorCode.NOT_READY, "say hello first", _client_id(frame))
+                )
                 continue
             try:
                 hello = Hello.model_validate(frame)
@@ -223,7 +232,9 @@ class WebchatConnector(Connector):
                 await store.put_state(CHANNEL, _token_key(token), {"visitor_id": visitor_id})
             else:
                 token = hello.token
-                state = await store.get_state(CHANNEL, _token_key(token))
+                state = None  # a token longer than any we issue is malformed: not looked up
+                if len(token) <= MAX_TOKEN_CHARS:
+                    state = await store.get_state(CHANNEL, _token_key(token))
                 if state is None:
                     await ws.send_json(
                         error(

@@ -10,6 +10,7 @@ from gateway.model import Activity, ActivityType
 
 PROTOCOL_VERSION = 1
 CLIENT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+MAX_SEQ = 2**53  # larger numbers are no seq (and do not fit the store's 64-bit integers)
 
 
 class _Frame(BaseModel):
@@ -18,7 +19,7 @@ class _Frame(BaseModel):
 
 class Hello(_Frame):
     type: Literal["hello"]
-    token: str | None = Field(None, max_length=200)
+    token: str | None = None  # a malformed token is answered with invalid_token
     watermark: int | None = Field(None, ge=0)
 
 
@@ -37,7 +38,7 @@ class SendAction(_Frame):
 
 class HistoryRequest(_Frame):
     type: Literal["history"]
-    before: int = Field(ge=1)
+    before: int = Field(ge=1, le=MAX_SEQ)
     limit: int = Field(50, ge=1, le=100)
 
 

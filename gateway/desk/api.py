@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 AGENT = web.RequestKey("agent", Agent)
 SPEC = web.AppKey("openapi_spec", dict)
 PUBLIC = {"/api/openapi.json", "/api/docs"}
+MAX_INT = 2**53  # query integers above this are no seq (and overflow the store's int64)
 
 
 class ErrorOut(BaseModel):
@@ -97,7 +98,7 @@ class Page(BaseModel):
 
 
 class ReplyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     text: str = Field(min_length=1, max_length=4000)
 
 
@@ -431,6 +432,7 @@ def _json(model: BaseModel, status: int = 200) -> web.Response:
 
 
 def _int(request: web.Request, name: str, default: int | None, low: int, high: int | None) -> Any:
+    high = MAX_INT if high is None else high
     raw = request.query.get(name)
     if raw is None:
         return default
@@ -438,8 +440,8 @@ def _int(request: web.Request, name: str, default: int | None, low: int, high: i
         value = int(raw)
     except ValueError:
         raise _Bad(f"{name} must be an integer") from None
-    if value < low or (high is not None and value > high):
-        raise _Bad(f"{name} must be between {low} and {high or 'any'}")
+    if value < low or value > high:
+        raise _Bad(f"{name} must be between {low} and {high}")
     return value
 
 
