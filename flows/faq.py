@@ -88,7 +88,9 @@ def load_script(flows_dir: Path) -> Script:
     files = sorted(flows_dir.glob("*.yaml")) + sorted(flows_dir.glob("*.yml"))
     if not files:
         raise ScriptError(f"{flows_dir}: no *.yaml bot script found")
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {"faq": []}
+    origin: dict[str, Path] = {}  # top-level key -> the file that set it
+    faq_origin: list[Path] = []  # faq entry (by merged index) -> its file
     for path in files:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -96,16 +98,28 @@ def load_script(flows_dir: Path) -> Script:
             raise ScriptError(f"{path}: {exc}") from None
         if not isinstance(data, dict):
             raise ScriptError(f"{path}: expected a mapping at the top level")
-        faq = merged.get("faq", []) + list(data.pop("faq", []) or [])
+        faq = data.pop("faq", None) or []
+        if not isinstance(faq, list):
+            raise ScriptError(f"{path}: faq: expected a list of entries")
+        merged["faq"] += faq
+        faq_origin += [path] * len(faq)
         merged.update(data)
-        merged["faq"] = faq
+        origin.update(dict.fromkeys(map(str, data), path))
     try:
         return Script.model_validate(merged)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ScriptError(f"{flows_dir}: {problems}") from None
+        problems = []
+        for error in exc.errors():
+            loc = error["loc"]
+            if loc[:1] == ("faq",) and len(loc) > 1 and isinstance(loc[1], int):
+                where = faq_origin[loc[1]]
+            elif loc:
+                where = origin.get(str(loc[0]), flows_dir)
+            else:  # the script-wide check: a menu button pointing nowhere
+                where = origin.get("menu", flows_dir)
+            field = ".".join(str(p) for p in loc) or "menu"
+            problems.append(f"{where}: {field}: {error['msg']}")
+        raise ScriptError("; ".join(problems)) from None
 
 
 def _words(text: str) -> list[str]:

@@ -25,7 +25,7 @@ from datetime import timedelta
 from pymongo.errors import PyMongoError
 
 from connectors.base import IngestResult
-from flows.bot import Bot, TurnContext
+from flows.bot import Bot, BotTurn, Reply, TurnContext
 from gateway.model import (
     Activity,
     Conversation,
@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=30)
 STALE_AFTER = timedelta(seconds=10)
+# A bot turn that takes longer is abandoned (well inside LEASE, so no other process can
+# take over the conversation while the turn still runs).
+BOT_TIMEOUT = 20.0
+# What the customer is told when the bot fails on their message (it raised or timed out).
+BOT_ERROR_TEXT = (
+    "Sorry, something went wrong on my side and I could not answer that. "
+    "Please try again in a moment."
+)
 
 
 class Pipeline:
@@ -150,17 +158,21 @@ class Pipeline:
         )
 
     async def _process(self, conversation_id: str) -> None:
-        if not await self._acquire(conversation_id):
-            return  # another process holds it and will process what is there
-        try:
-            while batch := await self.store.unprocessed(conversation_id):
-                for item in batch:
-                    await self._turn(item)
-                    await self.store.mark_processed(item.id)
-                await self._acquire(conversation_id)  # extend the lease
-        finally:
-            with contextlib.suppress(PyMongoError):
-                await self._release(conversation_id)
+        while await self._acquire(conversation_id):
+            try:
+                while batch := await self.store.unprocessed(conversation_id):
+                    for item in batch:
+                        await self._turn(item)
+                        await self.store.mark_processed(item.id)
+                    await self._acquire(conversation_id)  # extend the lease
+            finally:
+                with contextlib.suppress(PyMongoError):
+                    await self._release(conversation_id)
+            # A message stored (by another process) while we held the lease found it taken
+            # and was left to us: look again now that the lease is released.
+            if not await self.store.unprocessed(conversation_id, limit=1):
+                return
+        # another process holds the lease and will process what is there
 
     async def _turn(self, item: Activity) -> None:
         """One inbound message, dispatched to the conversation's owner."""
@@ -174,12 +186,36 @@ class Pipeline:
         if conversation.owner is not OwnerState.BOT:
             return  # a human owns it (or will): the bot stays silent
         contact = await self.store.get_contact(conversation.contact_id)
-        turn = await self.bot.respond(
-            TurnContext(conversation, contact, item, dict(conversation.bot_state))
-        )
+        context = TurnContext(conversation, contact, item, dict(conversation.bot_state))
+        try:
+            async with asyncio.timeout(BOT_TIMEOUT):
+                turn = await self.bot.respond(context)
+            drafts = self._drafts(item, turn)
+        except PyMongoError:
+            raise  # the store, not the bot: leave the message for the sweeper
+        except Exception:
+            # A bot bug must not wedge the conversation (the message would fail again on
+            # every retry, and block every message after it): apologise, keep the bot's
+            # previous memory, and mark the message processed like any other.
+            log.exception(
+                "pipeline: the bot failed on message %s of %s", item.id, conversation.id
+            )
+            turn = BotTurn([Reply(BOT_ERROR_TEXT)], dict(conversation.bot_state))
+            drafts = self._drafts(item, turn)
         if not await self.store.set_bot_state(conversation.id, turn.state):
             return  # ownership changed while the bot was thinking: say nothing
-        drafts = [
+        await self.outbox.enqueue(conversation, drafts)
+        if turn.handoff is not None:
+            await self.routing.handoff(
+                conversation.id,
+                turn.handoff.reason,
+                skill=turn.handoff.skill,
+                dedupe_key=f"{item.id}:handoff",
+            )
+
+    def _drafts(self, item: Activity, turn: BotTurn) -> list[OutboundDraft]:
+        """The bot's replies to ``item``; the dedupe key makes a re-run say them once."""
+        return [
             OutboundDraft(
                 sender=self.bot_party,
                 text=reply.text,
@@ -189,14 +225,6 @@ class Pipeline:
             )
             for n, reply in enumerate(turn.replies)
         ]
-        await self.outbox.enqueue(conversation, drafts)
-        if turn.handoff is not None:
-            await self.routing.handoff(
-                conversation.id,
-                turn.handoff.reason,
-                skill=turn.handoff.skill,
-                dedupe_key=f"{item.id}:handoff",
-            )
 
     # ------------------------------------------------------------------ sweeper
 

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 Doc = dict[str, Any]
 M = TypeVar("M", Activity, Contact, Conversation, Identity)
 
+UPSERT_ATTEMPTS = 5
+
 
 class StoreError(Exception):
     """The store could not be reached or refused an operation."""
@@ -154,6 +156,32 @@ class Store:
             [IndexModel([("token_hash", ASCENDING)], unique=True, name="agent_token")]
         )
 
+    @staticmethod
+    async def _upsert(
+        collection: AsyncCollection[Doc], query: Mapping[str, Any], on_insert: Mapping[str, Any]
+    ) -> Doc:
+        """The document matching ``query``, inserted with ``on_insert`` if there is none.
+
+        Concurrent upserts of one key race: MongoDB may fail the loser with a duplicate key
+        error, and SecantusDB 0.7 may acknowledge it without returning a document. Either
+        way the winner's document exists by then, so read it.
+        """
+        for _ in range(UPSERT_ATTEMPTS):
+            try:
+                doc = await collection.find_one_and_update(
+                    query,
+                    {"$setOnInsert": dict(on_insert)},
+                    upsert=True,
+                    return_document=ReturnDocument.AFTER,
+                )
+            except DuplicateKeyError:
+                doc = None
+            if doc is None:
+                doc = await collection.find_one(query)
+            if doc is not None:
+                return doc
+        raise StoreError(f"{collection.name}: upsert of {dict(query)} returned no document")
+
     # ----------------------------------------------------------------- contacts
 
     async def resolve_identity(
@@ -162,27 +190,23 @@ class Store:
         """The identity for (channel, external id), creating it and its contact if new."""
         now = utcnow()
         key = f"{channel}:{external_id}"
-        doc = await self.identities.find_one_and_update(
+        doc = await self._upsert(
+            self.identities,
             {"_id": key},
             {
-                "$setOnInsert": {
-                    "channel": channel,
-                    "external_id": external_id,
-                    "contact_id": new_id(),
-                    "reachable": True,
-                    "created_at": now,
-                    "display_name": display_name,
-                }
+                "channel": channel,
+                "external_id": external_id,
+                "contact_id": new_id(),
+                "reachable": True,
+                "created_at": now,
+                "display_name": display_name,
             },
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
         )
-        assert doc is not None
         # Whoever won the identity upsert decided the contact id; make sure it exists.
-        await self.contacts.update_one(
+        await self._upsert(
+            self.contacts,
             {"_id": doc["contact_id"]},
-            {"$setOnInsert": {"name": display_name, "profile": {}, "seq": 0, "created_at": now}},
-            upsert=True,
+            {"name": display_name, "profile": {}, "seq": 0, "created_at": now},
         )
         return from_doc(Identity, doc)
 
@@ -203,26 +227,22 @@ class Store:
     ) -> Conversation:
         """The conversation for (channel, thread key), created in the bot's hands if new."""
         now = utcnow()
-        doc = await self.conversations.find_one_and_update(
+        doc = await self._upsert(
+            self.conversations,
             {"channel": channel, "thread_key": thread_key},
             {
-                "$setOnInsert": {
-                    "_id": new_id(),
-                    "contact_id": contact_id,
-                    "owner": OwnerState.BOT.value,
-                    "assignee_id": None,
-                    "handoff": None,
-                    "bot_state": {},
-                    "seq": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                    "last_activity_at": None,
-                }
+                "_id": new_id(),
+                "contact_id": contact_id,
+                "owner": OwnerState.BOT.value,
+                "assignee_id": None,
+                "handoff": None,
+                "bot_state": {},
+                "seq": 0,
+                "created_at": now,
+                "updated_at": now,
+                "last_activity_at": None,
             },
-            upsert=True,
-            return_document=ReturnDocument.AFTER,
         )
-        assert doc is not None
         return from_doc(Conversation, doc)
 
     async def find_conversation(self, channel: str, thread_key: str) -> Conversation | None:
