@@ -29,6 +29,7 @@ from gateway.app import create_app
 from gateway.keys import AGENTS, PIPELINE, STORE
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.store.orphan import dies_with_parent
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -75,9 +76,9 @@ def mongo_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert executable is not None
     port = free_port()
     log = (tmp_path_factory.mktemp("secantus") / "server.log").open("wb")
-    process = subprocess.Popen(
-        [executable, "--host", "127.0.0.1", "--port", str(port), "--storage-path", ":memory:",
-         "--log-level", "WARNING"],
+    process = subprocess.Popen(  # dies with pytest: no orphan server if pytest is killed
+        dies_with_parent([executable, "--host", "127.0.0.1", "--port", str(port),
+                          "--storage-path", ":memory:", "--log-level", "WARNING"]),
         stdout=log, stderr=log, start_new_session=True,
     )
     try:
@@ -146,9 +147,9 @@ class Gateway:
         pipeline = self.app[PIPELINE]
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
-            pending = await self.store.messages.count_documents(
-                {"$or": [{"processed": False},
-                         {"delivery.status": {"$in": ["pending", "sending"]}}]})
+            pending = await self.store.messages.count_documents({"processed": False})
+            pending += await self.store.messages.count_documents(
+                {"delivery.status": {"$in": ["pending", "sending"]}})
             if not pending and not pipeline._running:
                 return
             await asyncio.sleep(0.02)
