@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from aiohttp import web
+from pymongo.errors import PyMongoError
 
 from flows.faq import ScriptError
 from gateway.settings import Settings, SettingsError, load_settings
@@ -161,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (StoreError, ScriptError, OSError) as exc:
         print(f"omnigate: {exc}", file=sys.stderr)
+        return 1
+    except PyMongoError as exc:
+        print(f"omnigate: the store failed or is unreachable: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,7 @@ from pymongo.errors import PyMongoError
 from connectors.base import Connector, ConnectorContext
 from connectors.webchat import WebchatConfig, WebchatConnector
 from flows.faq import FaqBot
+from gateway.aio import raise_if_cancelled
 from gateway.desk.agents import Agents
 from gateway.desk.api import DeskApi
 from gateway.keys import (
@@ -54,6 +55,7 @@ async def _ensure_indexes(store: Store, ready: dict[str, bool]) -> None:
         try:
             await store.ensure_indexes()
         except PyMongoError as exc:
+            raise_if_cancelled()
             log.error("store unreachable (%s); retrying in %.0f s", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -78,9 +80,11 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        indexer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await indexer
+        while not indexer.done():  # cancel again if the driver swallowed it (see above)
+            indexer.cancel()
+            await asyncio.wait({indexer}, timeout=0.5)
+        if not indexer.cancelled() and (failure := indexer.exception()) is not None:
+            log.error("creating the store's indexes failed: %r", failure)
         await store.close()
         if embedded is not None:
             await embedded.stop()

@@ -191,7 +191,7 @@ class Handoff(_Model):
 class Lease(_Model):
     """Which gateway process is processing a conversation's turns, until when."""
 
-    owner: str
+    owner: str | None  # None: free
     until: datetime
 
 

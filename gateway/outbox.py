@@ -17,11 +17,10 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
-from pymongo import ReturnDocument
 from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, DeliveryError, DeliveryResult
-from gateway.locks import KeyedLocks
+from gateway.aio import KeyedLocks, raise_if_cancelled
 from gateway.model import Activity, Conversation, DeliveryStatus, Direction, OutboundDraft, utcnow
 from gateway.store import Store
 from gateway.store.mongo import from_doc
@@ -48,6 +47,7 @@ class Outbox:
         self._locks = KeyedLocks()
         self._tasks: set[asyncio.Task[None]] = set()
         self._dirty: set[str] = set()
+        self._known: dict[str, Conversation] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     async def enqueue(
@@ -56,11 +56,17 @@ class Outbox:
         """Store the drafts (idempotent per ``dedupe_key``) and start delivering them."""
         items = [(await self.store.append_outbound(conversation, d))[0] for d in drafts]
         if items:
-            self.kick(conversation.id)
+            self.kick(conversation.id, conversation)
         return items
 
-    def kick(self, conversation_id: str) -> None:
-        """Deliver whatever is pending in this conversation, in the background."""
+    def kick(self, conversation_id: str, conversation: Conversation | None = None) -> None:
+        """Deliver whatever is pending in this conversation, in the background.
+
+        ``conversation``, when the caller has it, saves reading it again (the fields a
+        connector needs to address the customer never change).
+        """
+        if conversation is not None:
+            self._known[conversation_id] = conversation
         if conversation_id in self._dirty:
             return
         self._dirty.add(conversation_id)
@@ -79,6 +85,9 @@ class Outbox:
                 )
             except Exception:
                 log.exception("outbox: unexpected error on conversation %s", conversation_id)
+            finally:
+                if conversation_id not in self._dirty:
+                    self._known.pop(conversation_id, None)
 
     async def deliver_conversation(self, conversation_id: str) -> None:
         while True:
@@ -104,7 +113,8 @@ class Outbox:
                 delivery.lease_until and delivery.lease_until > now
             ):
                 return  # another worker holds it
-            claimed = await self.store.messages.find_one_and_update(
+            lease_until = now + LEASE
+            claimed = await self.store.messages.update_one(
                 {
                     "_id": item.id,
                     "delivery.status": delivery.status.value,
@@ -113,22 +123,26 @@ class Outbox:
                 {
                     "$set": {
                         "delivery.status": DeliveryStatus.SENDING.value,
-                        "delivery.lease_until": now + LEASE,
+                        "delivery.lease_until": lease_until,
                         "delivery.updated_at": now,
                     },
                     "$inc": {"delivery.attempts": 1},
                 },
-                return_document=ReturnDocument.AFTER,
             )
-            if claimed is None:
+            if claimed.matched_count == 0:
                 return  # lost the race to another worker
-            await self._attempt(from_doc(Activity, claimed))
+            mine = delivery.model_copy(update={
+                "status": DeliveryStatus.SENDING, "lease_until": lease_until,
+                "updated_at": now, "attempts": delivery.attempts + 1})
+            await self._attempt(item.model_copy(update={"delivery": mine}))
 
     async def _attempt(self, item: Activity) -> None:
         assert item.delivery is not None
         attempts = item.delivery.attempts
         connector = self.connectors.get(item.channel)
-        conversation = await self.store.get_conversation(item.conversation_id)
+        conversation = self._known.get(item.conversation_id)
+        if conversation is None:
+            conversation = await self.store.get_conversation(item.conversation_id)
         error: DeliveryError
         if connector is None or conversation is None:
             error = DeliveryError(f"channel {item.channel!r} is not enabled")
@@ -162,7 +176,7 @@ class Outbox:
                 delay,
             )
         await self.store.messages.update_one(
-            {"_id": item.id},
+            self._still_mine(item),
             {
                 "$set": {
                     "delivery.status": status.value,
@@ -174,9 +188,16 @@ class Outbox:
             },
         )
 
+    @staticmethod
+    def _still_mine(item: Activity) -> dict[str, object]:
+        """Match the item only while this worker's claim stands (not re-claimed since)."""
+        assert item.delivery is not None
+        return {"_id": item.id, "delivery.status": DeliveryStatus.SENDING.value,
+                "delivery.attempts": item.delivery.attempts}
+
     async def _finish(self, item: Activity, result: DeliveryResult) -> None:
         await self.store.messages.update_one(
-            {"_id": item.id},
+            self._still_mine(item),
             {
                 "$set": {
                     "delivery.status": result.status.value,
@@ -193,21 +214,18 @@ class Outbox:
     async def sweep_once(self) -> None:
         """Kick every conversation with an item that is due (or whose lease expired)."""
         now = utcnow()
-        ids = await self.store.messages.distinct(
+        # Two queries, not one $or: SecantusDB scans the whole collection for an $or.
+        due = await self.store.messages.distinct(
             "conversation_id",
-            {
-                "$or": [
-                    {
-                        "delivery.status": DeliveryStatus.PENDING.value,
-                        "delivery.next_attempt_at": {"$lte": now},
-                    },
-                    {
-                        "delivery.status": DeliveryStatus.SENDING.value,
-                        "delivery.lease_until": {"$lte": now},
-                    },
-                ]
-            },
+            {"delivery.status": DeliveryStatus.PENDING.value,
+             "delivery.next_attempt_at": {"$lte": now}},
         )
+        stale = await self.store.messages.distinct(
+            "conversation_id",
+            {"delivery.status": DeliveryStatus.SENDING.value,
+             "delivery.lease_until": {"$lte": now}},
+        )
+        ids = dict.fromkeys([*due, *stale])
         for conversation_id in ids:
             self.kick(str(conversation_id))
 
@@ -216,6 +234,7 @@ class Outbox:
             try:
                 await self.sweep_once()
             except PyMongoError as exc:
+                raise_if_cancelled()
                 log.warning("outbox sweep failed: %s", exc)
             await asyncio.sleep(self.sweep_seconds)
 

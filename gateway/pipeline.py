@@ -26,6 +26,7 @@ from pymongo.errors import PyMongoError
 
 from connectors.base import IngestResult
 from flows.bot import Bot, BotTurn, Reply, TurnContext
+from gateway.aio import raise_if_cancelled
 from gateway.model import (
     Activity,
     Conversation,
@@ -39,10 +40,12 @@ from gateway.model import (
 from gateway.outbox import Outbox
 from gateway.routing import Routing
 from gateway.store import Store
+from gateway.store.mongo import FREE
 
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=30)
+BATCH = 20
 STALE_AFTER = timedelta(seconds=10)
 # A bot turn that takes longer is abandoned (well inside LEASE, so no other process can
 # take over the conversation while the turn still runs).
@@ -99,7 +102,7 @@ class Pipeline:
         conversation = await self.open_conversation(
             message.channel, message.thread_key, message.sender_external_id, message.sender.name
         )
-        item, is_duplicate = await self.store.append_inbound(conversation, message)
+        item, is_duplicate = await self.store.append_inbound(conversation, message, checked=True)
         if not is_duplicate:
             self.schedule(conversation.id)
         return IngestResult(item, conversation, is_duplicate)
@@ -138,33 +141,39 @@ class Pipeline:
             self._running.pop(conversation_id, None)
 
     async def _acquire(self, conversation_id: str) -> bool:
+        """Take (or extend) the conversation's processing lease in the store."""
         now = utcnow()
-        result = await self.store.conversations.update_one(
-            {
-                "_id": conversation_id,
-                "$or": [
-                    {"lease": None},
-                    {"lease.until": {"$lt": now}},
-                    {"lease.owner": self.instance},
-                ],
-            },
-            {"$set": {"lease": {"owner": self.instance, "until": now + LEASE}}},
+        lease = {"$set": {"lease": {"owner": self.instance, "until": now + LEASE}}}
+        conversations = self.store.conversations
+        # Two plain conditions, not one $or: SecantusDB scans the collection for an $or.
+        free = await conversations.update_one(
+            {"_id": conversation_id, "lease.until": {"$lt": now}}, lease
         )
-        return result.matched_count == 1
+        if free.matched_count:
+            return True
+        mine = await conversations.update_one(
+            {"_id": conversation_id, "lease.owner": self.instance}, lease
+        )
+        return mine.matched_count == 1
 
     async def _release(self, conversation_id: str) -> None:
         await self.store.conversations.update_one(
-            {"_id": conversation_id, "lease.owner": self.instance}, {"$set": {"lease": None}}
+            {"_id": conversation_id, "lease.owner": self.instance},
+            {"$set": {"lease": {"owner": None, "until": FREE}}},
         )
 
     async def _process(self, conversation_id: str) -> None:
         while await self._acquire(conversation_id):
             try:
-                while batch := await self.store.unprocessed(conversation_id):
+                while True:
+                    batch = await self.store.unprocessed(conversation_id, limit=BATCH)
                     for item in batch:
                         await self._turn(item)
                         await self.store.mark_processed(item.id)
-                    await self._acquire(conversation_id)  # extend the lease
+                    if len(batch) < BATCH:
+                        break
+                    if not await self._acquire(conversation_id):  # extend the lease
+                        return  # lost it (we were too slow): the new holder goes on
             finally:
                 with contextlib.suppress(PyMongoError):
                     await self._release(conversation_id)
@@ -185,7 +194,7 @@ class Pipeline:
             conversation = reopened or conversation
         if conversation.owner is not OwnerState.BOT:
             return  # a human owns it (or will): the bot stays silent
-        contact = await self.store.get_contact(conversation.contact_id)
+        contact = await self.store.get_contact(conversation.contact_id, with_identities=False)
         context = TurnContext(conversation, contact, item, dict(conversation.bot_state))
         try:
             async with asyncio.timeout(BOT_TIMEOUT):
@@ -246,6 +255,7 @@ class Pipeline:
                     )
                 first = False
             except PyMongoError as exc:
+                raise_if_cancelled()
                 log.warning("pipeline sweep failed: %s", exc)
             await asyncio.sleep(self.sweep_seconds)
 

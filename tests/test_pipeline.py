@@ -204,7 +204,8 @@ async def test_turns_run_in_order_and_exactly_once(store: Store) -> None:
     assert rig.connector.sent == [f"echo: {t}" for t in in_store]
     conversation = await store.get_conversation(cid)
     assert conversation is not None and conversation.bot_state == {"turns": 20}
-    assert conversation.lease is None
+    assert conversation.lease is not None
+    assert conversation.lease.owner is None  # released
 
 
 # --------------------------------------------------------------- crash recovery

@@ -128,29 +128,58 @@ async def test_concurrent_first_contact_resolves_everything_once(store: Store) -
     assert await store.conversations.count_documents({}) == 8
 
 
-async def test_an_upsert_that_returns_nothing_reads_the_winner(
+async def test_a_lost_upsert_race_reads_the_winner(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lost upsert race: the server acknowledges without a document, or DuplicateKeyError."""
+    """The key is absent when read, then a concurrent caller inserts it first."""
+    conversations = store.conversations
+    real_find_one, real_update_one = conversations.find_one, conversations.update_one
+    reads = 0
+
+    async def find_one(*args, **kwargs):
+        nonlocal reads
+        reads += 1
+        return None if reads == 1 else await real_find_one(*args, **kwargs)
+
+    async def update_one(query, update, upsert=False, **kwargs):
+        # the winner inserts between our read and our upsert; our upsert then loses
+        await real_update_one(query, update, upsert=True)
+        raise DuplicateKeyError("E11000 duplicate key")
+
     identity = await store.resolve_identity("webchat", "v1")
-    existing = await store.resolve_conversation("webchat", "t1", identity.contact_id)
-    outcomes: list[BaseException | None] = [None, DuplicateKeyError("E11000")]
+    monkeypatch.setattr(conversations, "find_one", find_one)
+    monkeypatch.setattr(conversations, "update_one", update_one)
+    conversation = await store.resolve_conversation("webchat", "t1", identity.contact_id)
+    monkeypatch.undo()
+    assert await store.conversations.count_documents({"thread_key": "t1"}) == 1
+    assert (await store.find_conversation("webchat", "t1")).id == conversation.id
 
-    async def lost_race(*args, **kwargs):
-        outcome = outcomes.pop(0)
-        if outcome is not None:
-            raise outcome
-        return
 
-    monkeypatch.setattr(store.conversations, "find_one_and_update", lost_race)
-    monkeypatch.setattr(store.identities, "find_one_and_update", lost_race)
-    assert (await store.resolve_conversation("webchat", "t1", identity.contact_id)).id \
-        == existing.id
-    assert (await store.resolve_identity("webchat", "v1")).contact_id == identity.contact_id
-    # nothing was inserted and nothing exists: an error, not a bogus document
-    outcomes.extend([None] * 10)
+async def test_an_upsert_that_never_shows_a_document_is_an_error(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acknowledged but never readable: a StoreError, not a bogus document or a loop."""
+
+    async def nothing(*args, **kwargs):
+        return None
+
+    async def acknowledged(*args, **kwargs):
+        class Result:
+            upserted_id = None
+
+        return Result()
+
+    monkeypatch.setattr(store.conversations, "find_one", nothing)
+    monkeypatch.setattr(store.conversations, "update_one", acknowledged)
     with pytest.raises(StoreError):
-        await store.resolve_conversation("webchat", "never", identity.contact_id)
+        await store.resolve_conversation("webchat", "t2", "c1")
+
+
+async def test_concurrent_new_identity_leaves_no_orphan_contact(store: Store) -> None:
+    identities = await asyncio.gather(*(store.resolve_identity("webchat", "v9")
+                                        for _ in range(10)))
+    assert len({i.contact_id for i in identities}) == 1
+    assert await store.contacts.count_documents({}) == 1
 
 
 # -------------------------------------------------------------------- messages

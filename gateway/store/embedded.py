@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -22,8 +21,13 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
+
+from pymongo import AsyncMongoClient
+from pymongo.errors import PyMongoError
 
 from gateway.store.mongo import StoreError
+from gateway.store.orphan import dies_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +54,6 @@ def _free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: SIGTERM the store if the gateway dies without stopping it."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 async def _port_open(host: str, port: int) -> bool:
@@ -125,12 +121,11 @@ class EmbeddedStore:
         log_path = self.data_dir / "store.log"
         with log_path.open("ab") as log_file:
             self.process = await asyncio.create_subprocess_exec(
-                *args,
+                *dies_with_parent(args),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         deadline = asyncio.get_running_loop().time() + START_TIMEOUT
         while not await _port_open(self.host, port):
@@ -180,14 +175,41 @@ class EmbeddedStore:
         if process is None:
             return
         self._info_file.unlink(missing_ok=True)
-        if process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-            except TimeoutError:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TIMEOUT
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        while process.returncode is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
                 log.warning("embedded store did not stop in %.0f s; killing it", STOP_TIMEOUT)
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
                 await process.wait()
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), min(1.0, remaining))
+            # SecantusDB loses a SIGTERM that arrives just as it starts waiting for one
+            # (its handler never runs). Still answering means it never began to stop:
+            # signal again. Once its handler runs it stops answering, so this never
+            # interrupts a stop under way.
+            if process.returncode is None and await self._answers():
+                log.info("embedded store ignored SIGTERM; sending it again")
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
         log.info("embedded store stopped (exit code %s)", process.returncode)
+
+    async def _answers(self) -> bool:
+        """True if the server still serves requests (a ping succeeds)."""
+        if self.uri is None:
+            return False
+        client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+            self.uri, serverSelectionTimeoutMS=500, connectTimeoutMS=500, socketTimeoutMS=500
+        )
+        try:
+            await client.admin.command("ping")
+        except PyMongoError:
+            return False
+        finally:
+            await client.close()
+        return True

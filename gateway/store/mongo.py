@@ -2,7 +2,7 @@
 
 Everything that must be decided once for all gateway processes is decided here, in the
 store: dedupe (unique indexes), sequence numbers (a transaction per append), ownership
-(conditional ``find_one_and_update``). Nothing of that lives in one process's memory.
+(conditional updates). Nothing of that lives in one process's memory.
 
 Append is a transaction: increment the conversation's and the contact's counters and insert
 the item. So every item of a conversation has a ``seq`` that is contiguous and becomes
@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from bson import ObjectId
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
-from gateway.locks import KeyedLocks
+from gateway.aio import KeyedLocks
 from gateway.model import (
     Activity,
     ActivityType,
@@ -48,6 +48,7 @@ Doc = dict[str, Any]
 M = TypeVar("M", Activity, Contact, Conversation, Identity)
 
 UPSERT_ATTEMPTS = 5
+FREE = datetime(1970, 1, 1, tzinfo=UTC)  # a lease that expired long ago
 
 
 class StoreError(Exception):
@@ -159,27 +160,28 @@ class Store:
     @staticmethod
     async def _upsert(
         collection: AsyncCollection[Doc], query: Mapping[str, Any], on_insert: Mapping[str, Any]
-    ) -> Doc:
+    ) -> tuple[Doc, bool]:
         """The document matching ``query``, inserted with ``on_insert`` if there is none.
 
-        Concurrent upserts of one key race: MongoDB may fail the loser with a duplicate key
-        error, and SecantusDB 0.7 may acknowledge it without returning a document. Either
-        way the winner's document exists by then, so read it.
+        Returns (document, inserted by this call). Reads first: the common case is that it
+        exists. Concurrent upserts of one key race: MongoDB may fail the loser with a
+        duplicate key error; either way the winner's document exists by then, so read it.
+        (Plain update + find, not findAndModify: SecantusDB 0.7 runs findAndModify as a
+        collection scan, so it would get slower with every conversation.)
         """
         for _ in range(UPSERT_ATTEMPTS):
+            doc = await collection.find_one(query)
+            if doc is not None:
+                return doc, False
             try:
-                doc = await collection.find_one_and_update(
-                    query,
-                    {"$setOnInsert": dict(on_insert)},
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
+                result = await collection.update_one(
+                    query, {"$setOnInsert": dict(on_insert)}, upsert=True
                 )
             except DuplicateKeyError:
-                doc = None
-            if doc is None:
-                doc = await collection.find_one(query)
+                continue
+            doc = await collection.find_one(query)
             if doc is not None:
-                return doc
+                return doc, result.upserted_id is not None
         raise StoreError(f"{collection.name}: upsert of {dict(query)} returned no document")
 
     # ----------------------------------------------------------------- contacts
@@ -188,36 +190,46 @@ class Store:
         self, channel: str, external_id: str, display_name: str | None = None
     ) -> Identity:
         """The identity for (channel, external id), creating it and its contact if new."""
-        now = utcnow()
         key = f"{channel}:{external_id}"
-        doc = await self._upsert(
+        doc = await self.identities.find_one({"_id": key})
+        if doc is not None:
+            return from_doc(Identity, doc)
+        # New: create the contact first, so an identity never points to nothing; if a
+        # concurrent caller's identity won, drop the contact we made.
+        now = utcnow()
+        contact_id = new_id()
+        await self.contacts.insert_one(
+            {"_id": contact_id, "name": display_name, "profile": {}, "seq": 0,
+             "created_at": now}
+        )
+        doc, inserted = await self._upsert(
             self.identities,
             {"_id": key},
             {
                 "channel": channel,
                 "external_id": external_id,
-                "contact_id": new_id(),
+                "contact_id": contact_id,
                 "reachable": True,
                 "created_at": now,
                 "display_name": display_name,
             },
         )
-        # Whoever won the identity upsert decided the contact id; make sure it exists.
-        await self._upsert(
-            self.contacts,
-            {"_id": doc["contact_id"]},
-            {"name": display_name, "profile": {}, "seq": 0, "created_at": now},
-        )
+        if not inserted and doc["contact_id"] != contact_id:
+            await self.contacts.delete_one({"_id": contact_id, "seq": 0})
         return from_doc(Identity, doc)
 
-    async def get_contact(self, contact_id: str) -> Contact | None:
+    async def get_contact(
+        self, contact_id: str, *, with_identities: bool = True
+    ) -> Contact | None:
         doc = await self.contacts.find_one({"_id": contact_id})
         if doc is None:
             return None
         contact = from_doc(Contact, doc)
-        contact.identities = [
-            from_doc(Identity, d) async for d in self.identities.find({"contact_id": contact_id})
-        ]
+        if with_identities:
+            contact.identities = [
+                from_doc(Identity, d)
+                async for d in self.identities.find({"contact_id": contact_id})
+            ]
         return contact
 
     # ------------------------------------------------------------ conversations
@@ -227,7 +239,7 @@ class Store:
     ) -> Conversation:
         """The conversation for (channel, thread key), created in the bot's hands if new."""
         now = utcnow()
-        doc = await self._upsert(
+        doc, _ = await self._upsert(
             self.conversations,
             {"channel": channel, "thread_key": thread_key},
             {
@@ -241,6 +253,7 @@ class Store:
                 "created_at": now,
                 "updated_at": now,
                 "last_activity_at": None,
+                "lease": {"owner": None, "until": FREE},
             },
         )
         return from_doc(Conversation, doc)
@@ -271,10 +284,10 @@ class Store:
         query.update(where or {})
         update: Doc = {"owner": to.value, "updated_at": utcnow()}
         update.update(also or {})
-        doc = await self.conversations.find_one_and_update(
-            query, {"$set": update}, return_document=ReturnDocument.AFTER
-        )
-        return None if doc is None else from_doc(Conversation, doc)
+        result = await self.conversations.update_one(query, {"$set": update})
+        if result.matched_count == 0:
+            return None
+        return await self.get_conversation(conversation_id)
 
     async def set_bot_state(self, conversation_id: str, state: Mapping[str, Any]) -> bool:
         """Save the bot's memory, only while the bot still owns the conversation."""
@@ -310,12 +323,17 @@ class Store:
         return None if doc is None else from_doc(Activity, doc)
 
     async def append_inbound(
-        self, conversation: Conversation, message: InboundMessage
+        self, conversation: Conversation, message: InboundMessage, *, checked: bool = False
     ) -> tuple[Activity, bool]:
-        """Store an inbound message once. Returns (stored item, was it a duplicate)."""
-        existing = await self.find_by_external_id(message.channel, message.external_id)
-        if existing is not None:
-            return existing, True
+        """Store an inbound message once. Returns (stored item, was it a duplicate).
+
+        ``checked``: the caller just looked it up by external id and found nothing (the
+        unique index still catches a concurrent duplicate).
+        """
+        if not checked:
+            existing = await self.find_by_external_id(message.channel, message.external_id)
+            if existing is not None:
+                return existing, True
         now = utcnow()
         reply_to: str | None = None
         if message.reply_to_external_id:
@@ -354,11 +372,11 @@ class Store:
     async def append_outbound(
         self, conversation: Conversation, draft: OutboundDraft
     ) -> tuple[Activity, bool]:
-        """Store an outbound item with a pending delivery, once per ``dedupe_key``."""
-        if draft.dedupe_key:
-            existing = await self.find_by_dedupe_key(draft.dedupe_key)
-            if existing is not None:
-                return existing, True
+        """Store an outbound item with a pending delivery, once per ``dedupe_key``.
+
+        A repeated key is caught by the unique index (the transaction is rolled back, so
+        no seq is used up); that only happens when a turn is processed again.
+        """
         now = utcnow()
         doc: Doc = {
             "_id": new_id(),
@@ -403,21 +421,21 @@ class Store:
         self, session: AsyncClientSession, conversation_id: str, doc: Doc
     ) -> None:
         now = doc["created_at"]
-        conv = await self.conversations.find_one_and_update(
+        await self.conversations.update_one(
             {"_id": conversation_id},
             {"$inc": {"seq": 1}, "$set": {"last_activity_at": now, "updated_at": now}},
-            projection={"seq": 1, "contact_id": 1},
-            return_document=ReturnDocument.AFTER,
             session=session,
+        )
+        conv = await self.conversations.find_one(
+            {"_id": conversation_id}, {"seq": 1, "contact_id": 1}, session=session
         )
         if conv is None:
             raise NotFound(f"conversation {conversation_id} does not exist")
-        contact = await self.contacts.find_one_and_update(
-            {"_id": conv["contact_id"]},
-            {"$inc": {"seq": 1}},
-            projection={"seq": 1},
-            return_document=ReturnDocument.AFTER,
-            session=session,
+        await self.contacts.update_one(
+            {"_id": conv["contact_id"]}, {"$inc": {"seq": 1}}, session=session
+        )
+        contact = await self.contacts.find_one(
+            {"_id": conv["contact_id"]}, {"seq": 1}, session=session
         )
         if contact is None:
             raise NotFound(f"contact {conv['contact_id']} does not exist")
@@ -459,25 +477,23 @@ class Store:
 
         Returns (items, has_more). Costs one index range scan of ``limit`` keys.
         """
-        if before is None:
-            conv = await self.conversations.find_one({"_id": conversation_id}, {"seq": 1})
-            if conv is None:
-                raise NotFound(f"conversation {conversation_id} does not exist")
-            before = int(conv["seq"]) + 1
-        return await self._page(
-            "conversation_id", conversation_id, "seq", before=before, limit=limit
-        )
+        conv = await self.conversations.find_one({"_id": conversation_id}, {"seq": 1})
+        if conv is None:
+            raise NotFound(f"conversation {conversation_id} does not exist")
+        top = int(conv["seq"]) + 1
+        return await self._page("conversation_id", conversation_id, "seq",
+                                before=min(before or top, top), limit=limit)
 
     async def contact_timeline(
         self, contact_id: str, *, before: int | None = None, limit: int = 50
     ) -> tuple[list[Activity], bool]:
         """A page of everything a contact said and was told, on every channel, newest first."""
-        if before is None:
-            contact = await self.contacts.find_one({"_id": contact_id}, {"seq": 1})
-            if contact is None:
-                raise NotFound(f"contact {contact_id} does not exist")
-            before = int(contact["seq"]) + 1
-        return await self._page("contact_id", contact_id, "contact_seq", before=before, limit=limit)
+        contact = await self.contacts.find_one({"_id": contact_id}, {"seq": 1})
+        if contact is None:
+            raise NotFound(f"contact {contact_id} does not exist")
+        top = int(contact["seq"]) + 1
+        return await self._page("contact_id", contact_id, "contact_seq",
+                                before=min(before or top, top), limit=limit)
 
     async def _page(
         self, key: str, value: str, counter: str, *, before: int, limit: int

@@ -1,4 +1,4 @@
-"""Per-key asyncio locks that do not grow without bound."""
+"""Small asyncio helpers: per-key locks, and honouring a swallowed cancellation."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ class KeyedLocks:
 
     def __len__(self) -> int:
         return len(self._locks)
+
+
+def raise_if_cancelled() -> None:
+    """Honour a cancellation the driver swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` (used by pymongo's server selection) can swallow a
+    cancellation; the operation then fails later with an ordinary PyMongoError. A retry
+    loop that catches it would run on after being cancelled, and shutdown would hang.
+    Call this in such ``except`` blocks.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
