@@ -130,6 +130,7 @@ class Activity(_Model):
     processed: bool | None = None  # inbound: has the owner (bot) seen it
     delivery: Delivery | None = None  # outbound only
     dedupe_key: str | None = None  # outbound: makes re-processing idempotent
+    idem_key: str | None = None  # stored items: "in:<channel>:<external id>" or "out:<key>"
 
 
 class InboundMessage(_Model):

@@ -21,7 +21,7 @@ from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, DeliveryError, DeliveryResult
 from gateway.aio import KeyedLocks, raise_if_cancelled
-from gateway.model import Activity, Conversation, DeliveryStatus, Direction, OutboundDraft, utcnow
+from gateway.model import Activity, Conversation, DeliveryStatus, OutboundDraft, utcnow
 from gateway.store import Store
 from gateway.store.mongo import from_doc
 
@@ -93,9 +93,8 @@ class Outbox:
         while True:
             now = utcnow()
             doc = await self.store.messages.find_one(
-                {
+                {  # only outbound items have a delivery
                     "conversation_id": conversation_id,
-                    "direction": Direction.OUTBOUND.value,
                     "delivery.status": {
                         "$in": [DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]
                     },

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.model import Activity, ActivityType
+from gateway.model import Activity, ActivityType, Direction
 
 PROTOCOL_VERSION = 1
 CLIENT_ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -72,7 +72,7 @@ def item_frame(item: Activity) -> dict[str, Any]:
             "timestamp": timestamp,
         }
     client_id = None
-    if item.external_id and ":" in item.external_id:
+    if item.direction is Direction.INBOUND and item.external_id and ":" in item.external_id:
         client_id = item.external_id.split(":", 1)[1]
     return {
         "type": "message",

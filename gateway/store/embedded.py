@@ -139,7 +139,7 @@ class EmbeddedStore:
                 await self.stop()
                 raise StoreError(f"the embedded store did not start in {START_TIMEOUT:.0f} s")
             await asyncio.sleep(0.1)
-        self.uri = f"mongodb://{self.host}:{port}/?directConnection=true"
+        self.uri = f"mongodb://{self.host}:{port}/?directConnection=true&retryWrites=false"
         self._info_file.write_text(json.dumps({"uri": self.uri, "pid": self.process.pid}))
         log.info(
             "embedded store started (pid %d) at %s, data in %s",

@@ -63,6 +63,16 @@ def new_id() -> str:
     return str(ObjectId())
 
 
+def inbound_key(channel: str, external_id: str) -> str:
+    """The idempotency key of an inbound message: its channel's message id."""
+    return f"in:{channel}:{external_id}"
+
+
+def outbound_key(dedupe_key: str) -> str:
+    """The idempotency key of an outbound item: its dedupe key (or its own id)."""
+    return f"out:{dedupe_key}"
+
+
 def from_doc(model: type[M], doc: Mapping[str, Any]) -> M:
     data = dict(doc)
     data["id"] = data.pop("_id")
@@ -117,22 +127,13 @@ class Store:
             [
                 IndexModel([("conversation_id", ASCENDING), ("seq", ASCENDING)], unique=True),
                 IndexModel([("contact_id", ASCENDING), ("contact_seq", ASCENDING)], unique=True),
-                IndexModel(
-                    [("channel", ASCENDING), ("external_id", ASCENDING)],
-                    unique=True,
-                    partialFilterExpression={"external_id": {"$type": "string"}},
-                    name="inbound_dedupe",
-                ),
-                IndexModel(
-                    [("dedupe_key", ASCENDING)],
-                    unique=True,
-                    partialFilterExpression={"dedupe_key": {"$type": "string"}},
-                    name="outbound_dedupe",
-                ),
+                # One unique key per item makes both dedupes (inbound by the channel's
+                # message id, outbound by dedupe_key) a plain index: SecantusDB 0.7 does
+                # not use partial indexes, so they would be collection scans.
+                IndexModel([("idem_key", ASCENDING)], unique=True, name="idempotency"),
                 IndexModel(
                     [("processed", ASCENDING), ("conversation_id", ASCENDING)],
-                    partialFilterExpression={"processed": False},
-                    name="unprocessed",
+                    name="processed_conversation",
                 ),
                 IndexModel(
                     [("delivery.status", ASCENDING), ("delivery.next_attempt_at", ASCENDING)],
@@ -311,11 +312,11 @@ class Store:
     # ----------------------------------------------------------------- messages
 
     async def find_by_external_id(self, channel: str, external_id: str) -> Activity | None:
-        doc = await self.messages.find_one({"channel": channel, "external_id": external_id})
+        doc = await self.messages.find_one({"idem_key": inbound_key(channel, external_id)})
         return None if doc is None else from_doc(Activity, doc)
 
     async def find_by_dedupe_key(self, key: str) -> Activity | None:
-        doc = await self.messages.find_one({"dedupe_key": key})
+        doc = await self.messages.find_one({"idem_key": outbound_key(key)})
         return None if doc is None else from_doc(Activity, doc)
 
     async def get_message(self, message_id: str) -> Activity | None:
@@ -360,6 +361,7 @@ class Store:
             "processed": False,
             "delivery": None,
             "dedupe_key": None,
+            "idem_key": inbound_key(message.channel, message.external_id),
         }
         try:
             return await self._append(conversation.id, doc), False
@@ -401,7 +403,9 @@ class Store:
             "processed": None,
             "delivery": Delivery(next_attempt_at=now, updated_at=now).model_dump(mode="python"),
             "dedupe_key": draft.dedupe_key,
+            "idem_key": None,
         }
+        doc["idem_key"] = outbound_key(draft.dedupe_key or doc["_id"])
         try:
             return await self._append(conversation.id, doc), False
         except DuplicateKeyError:
