@@ -91,7 +91,7 @@ async def fill(store: Store, conversation_id: str, contact_id: str, count: int) 
              "external_id": None, "timestamp": now, "created_at": now, "text": f"message {seq}",
              "value": None, "name": None, "attachments": [], "buttons": [],
              "reply_to_id": None, "channel_data": {}, "processed": True, "delivery": None,
-             "dedupe_key": None}
+             "dedupe_key": None, "idem_key": f"in:bench:{conversation_id}:{seq}"}
             for seq in range(start + 1, min(count, start + batch) + 1)
         ], ordered=False)
     await store.conversations.update_one({"_id": conversation_id}, {"$set": {"seq": count}})
