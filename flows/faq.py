@@ -87,7 +87,10 @@ def load_script(flows_dir: Path) -> Script:
     """Merge every ``*.yaml`` in ``flows_dir`` (later files extend ``faq``) and validate."""
     files = sorted(flows_dir.glob("*.yaml")) + sorted(flows_dir.glob("*.yml"))
     if not files:
-        raise ScriptError(f"{flows_dir}: no *.yaml bot script found")
+        raise ScriptError(
+            f"{flows_dir}: no *.yaml bot script found (set OMNIGATE_FLOWS_DIR to the "
+            "directory with your bot's script; examples/flows/ in the source tree is the demo)"
+        )
     merged: dict[str, Any] = {"faq": []}
     origin: dict[str, Path] = {}  # top-level key -> the file that set it
     faq_origin: list[Path] = []  # faq entry (by merged index) -> its file

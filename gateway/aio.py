@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
+
+from pymongo.errors import PyMongoError
+
+log = logging.getLogger(__name__)
 
 
 class KeyedLocks:
@@ -42,3 +49,46 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+class Background:
+    """Background tasks with their references kept, a periodic sweep, and a graceful stop."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def every(self, seconds: float, sweep: Callable[[bool], Awaitable[None]]) -> None:
+        """Run ``sweep(first)`` now and then every ``seconds``; store errors are logged."""
+
+        async def forever() -> None:
+            first = True
+            while True:
+                try:
+                    await sweep(first)
+                    first = False
+                except PyMongoError as exc:
+                    raise_if_cancelled()
+                    log.warning("%s sweep failed: %s", self.name, exc)
+                await asyncio.sleep(seconds)
+
+        self._sweeper = asyncio.create_task(forever(), name=f"{self.name}-sweeper")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop sweeping; give running tasks ``grace`` seconds, then cancel them."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self.tasks:
+            _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)

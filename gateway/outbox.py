@@ -11,8 +11,6 @@ picks the item up again. Transient errors retry with exponential backoff (or the
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -20,7 +18,7 @@ from datetime import timedelta
 from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, DeliveryError, DeliveryResult
-from gateway.aio import KeyedLocks, raise_if_cancelled
+from gateway.aio import Background, KeyedLocks
 from gateway.model import Activity, Conversation, DeliveryStatus, OutboundDraft, utcnow
 from gateway.store import Store
 from gateway.store.mongo import from_doc
@@ -45,10 +43,9 @@ class Outbox:
         self.max_attempts = max_attempts
         self.sweep_seconds = sweep_seconds
         self._locks = KeyedLocks()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background("outbox")
         self._dirty: set[str] = set()
         self._known: dict[str, Conversation] = {}
-        self._sweeper: asyncio.Task[None] | None = None
 
     async def enqueue(
         self, conversation: Conversation, drafts: Sequence[OutboundDraft]
@@ -70,9 +67,7 @@ class Outbox:
         if conversation_id in self._dirty:
             return
         self._dirty.add(conversation_id)
-        task = asyncio.create_task(self._run(conversation_id), name=f"outbox:{conversation_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background.spawn(self._run(conversation_id), f"outbox:{conversation_id}")
 
     async def _run(self, conversation_id: str) -> None:
         async with self._locks.hold(conversation_id):
@@ -228,25 +223,8 @@ class Outbox:
         for conversation_id in ids:
             self.kick(str(conversation_id))
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            try:
-                await self.sweep_once()
-            except PyMongoError as exc:
-                raise_if_cancelled()
-                log.warning("outbox sweep failed: %s", exc)
-            await asyncio.sleep(self.sweep_seconds)
-
     def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="outbox-sweeper")
+        self._background.every(self.sweep_seconds, lambda _first: self.sweep_once())
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._background.stop(grace)

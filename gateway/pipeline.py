@@ -26,7 +26,7 @@ from pymongo.errors import PyMongoError
 
 from connectors.base import IngestResult
 from flows.bot import Bot, BotTurn, Reply, TurnContext
-from gateway.aio import raise_if_cancelled
+from gateway.aio import Background
 from gateway.model import (
     Activity,
     Conversation,
@@ -75,10 +75,9 @@ class Pipeline:
         self.bot_party = Party(role=Role.BOT, name=bot_name)
         self.sweep_seconds = sweep_seconds
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Background("pipeline")
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
-        self._sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ inbound
 
@@ -114,10 +113,8 @@ class Pipeline:
         if conversation_id in self._running:
             self._again.add(conversation_id)
             return
-        task = asyncio.create_task(self._drain(conversation_id), name=f"turns:{conversation_id}")
+        task = self._background.spawn(self._drain(conversation_id), f"turns:{conversation_id}")
         self._running[conversation_id] = task
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _drain(self, conversation_id: str) -> None:
         try:
@@ -244,31 +241,15 @@ class Pipeline:
             self.schedule(conversation_id)
         return len(ids)
 
-    async def _sweep_forever(self) -> None:
-        first = True
-        while True:
-            try:
-                found = await self.sweep_once(timedelta(0) if first else STALE_AFTER)
-                if found:
-                    log.info(
-                        "pipeline: resuming %d conversation(s) with unprocessed messages", found
-                    )
-                first = False
-            except PyMongoError as exc:
-                raise_if_cancelled()
-                log.warning("pipeline sweep failed: %s", exc)
-            await asyncio.sleep(self.sweep_seconds)
+    async def _sweep(self, first: bool) -> None:
+        # At start-up everything unprocessed is left over from before; later, only what
+        # has waited long enough that no running turn will pick it up.
+        found = await self.sweep_once(timedelta(0) if first else STALE_AFTER)
+        if found:
+            log.info("pipeline: resuming %d conversation(s) with unprocessed messages", found)
 
     def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name="pipeline-sweeper")
+        self._background.every(self.sweep_seconds, self._sweep)
 
     async def stop(self, grace: float = 5.0) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._background.stop(grace)

@@ -15,6 +15,7 @@ from aiohttp import WSMsgType
 from pymongo.errors import AutoReconnect
 
 import connectors.webchat.connector as webchat
+from gateway.keys import CONNECTORS
 from gateway.model import Role
 from gateway.settings import Settings
 from tests.conftest import Gateway, Visitor
@@ -323,6 +324,34 @@ async def test_store_unavailable_at_hello(
     visitor = Visitor(gateway)
     assert (await visitor.connect())["welcome"]["new"] is True
     await visitor.close()
+
+
+async def test_store_failing_during_the_replay_is_unavailable_not_internal(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = Visitor(gateway)
+    await first.connect()
+    await first.say("hello")
+    await first.close()
+
+    async def down(*_args: Any, **_kwargs: Any) -> Any:
+        raise AutoReconnect("store down (test)")
+
+    monkeypatch.setattr(gateway.store, "history", down)
+    ws = await gateway.socket()
+    await ws.send_json({"type": "hello", "token": first.token, "watermark": None})
+    assert (await ws.receive_json(timeout=5))["type"] == "welcome"
+    assert (await ws.receive_json(timeout=5))["code"] == "unavailable"
+    assert await closed_with(ws) == aiohttp.WSCloseCode.TRY_AGAIN_LATER
+    monkeypatch.undo()
+    # nothing lingers in the hub, and the visitor resumes once the store is back
+    hub = gateway.app[CONNECTORS]["webchat"].hub
+    assert hub.count() == 0
+    again = Visitor(gateway)
+    again.token = first.token
+    synced = (await again.connect())["synced"]
+    assert synced["watermark"] >= 1
+    await again.close()
 
 
 async def test_agent_api_store_unavailable_is_503(

@@ -204,7 +204,19 @@ class WebchatConnector(Connector):
             return frame
 
     async def _handshake(self, ws: web.WebSocketResponse) -> VisitorSocket | None:
-        store = self.context.store
+        """Wait for hello, then open the visitor's session; None if the socket is done."""
+        hello = await self._read_hello(ws)
+        if hello is None:
+            return None
+        try:
+            return await self._open_session(ws, hello)
+        except PyMongoError as exc:
+            log.warning("webchat: store unavailable at hello: %s", exc)
+            await ws.send_json(error(ErrorCode.UNAVAILABLE, "store unavailable, retry"))
+            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER)
+            return None
+
+    async def _read_hello(self, ws: web.WebSocketResponse) -> Hello | None:
         deadline = asyncio.get_running_loop().time() + HELLO_TIMEOUT
         while True:
             try:
@@ -220,35 +232,29 @@ class WebchatConnector(Connector):
                 )
                 continue
             try:
-                hello = Hello.model_validate(frame)
+                return Hello.model_validate(frame)
             except ValidationError as exc:
                 await ws.send_json(error(ErrorCode.BAD_FRAME, _explain(exc)))
-                continue
-            break
-        new = hello.token is None
-        try:
-            if hello.token is None:
-                token, visitor_id = secrets.token_urlsafe(32), "v_" + secrets.token_urlsafe(12)
-                await store.put_state(CHANNEL, _token_key(token), {"visitor_id": visitor_id})
-            else:
-                token = hello.token
-                state = None  # a token longer than any we issue is malformed: not looked up
-                if len(token) <= MAX_TOKEN_CHARS:
-                    state = await store.get_state(CHANNEL, _token_key(token))
-                if state is None:
-                    await ws.send_json(
-                        error(
-                            ErrorCode.INVALID_TOKEN, "unknown visitor token; say hello without one"
-                        )
-                    )
-                    await ws.close(code=CLOSE_INVALID_TOKEN, message=b"invalid token")
-                    return None
-                visitor_id = str(state["visitor_id"])
-        except PyMongoError as exc:
-            log.warning("webchat: store unavailable at hello: %s", exc)
-            await ws.send_json(error(ErrorCode.UNAVAILABLE, "store unavailable, retry"))
-            await ws.close(code=WSCloseCode.TRY_AGAIN_LATER)
-            return None
+
+    async def _open_session(
+        self, ws: web.WebSocketResponse, hello: Hello
+    ) -> VisitorSocket | None:
+        """Check or issue the token, say welcome, replay, join the hub."""
+        store = self.context.store
+        if hello.token is None:
+            token, visitor_id = secrets.token_urlsafe(32), "v_" + secrets.token_urlsafe(12)
+            await store.put_state(CHANNEL, _token_key(token), {"visitor_id": visitor_id})
+        else:
+            token = hello.token
+            state = None  # a token longer than any we issue is malformed: not looked up
+            if len(token) <= MAX_TOKEN_CHARS:
+                state = await store.get_state(CHANNEL, _token_key(token))
+            if state is None:
+                message = "unknown visitor token; say hello without one"
+                await ws.send_json(error(ErrorCode.INVALID_TOKEN, message))
+                await ws.close(code=CLOSE_INVALID_TOKEN, message=b"invalid token")
+                return None
+            visitor_id = str(state["visitor_id"])
         socket = VisitorSocket(ws, store, visitor_id)
         conversation_id = await socket.find_conversation()
         await ws.send_json(
@@ -258,13 +264,16 @@ class WebchatConnector(Connector):
                 "token": token,
                 "visitor_id": visitor_id,
                 "conversation_id": conversation_id,
-                "new": new,
+                "new": hello.token is None,
             }
         )
-        synced = await socket.replay(hello.watermark)
-        await socket.send(synced)
+        await socket.send(await socket.replay(hello.watermark))
         self.hub.add(socket)
-        await socket.catch_up()  # anything stored between the replay and joining the hub
+        try:
+            await socket.catch_up()  # anything stored between the replay and joining the hub
+        except BaseException:
+            self.hub.remove(socket)
+            raise
         return socket
 
     async def _serve(self, ws: web.WebSocketResponse, socket: VisitorSocket) -> None:
@@ -338,7 +347,10 @@ class WebchatConnector(Connector):
                 "duplicate": result.duplicate,
             }
         )
-        await self.hub.push(socket.visitor_id, result.item)
+        try:
+            await self.hub.push(socket.visitor_id, result.item)
+        except PyMongoError as exc:  # stored and acked: the echo comes with the next catch-up
+            log.warning("webchat: could not echo %s yet: %s", result.item.id, exc)
 
 
 def _client_id(frame: object) -> str | None:
