@@ -100,7 +100,15 @@ class Delivery(_Model):
     lease_until: datetime | None = None
     last_error: str | None = None
     external_id: str | None = None  # the channel's id of the sent message
+    parts_sent: int = 0  # a message sent in parts (long texts): how many went out already
     updated_at: datetime | None = None
+
+
+class Edit(_Model):
+    """An earlier version of a message the customer edited on their channel."""
+
+    text: str | None
+    edited_at: datetime  # when the newer version arrived
 
 
 class Activity(_Model):
@@ -122,11 +130,13 @@ class Activity(_Model):
     created_at: datetime  # when it was stored
     text: str | None = None
     value: str | None = None  # a pressed button's value
+    deep_link: str | None = None  # a start payload (Telegram /start <payload>, ...)
     name: str | None = None  # event name (handoff, assigned, resolved, ...)
     attachments: list[Attachment] = Field(default_factory=list)
     buttons: list[Button] = Field(default_factory=list)
     reply_to_id: str | None = None
     channel_data: dict[str, Any] = Field(default_factory=dict)
+    edits: list[Edit] = Field(default_factory=list)  # earlier versions, oldest first
     processed: bool | None = None  # inbound: has the owner (bot) seen it
     delivery: Delivery | None = None  # outbound only
     dedupe_key: str | None = None  # outbound: makes re-processing idempotent
@@ -144,6 +154,7 @@ class InboundMessage(_Model):
     timestamp: datetime | None = None
     text: str | None = None
     value: str | None = None
+    deep_link: str | None = None
     attachments: list[Attachment] = Field(default_factory=list)
     reply_to_external_id: str | None = None
     channel_data: dict[str, Any] = Field(default_factory=dict)
@@ -171,6 +182,7 @@ class Identity(_Model):
     contact_id: str
     display_name: str | None = None
     reachable: bool = True
+    unreachable_reason: str | None = None
     created_at: datetime
 
 

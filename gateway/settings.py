@@ -7,10 +7,21 @@ that names the setting (``OMNIGATE_PORT: ...``), never a traceback.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gateway.channel_settings import (
+    SLACK_API,
+    TELEGRAM_API,
+    EmailSettings,
+    MailServer,
+    SlackSettings,
+    TelegramSettings,
+    TlsMode,
+    default_port,
+)
 
 ENV_PREFIX = "OMNIGATE_"
 DEFAULT_FLOWS_DIR = Path(__file__).resolve().parent.parent / "examples" / "flows"
@@ -46,6 +57,33 @@ class Settings(BaseSettings):
     outbox_max_attempts: int = Field(8, ge=1, le=100)
     outbox_sweep_seconds: float = Field(2.0, gt=0, le=300)
 
+    # Telegram (on when the token is set)
+    telegram_token: str | None = Field(None, pattern=r"^\d+:[A-Za-z0-9_-]+$")
+    telegram_mode: Literal["webhook", "polling"] = "webhook"
+    telegram_webhook_secret: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,256}$")
+    telegram_webhook_url: str | None = Field(None, pattern=r"^https?://")
+    telegram_api_url: str = Field(TELEGRAM_API, pattern=r"^https?://")
+
+    # Slack (on when the bot token is set)
+    slack_bot_token: str | None = Field(None, pattern=r"^xox[a-z]-")
+    slack_signing_secret: str | None = Field(None, min_length=1)
+    slack_app_token: str | None = Field(None, pattern=r"^xapp-")
+    slack_api_url: str = Field(SLACK_API, pattern=r"^https?://")
+
+    # Email (on when the address is set)
+    email_address: str | None = Field(None, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+    imap_host: str | None = None
+    imap_port: int | None = Field(None, ge=1, le=65535)
+    imap_user: str | None = None
+    imap_password: str | None = None
+    imap_tls: TlsMode = "ssl"
+    smtp_host: str | None = None
+    smtp_port: int | None = Field(None, ge=1, le=65535)
+    smtp_user: str | None = None
+    smtp_password: str | None = None
+    smtp_tls: TlsMode = "starttls"
+    smtp_listen: str | None = Field(None, pattern=r"^[^:]+:\d{1,5}$")
+
     @field_validator("webchat_allowed_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: Any) -> Any:
@@ -72,6 +110,69 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _channels_complete(self) -> Settings:
+        # Build each enabled channel now, so a half-configured one fails at start-up.
+        self.telegram()
+        self.slack()
+        self.email()
+        return self
+
+    def telegram(self) -> TelegramSettings | None:
+        """Telegram's settings, or None when the channel is off."""
+        if self.telegram_token is None:
+            return None
+        if self.telegram_mode == "webhook" and not self.telegram_webhook_secret:
+            raise ValueError(
+                "OMNIGATE_TELEGRAM_WEBHOOK_SECRET is required in webhook mode "
+                "(1-256 characters A-Z a-z 0-9 _ -); or set OMNIGATE_TELEGRAM_MODE=polling"
+            )
+        return TelegramSettings(
+            token=self.telegram_token, mode=self.telegram_mode,
+            webhook_secret=self.telegram_webhook_secret,
+            webhook_url=self.telegram_webhook_url, api_url=self.telegram_api_url,
+        )
+
+    def slack(self) -> SlackSettings | None:
+        """Slack's settings, or None when the channel is off."""
+        if self.slack_bot_token is None:
+            return None
+        if self.slack_app_token is None and not self.slack_signing_secret:
+            raise ValueError(
+                "OMNIGATE_SLACK_SIGNING_SECRET is required for HTTP events "
+                "(or set OMNIGATE_SLACK_APP_TOKEN for Socket Mode)"
+            )
+        return SlackSettings(
+            bot_token=self.slack_bot_token, signing_secret=self.slack_signing_secret,
+            app_token=self.slack_app_token, api_url=self.slack_api_url,
+        )
+
+    def email(self) -> EmailSettings | None:
+        """Email's settings, or None when the channel is off."""
+        if self.email_address is None:
+            return None
+        if not self.smtp_host:
+            raise ValueError("OMNIGATE_SMTP_HOST is required when OMNIGATE_EMAIL_ADDRESS is set")
+        if not self.imap_host and not self.smtp_listen:
+            raise ValueError(
+                "email needs a way in: set OMNIGATE_IMAP_HOST (and _USER, _PASSWORD) "
+                "or OMNIGATE_SMTP_LISTEN"
+            )
+        imap = None
+        if self.imap_host:
+            if not (self.imap_user and self.imap_password):
+                raise ValueError("OMNIGATE_IMAP_USER and OMNIGATE_IMAP_PASSWORD are required "
+                                 "with OMNIGATE_IMAP_HOST")
+            imap = MailServer(self.imap_host, self.imap_port or default_port("imap", self.imap_tls),
+                              self.imap_user, self.imap_password, self.imap_tls)
+        smtp = MailServer(self.smtp_host, self.smtp_port or default_port("smtp", self.smtp_tls),
+                          self.smtp_user, self.smtp_password, self.smtp_tls)
+        listen = None
+        if self.smtp_listen:
+            host, _, port = self.smtp_listen.rpartition(":")
+            listen = (host, int(port))
+        return EmailSettings(self.email_address, imap, smtp, listen)
+
     @field_validator("mongodb_uri")
     @classmethod
     def _check_uri(cls, value: str | None) -> str | None:
@@ -96,8 +197,11 @@ def load_settings(**overrides: Any) -> Settings:
         lines = []
         for error in exc.errors():
             if error["loc"]:
-                name = ENV_PREFIX + str(error["loc"][0]).upper()
-                lines.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+                field = str(error["loc"][0])
+                name = ENV_PREFIX + field.upper()
+                secret = any(word in field for word in ("token", "secret", "password"))
+                got = "(value hidden)" if secret else f"(got {error.get('input')!r})"
+                lines.append(f"{name}: {error['msg']} {got}")
             else:
                 lines.append(str(error["msg"]).removeprefix("Value error, "))
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

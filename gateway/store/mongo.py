@@ -219,6 +219,15 @@ class Store:
             await self.contacts.delete_one({"_id": contact_id, "seq": 0})
         return from_doc(Identity, doc)
 
+    async def set_identity_reachable(
+        self, channel: str, external_id: str, reachable: bool, reason: str | None = None
+    ) -> None:
+        """Mark a channel identity (un)reachable: the bot blocked, the chat deleted, ..."""
+        await self.identities.update_one(
+            {"_id": f"{channel}:{external_id}"},
+            {"$set": {"reachable": reachable, "unreachable_reason": reason}},
+        )
+
     async def get_contact(
         self, contact_id: str, *, with_identities: bool = True
     ) -> Contact | None:
@@ -353,6 +362,7 @@ class Store:
             "created_at": now,
             "text": message.text,
             "value": message.value,
+            "deep_link": message.deep_link,
             "name": None,
             "attachments": [a.model_dump(mode="python") for a in message.attachments],
             "buttons": [],
@@ -448,6 +458,32 @@ class Store:
         doc["seq"] = conv["seq"]
         doc["contact_seq"] = contact["seq"]
         await self.messages.insert_one(doc, session=session)
+
+    async def edit_inbound(
+        self, channel: str, external_id: str, text: str | None,
+        channel_data: Mapping[str, Any] | None = None,
+    ) -> Activity | None:
+        """The customer edited a message on their channel: store the new text, keep the old.
+
+        Returns the updated item, or None if the original was never stored.
+        """
+        key = inbound_key(channel, external_id)
+        current = await self.messages.find_one({"idem_key": key}, {"text": 1})
+        if current is None:
+            return None
+        update: Doc = {"$set": {"text": text},
+                       "$push": {"edits": {"text": current.get("text"), "edited_at": utcnow()}}}
+        if channel_data is not None:
+            update["$set"]["channel_data.edited"] = dict(channel_data)
+        await self.messages.update_one({"idem_key": key}, update)
+        return await self.find_by_external_id(channel, external_id)
+
+    async def set_parts_sent(self, message_id: str, parts: int) -> None:
+        """Record that the first ``parts`` parts of an outbound item went out, so a retry
+        after a failure in the middle sends only the rest (never a part twice)."""
+        await self.messages.update_one(
+            {"_id": message_id}, {"$set": {"delivery.parts_sent": parts}}
+        )
 
     async def mark_processed(self, message_id: str) -> None:
         await self.messages.update_one({"_id": message_id}, {"$set": {"processed": True}})
