@@ -1,0 +1,587 @@
+"""Telegram: a bot account, through aiogram 3's Bot API client.
+
+Inbound, by webhook (``POST /webhooks/telegram``, the secret header is mandatory and
+compared in constant time) or by long polling (``getUpdates`` in a background task, the
+offset kept in the store). Either way an update is parsed with aiogram's types, turned
+into an ``InboundMessage`` and ingested; only then is it acknowledged (200 to the
+webhook, the next ``getUpdates`` offset in polling). Outbound, ``send`` renders a stored
+item: long texts in parts of 4096, buttons as an inline keyboard, agents as "Name: text",
+events as an italic note. The setup for real is in docs/channels/telegram.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Coroutine
+from typing import Any
+
+from aiogram import Bot
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from aiogram.exceptions import (
+    AiogramError,
+    TelegramBadRequest,
+    TelegramConflictError,
+    TelegramForbiddenError,
+    TelegramMigrateToChat,
+    TelegramRetryAfter,
+)
+from aiogram.types import (
+    CallbackQuery,
+    ChatMemberUpdated,
+    Message,
+    ReplyParameters,
+    Update,
+)
+from aiohttp import web
+from pydantic import ValidationError
+from pymongo.errors import PyMongoError
+
+from connectors.base import Connector, ConnectorContext, DeliveryError, DeliveryResult
+from connectors.telegram.inbound import (
+    CALLBACK_PREFIX,
+    CHANNEL,
+    MAX_FILE_BYTES,
+    BotUser,
+    FileRef,
+    addressed_to_bot,
+    button_title,
+    chat_of,
+    display_name,
+    file_refs,
+    is_group,
+    location_attachment,
+    message_key,
+    start_payload,
+    text_and_entities,
+    thread_key,
+    without_bot_mentions,
+)
+from connectors.telegram.outbound import (
+    LONG_VALUE_PREFIX,
+    entities,
+    keyboard,
+    needs_mapping,
+    render,
+    short_key,
+    split_text,
+)
+from gateway.aio import raise_if_cancelled
+from gateway.channel_settings import TelegramSettings
+from gateway.model import (
+    Activity,
+    Attachment,
+    Conversation,
+    DeliveryStatus,
+    InboundMessage,
+    Party,
+    Role,
+)
+from gateway.store import StoreError
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PATH = "/webhooks/telegram"
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"  # noqa: S105 - a header name
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query", "my_chat_member"]
+POLL_STATE = "polling"  # channel_state key: {"offset": next update_id to ask for}
+STARTUP_TIMEOUT = 10  # seconds for getMe / setWebhook at start
+MAX_RETRY_DELAY = 30.0
+STOP_GRACE = 5.0
+ExpectedFailure = (PyMongoError, StoreError, AiogramError)
+
+
+def _problem(status: int, error: str, message: str) -> web.Response:
+    return web.json_response({"ok": False, "error": error, "message": message}, status=status)
+
+
+class TelegramConnector(Connector):
+    channel = CHANNEL
+
+    def __init__(
+        self,
+        settings: TelegramSettings,
+        *,
+        max_file_bytes: int = MAX_FILE_BYTES,
+        poll_timeout: int = 25,
+    ) -> None:
+        self.settings = settings
+        self.max_file_bytes = max_file_bytes
+        self.poll_timeout = poll_timeout
+        self.bot = Bot(
+            settings.token,
+            session=AiohttpSession(api=TelegramAPIServer.from_base(settings.api_url)),
+        )
+        self._context: ConnectorContext | None = None
+        self._me: BotUser | None = None
+        self._poller: asyncio.Task[None] | None = None  # polling mode: the getUpdates loop
+        self._registrar: asyncio.Task[None] | None = None  # setWebhook retries
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped = False
+
+    @property
+    def context(self) -> ConnectorContext:
+        if self._context is None:
+            raise RuntimeError("TelegramConnector.start() was not called")
+        return self._context
+
+    # ------------------------------------------------------------------- wiring
+
+    def setup(self, app: web.Application) -> None:
+        app.router.add_post(WEBHOOK_PATH, self.handle_webhook)
+
+    async def start(self, context: ConnectorContext) -> None:
+        self._context = context
+        self._stopped = False
+        try:
+            await self.bot_user()
+        except AiogramError as exc:  # learnt later, when a group message needs it
+            log.warning("telegram: getMe failed at start (%s); will retry when needed", exc)
+        if self.settings.mode == "polling":
+            self._poller = asyncio.create_task(self._poll(), name="telegram-polling")
+        elif self.settings.webhook_url and not await self._set_webhook():
+            self._registrar = asyncio.create_task(self._keep_registering(),
+                                                  name="telegram-set-webhook")
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for loop in (self._poller, self._registrar):
+            if loop is not None:
+                loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loop
+        self._poller = self._registrar = None
+        if self._tasks:  # button answers in flight
+            _, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        await self.bot.session.close()
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _keep_registering(self) -> None:
+        delay = 1.0
+        while not await self._set_webhook():
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY)
+
+    async def _set_webhook(self) -> bool:
+        url = self.settings.webhook_url
+        assert url is not None
+        try:
+            await self.bot.set_webhook(
+                url,
+                secret_token=self.settings.webhook_secret,
+                allowed_updates=ALLOWED_UPDATES,
+                drop_pending_updates=False,
+                request_timeout=STARTUP_TIMEOUT,
+            )
+        except AiogramError as exc:
+            log.error("telegram: setWebhook(%s) failed: %s; retrying", url, exc)
+            return False
+        log.info("telegram: webhook set to %s", url)
+        return True
+
+    async def bot_user(self) -> BotUser:
+        """The bot's own account (getMe, once)."""
+        if self._me is None:
+            user = await self.bot.get_me(request_timeout=STARTUP_TIMEOUT)
+            self._me = BotUser(user.id, user.username)
+        return self._me
+
+    # ------------------------------------------------------------------ webhook
+
+    def secret_ok(self, given: str | None) -> bool:
+        """The webhook's secret header, compared in constant time; mandatory."""
+        expected = self.settings.webhook_secret
+        if not expected or given is None:
+            return False
+        return secrets.compare_digest(
+            given.encode("utf-8", "surrogateescape"), expected.encode("utf-8")
+        )
+
+    async def handle_webhook(self, request: web.Request) -> web.StreamResponse:
+        if self.settings.mode != "webhook":
+            return _problem(404, "not_found", "this gateway polls Telegram (mode=polling)")
+        if not self.secret_ok(request.headers.get(SECRET_HEADER)):
+            log.info("telegram: webhook call with a missing or wrong secret refused")
+            return _problem(403, "forbidden", f"missing or wrong {SECRET_HEADER}")
+        if self._context is None or self._stopped:
+            return _problem(503, "unavailable", "not started, or stopping")
+        update = parse_update(await request.read(), self.bot)
+        if isinstance(update, str):
+            return _problem(400, "bad_update", update)
+        try:
+            outcome = await self.handle_update(update)
+        except ValidationError as exc:
+            return _problem(400, "bad_update", f"cannot be normalised: {exc.error_count()} "
+                                               "error(s)")
+        except (PyMongoError, StoreError) as exc:
+            log.warning("telegram: update %d not stored (%s); Telegram will redeliver",
+                        update.update_id, exc)
+            return _problem(500, "store_unavailable", "not stored; redeliver")
+        except AiogramError as exc:
+            log.warning("telegram: update %d: Bot API call failed (%s)", update.update_id, exc)
+            return _problem(503, "telegram_unavailable", "file lookup failed; redeliver")
+        return web.json_response({"ok": True, "outcome": outcome})
+
+    # ------------------------------------------------------------------ polling
+
+    async def _poll(self) -> None:
+        """Long polling: ask from the stored offset; store the batch, then the new offset."""
+        store = self.context.store
+        offset: int | None = None
+        loaded = webhook_cleared = False
+        delay = 1.0
+        while True:
+            try:
+                if not webhook_cleared:  # getUpdates is refused while a webhook is set
+                    await self.bot.delete_webhook(drop_pending_updates=False)
+                    webhook_cleared = True
+                if not loaded:
+                    state = await store.get_state(CHANNEL, POLL_STATE)
+                    offset = int(state["offset"]) if state and "offset" in state else None
+                    loaded = True
+                updates = await self.bot.get_updates(
+                    offset=offset,
+                    timeout=self.poll_timeout,
+                    allowed_updates=ALLOWED_UPDATES,
+                    request_timeout=self.poll_timeout + 15,
+                )
+                for update in updates:
+                    await self._handle_polled(update)
+                if updates:
+                    offset = updates[-1].update_id + 1
+                    await store.put_state(CHANNEL, POLL_STATE, {"offset": offset})
+                delay = 1.0
+            except TelegramRetryAfter as exc:
+                await asyncio.sleep(exc.retry_after)
+            except ExpectedFailure as exc:
+                raise_if_cancelled()
+                if isinstance(exc, TelegramConflictError):
+                    webhook_cleared = False
+                log.warning("telegram: polling failed (%s); retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+
+    async def _handle_polled(self, update: Update) -> None:
+        """One polled update; store or Bot API failures propagate (the batch is retried)."""
+        try:
+            await self.handle_update(update)
+        except ExpectedFailure:
+            raise
+        except Exception:  # a bad update or a bug must not stop the channel: skip it
+            log.exception("telegram: update %d skipped", update.update_id)
+
+    # ------------------------------------------------------------------ inbound
+
+    async def handle_update(self, update: Update) -> str:
+        """Ingest one update. Returns stored, duplicate, edited or ignored."""
+        if update.message is not None:
+            return await self._on_message(update.update_id, update.message)
+        if update.edited_message is not None:
+            return await self._on_edit(update.update_id, update.edited_message)
+        if update.callback_query is not None:
+            return await self._on_callback(update.update_id, update.callback_query)
+        if update.my_chat_member is not None:
+            return await self._on_member(update.my_chat_member)
+        return "ignored"
+
+    async def _on_message(self, update_id: int, message: Message) -> str:
+        user, chat = message.from_user, message.chat
+        if user is None or user.is_bot:
+            return "ignored"
+        me = self._me
+        if is_group(chat):
+            me = await self.bot_user()
+            if not addressed_to_bot(message, me):
+                return "ignored"
+        elif chat.type != "private":
+            return "ignored"
+        text, found = text_and_entities(message)
+        deep_link: str | None = None
+        if text is not None:
+            text = without_bot_mentions(text, found, me)
+            is_start, deep_link = start_payload(text) if message.text else (False, None)
+            if is_start:
+                text = "/start"  # the payload goes to deep_link, not into the visible text
+        refs = file_refs(message)
+        location = location_attachment(message)
+        if not text and not refs and location is None:
+            return "ignored"  # stickers, polls, service messages...
+        external_id = message_key(chat.id, message.message_id)
+        store = self.context.store
+        if refs and await store.find_by_external_id(CHANNEL, external_id) is not None:
+            return "duplicate"  # its files were looked up the first time
+        attachments, files = await self._attachments(refs)
+        if location is not None:
+            attachments.append(location)
+        reply = message.reply_to_message
+        result = await self.context.ingest(
+            InboundMessage(
+                channel=CHANNEL,
+                external_id=external_id,
+                thread_key=thread_key(chat, user),
+                sender=Party(role=Role.CUSTOMER, id=str(user.id), name=display_name(user)),
+                sender_external_id=str(user.id),
+                timestamp=message.date,
+                text=text or None,
+                deep_link=deep_link,
+                attachments=attachments,
+                reply_to_external_id=message_key(chat.id, reply.message_id) if reply else None,
+                channel_data={
+                    "update_id": update_id,
+                    "chat": {"id": chat.id, "type": chat.type, "title": chat.title},
+                    "message_id": message.message_id,
+                    "username": user.username,
+                    "language_code": user.language_code,
+                    "files": files,
+                },
+            )
+        )
+        return "duplicate" if result.duplicate else "stored"
+
+    async def _attachments(
+        self, refs: list[FileRef]
+    ) -> tuple[list[Attachment], list[dict[str, Any]]]:
+        """Each file's reference through getFile, unless it is over the size limit.
+
+        The attachment's url is ``telegram-file:<file_id>`` (a download URL would carry
+        the bot token); ``files`` (kept in channel_data) has the getFile answer.
+        """
+        attachments: list[Attachment] = []
+        files: list[dict[str, Any]] = []
+        for ref in refs:
+            info: dict[str, Any] = {"kind": ref.kind, "file_id": ref.file_id,
+                                    "file_unique_id": ref.file_unique_id}
+            size = ref.size
+            if size is None or size <= self.max_file_bytes:
+                try:
+                    found = await self.bot.get_file(ref.file_id)
+                except TelegramBadRequest as exc:  # "file is too big", "invalid file_id"
+                    info["skipped"] = exc.message
+                else:
+                    size = found.file_size if found.file_size is not None else size
+                    info["file_path"] = found.file_path
+            if size is not None and size > self.max_file_bytes:
+                info["skipped"] = f"over the {self.max_file_bytes}-byte limit"
+            ok = "skipped" not in info
+            attachments.append(Attachment(
+                content_type=ref.content_type, name=ref.name, size=size,
+                url=f"telegram-file:{ref.file_id}" if ok else None,
+            ))
+            files.append(info)
+        return attachments, files
+
+    async def _on_edit(self, update_id: int, message: Message) -> str:
+        """An edited message updates the stored one (the store keeps the old text)."""
+        if message.from_user is None:
+            return "ignored"
+        external_id = message_key(message.chat.id, message.message_id)
+        store = self.context.store
+        current = await store.find_by_external_id(CHANNEL, external_id)
+        if current is None:
+            return "ignored"  # never stored (e.g. a group message not for the bot)
+        last = current.channel_data.get("edited")
+        if isinstance(last, dict) and int(last.get("update_id", -1)) >= update_id:
+            return "duplicate"  # this edit (or a newer one) is already stored
+        text, found = text_and_entities(message)
+        if text is not None:
+            text = without_bot_mentions(text, found, self._me)
+        await store.edit_inbound(CHANNEL, external_id, text or None,
+                                 {"update_id": update_id, "edit_date": message.edit_date})
+        return "edited"
+
+    async def _on_callback(self, update_id: int, query: CallbackQuery) -> str:
+        """A pressed inline button: the customer's choice, then answerCallbackQuery."""
+        message, user = query.message, query.from_user
+        if query.data is None or message is None or user.is_bot:
+            self._answer(query.id)
+            return "ignored"
+        value = await self._button_value(query.data)
+        if value is None:
+            self._answer(query.id, "This button is no longer available.")
+            return "ignored"
+        shown = message if isinstance(message, Message) else None
+        result = await self.context.ingest(
+            InboundMessage(
+                channel=CHANNEL,
+                external_id=CALLBACK_PREFIX + query.id,
+                thread_key=thread_key(message.chat, user),
+                sender=Party(role=Role.CUSTOMER, id=str(user.id), name=display_name(user)),
+                sender_external_id=str(user.id),
+                text=button_title(shown, query.data) or value,
+                value=value,
+                channel_data={
+                    "update_id": update_id,
+                    "chat": {"id": message.chat.id, "type": message.chat.type},
+                    "callback_query_id": query.id,
+                    "message_id": message.message_id,
+                    "username": user.username,
+                },
+            )
+        )
+        if result.duplicate:
+            return "duplicate"
+        self._answer(query.id)
+        return "stored"
+
+    def _answer(self, query_id: str, text: str | None = None) -> None:
+        """Answer a button press (stops the client's spinner), after it is stored."""
+
+        async def answer() -> None:
+            try:
+                await self.bot.answer_callback_query(query_id, text=text)
+            except AiogramError as exc:
+                log.info("telegram: answerCallbackQuery %s failed: %s", query_id, exc)
+
+        self._spawn(answer(), f"telegram-answer:{query_id}")
+
+    async def _button_value(self, data: str) -> str | None:
+        if not data.startswith(LONG_VALUE_PREFIX):
+            return data
+        state = await self.context.store.get_state(CHANNEL, "button:" + data)
+        return str(state["value"]) if state and "value" in state else None
+
+    async def _on_member(self, update: ChatMemberUpdated) -> str:
+        """In a private chat: the user blocked (kicked) or restarted the bot."""
+        if update.chat.type != "private":
+            return "ignored"
+        status = str(update.new_chat_member.status)
+        blocked = status == "kicked"
+        await self.context.store.set_identity_reachable(
+            CHANNEL, str(update.from_user.id), not blocked,
+            "the user blocked the bot" if blocked else None,
+        )
+        return "reachability"
+
+    # ------------------------------------------------------------------ outbound
+
+    async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
+        if self._stopped or self._context is None:
+            raise DeliveryError("telegram connector is not running")
+        rendered = render(item)
+        if rendered is None:
+            return DeliveryResult(DeliveryStatus.SKIPPED)
+        chat_id = chat_of(conversation.thread_key)
+        parts = split_text(rendered.text)
+        markup = await self._keyboard(item) if item.buttons else None
+        reply = await self._reply_target(conversation, item)
+        done = item.delivery.parts_sent if item.delivery else 0
+        last: Message | None = None
+        for index in range(done, len(parts)):
+            final = index == len(parts) - 1
+            last = await self._send_part(
+                conversation, chat_id, parts[index],
+                styled=entities(rendered, parts[index], index),
+                markup=markup if final else None, reply=reply if index == 0 else None,
+            )
+            if not final:
+                await self.context.store.set_parts_sent(item.id, index + 1)
+        external = message_key(chat_id, last.message_id) if last else None
+        return DeliveryResult(DeliveryStatus.DELIVERED, external_id=external)
+
+    async def _send_part(
+        self, conversation: Conversation, chat_id: int, text: str, *, styled: Any,
+        markup: Any, reply: ReplyParameters | None,
+    ) -> Message:
+        try:
+            return await self.bot.send_message(
+                chat_id, text, entities=styled, reply_markup=markup, reply_parameters=reply
+            )
+        except TelegramRetryAfter as exc:
+            raise DeliveryError(str(exc), retry_after=float(exc.retry_after)) from exc
+        except TelegramForbiddenError as exc:  # blocked by the user, kicked from the group
+            await self._unreachable(conversation, exc.message)
+            raise DeliveryError(str(exc), permanent=True) from exc
+        except TelegramBadRequest as exc:
+            if "chat not found" in exc.message.lower():
+                await self._unreachable(conversation, exc.message)
+            raise DeliveryError(str(exc), permanent=True) from exc
+        except TelegramMigrateToChat as exc:
+            raise DeliveryError(str(exc), permanent=True) from exc
+        except AiogramError as exc:  # network, 5xx, undecodable answers: retried
+            raise DeliveryError(str(exc)) from exc
+
+    async def _unreachable(self, conversation: Conversation, reason: str) -> None:
+        """A private chat that refuses the bot: its person's identity is unreachable.
+
+        (In a group it is the group that refuses; the person may still be reachable.)
+        """
+        if ":" not in conversation.thread_key:
+            await self.context.store.set_identity_reachable(
+                CHANNEL, conversation.thread_key, False, reason
+            )
+
+    async def _keyboard(self, item: Activity) -> Any:
+        rows: list[tuple[str, str]] = []
+        for button in item.buttons:
+            data = button.value
+            if needs_mapping(data):
+                data = short_key(button.value)
+                await self.context.store.put_state(CHANNEL, "button:" + data,
+                                                   {"value": button.value})
+            rows.append((button.title, data))
+        return keyboard(rows)
+
+    async def _reply_target(
+        self, conversation: Conversation, item: Activity
+    ) -> ReplyParameters | None:
+        """In a group, a bot reply quotes the message it answers (so it is clear whom)."""
+        if ":" not in conversation.thread_key or item.reply_to_id is None:
+            return None
+        parent = await self.context.store.get_message(item.reply_to_id)
+        if parent is None or not parent.external_id or ":" not in parent.external_id:
+            return None
+        if parent.external_id.startswith(CALLBACK_PREFIX):
+            return None
+        message_id = int(parent.external_id.rsplit(":", 1)[1])
+        return ReplyParameters(message_id=message_id, allow_sending_without_reply=True)
+
+
+def parse_update(body: bytes, bot: Bot) -> Update | str:
+    """The update in a webhook body, or why it is not one (for a 400)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return "body is not JSON"
+    if not isinstance(data, dict):
+        return "body is not a JSON object"
+    if (problem := _unstorable(data)) is not None:
+        return problem
+    try:
+        return Update.model_validate(data, context={"bot": bot})
+    except (ValidationError, ValueError, TypeError, RecursionError) as exc:
+        return f"not a Telegram update: {str(exc).splitlines()[0]}"
+
+
+INT64 = 2**63
+
+
+def _unstorable(data: dict[str, Any]) -> str | None:
+    """What in a decoded body the store could not hold: a text with an unpaired surrogate
+    (JSON allows "\\ud800", UTF-8 does not) or an integer beyond 64 bits."""
+    stack: list[Any] = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a text has an unpaired UTF-16 surrogate"
+        elif isinstance(value, int) and not -INT64 <= value < INT64:
+            return "a number is beyond 64 bits"
+    return None
