@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def build_connectors(settings: Settings) -> dict[str, Connector]:
+    """Web chat always; every other channel when its settings are there (one log line)."""
     webchat = WebchatConnector(
         WebchatConfig(
             allowed_origins=settings.webchat_allowed_origins,
@@ -45,7 +46,27 @@ def build_connectors(settings: Settings) -> dict[str, Connector]:
             max_text=settings.webchat_max_text,
         )
     )
-    return {webchat.channel: webchat}
+    connectors: dict[str, Connector] = {webchat.channel: webchat}
+    # Imported only when enabled: a channel's SDK stays out of a gateway that does not use it.
+    if (telegram := settings.telegram()) is not None:
+        from connectors.telegram import TelegramConnector  # noqa: PLC0415
+
+        connectors["telegram"] = TelegramConnector(telegram)
+    else:
+        log.info("channel telegram: off (set OMNIGATE_TELEGRAM_TOKEN to turn it on)")
+    if (slack := settings.slack()) is not None:
+        from connectors.slack import SlackConnector  # noqa: PLC0415
+
+        connectors["slack"] = SlackConnector(slack)
+    else:
+        log.info("channel slack: off (set OMNIGATE_SLACK_BOT_TOKEN to turn it on)")
+    if (email := settings.email()) is not None:
+        from connectors.email import EmailConnector  # noqa: PLC0415
+
+        connectors["email"] = EmailConnector(email)
+    else:
+        log.info("channel email: off (set OMNIGATE_EMAIL_ADDRESS to turn it on)")
+    return connectors
 
 
 async def _ensure_indexes(store: Store, ready: dict[str, bool]) -> None:
