@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(DeskApi().app()[SPEC], indent=2))
         return 0
-    except (StoreError, ScriptError, OSError) as exc:
+    except (StoreError, ScriptError, OSError, ValueError) as exc:
         print(f"omnigate: {exc}", file=sys.stderr)
         return 1
     except PyMongoError as exc:

@@ -85,6 +85,8 @@ class Pipeline:
         self, channel: str, thread_key: str, sender_external_id: str, name: str | None = None
     ) -> Conversation:
         identity = await self.store.resolve_identity(channel, sender_external_id, name)
+        if not identity.reachable:  # they wrote to us: reachable again (unblocked, ...)
+            await self.store.set_identity_reachable(channel, sender_external_id, True)
         return await self.store.resolve_conversation(channel, thread_key, identity.contact_id)
 
     async def ingest(self, message: InboundMessage) -> IngestResult:

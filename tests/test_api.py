@@ -325,3 +325,9 @@ async def test_resolved_then_the_customer_writes_again_the_bot_answers(
     assert (now["owner"], now["assignee_id"], now["handoff"]) == ("bot", None, None)
     status, error = await call(gateway, "POST", path + "/claim", alice)
     assert (status, error["owner"]) == (409, "bot")
+
+
+async def test_an_agent_name_with_control_characters_is_refused(gateway: Gateway) -> None:
+    with pytest.raises(ValueError, match="control characters"):
+        await gateway.agent("Alice\r\nBcc: evil@example.com")
+    assert await gateway.store.agents.count_documents({}) == 0

@@ -386,3 +386,18 @@ async def test_a_message_arriving_during_release_is_not_stranded(store: Store) -
             await r.outbox.stop()
     assert late == [False]
     assert bot.seen == ["early", "late"]
+
+
+async def test_a_customer_who_writes_again_is_reachable_again(store: Store) -> None:
+    rig = build(store, EchoBot())
+    try:
+        await rig.pipeline.ingest(message("m1", "hi"))
+        await store.set_identity_reachable("test", "cust-1", False, "bot was blocked")
+        identity = await store.resolve_identity("test", "cust-1")
+        assert identity.reachable is False
+        await rig.pipeline.ingest(message("m2", "I unblocked you"))
+        identity = await store.resolve_identity("test", "cust-1")
+        assert identity.reachable is True
+    finally:
+        await rig.pipeline.stop()
+        await rig.outbox.stop()

@@ -30,6 +30,8 @@ class Agents:
         name = name.strip()
         if not name:
             raise ValueError("an agent needs a name")
+        if any(ord(c) < 32 or ord(c) == 127 for c in name + (email or "")):
+            raise ValueError("an agent's name and email cannot contain control characters")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         agent = Agent(id=new_id(), name=name, email=email, created_at=utcnow())
         doc = agent.model_dump(mode="python")
