@@ -25,6 +25,7 @@ class Reply:
 class HandoffRequest:
     reason: str
     skill: str | None = None
+    priority: str = "normal"  # low, normal, high, urgent
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,10 @@ class BotTurn:
     replies: list[Reply] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)
     handoff: HandoffRequest | None = None
+    # Saved on the contact (every channel, every conversation): key -> JSON-able value.
+    # The pipeline stores each under contact.profile[key]; None deletes the key.
+    profile: dict[str, Any] = field(default_factory=dict)
+    resolve: bool = False  # the bot closed the conversation (it reopens when they write)
 
 
 class Bot(Protocol):

@@ -198,6 +198,7 @@ class Contact(_Model):
 class Handoff(_Model):
     reason: str
     skill: str | None = None
+    priority: str = "normal"  # low, normal, high, urgent
     requested_at: datetime
 
 

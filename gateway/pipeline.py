@@ -212,14 +212,19 @@ class Pipeline:
             drafts = self._drafts(item, turn)
         if not await self.store.set_bot_state(conversation.id, turn.state):
             return  # ownership changed while the bot was thinking: say nothing
+        if turn.profile:
+            await self.store.update_profile(conversation.contact_id, turn.profile)
         await self.outbox.enqueue(conversation, drafts)
         if turn.handoff is not None:
             await self.routing.handoff(
                 conversation.id,
                 turn.handoff.reason,
                 skill=turn.handoff.skill,
+                priority=turn.handoff.priority,
                 dedupe_key=f"{item.id}:handoff",
             )
+        elif turn.resolve:
+            await self.routing.bot_resolve(conversation.id, f"{item.id}:resolve")
 
     def _drafts(self, item: Activity, turn: BotTurn) -> list[OutboundDraft]:
         """The bot's replies to ``item``; the dedupe key makes a re-run say them once."""

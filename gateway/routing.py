@@ -64,10 +64,11 @@ class Routing:
         reason: str,
         *,
         skill: str | None = None,
+        priority: str = "normal",
         dedupe_key: str | None = None,
     ) -> Conversation | None:
         """Bot → queue, with a reason. None if the bot did not own the conversation."""
-        handoff = Handoff(reason=reason, skill=skill, requested_at=utcnow())
+        handoff = Handoff(reason=reason, skill=skill, priority=priority, requested_at=utcnow())
         conversation = await self.store.transition(
             conversation_id,
             {OwnerState.BOT},
@@ -149,6 +150,15 @@ class Routing:
             "handback",
             "You are chatting with the bot again. Ask for a human any time.",
         )
+        return conversation
+
+    async def bot_resolve(self, conversation_id: str, dedupe_key: str) -> Conversation | None:
+        """The bot closed the conversation (the customer's need is met)."""
+        conversation = await self.store.transition(
+            conversation_id, {OwnerState.BOT}, OwnerState.RESOLVED, also={"bot_state": {}}
+        )
+        if conversation is not None:
+            await self._event(conversation, "resolved", "Conversation resolved.", dedupe_key)
         return conversation
 
     async def reopen(self, conversation_id: str, dedupe_key: str) -> Conversation | None:

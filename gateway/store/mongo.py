@@ -219,6 +219,18 @@ class Store:
             await self.contacts.delete_one({"_id": contact_id, "seq": 0})
         return from_doc(Identity, doc)
 
+    async def update_profile(self, contact_id: str, changes: Mapping[str, Any]) -> None:
+        """Set (or, for None, remove) keys of the contact's profile."""
+        sets = {f"profile.{k}": v for k, v in changes.items() if v is not None}
+        unsets = {f"profile.{k}": "" for k, v in changes.items() if v is None}
+        update: Doc = {}
+        if sets:
+            update["$set"] = sets
+        if unsets:
+            update["$unset"] = unsets
+        if update:
+            await self.contacts.update_one({"_id": contact_id}, update)
+
     async def set_identity_reachable(
         self, channel: str, external_id: str, reachable: bool, reason: str | None = None
     ) -> None:
