@@ -45,8 +45,13 @@ class Settings(BaseSettings):
     # Embedded store: fsync every commit so an acknowledged write survives a crash.
     embedded_sync_on_commit: bool = True
 
-    # Bot: the directory with the bot's example file(s).
+    # Bot: the directory with the flow files (*.yaml), reloaded live when they change.
     flows_dir: Path = DEFAULT_FLOWS_DIR
+    flows_hot_reload: bool = True
+    # Custom actions (rasa-sdk Action classes): run in-process from this package
+    # (importable, e.g. "examples.actions"), or by a remote rasa-sdk action server.
+    actions_package: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*$")
+    action_server_url: str | None = Field(None, pattern=r"^https?://")
 
     # Web chat
     webchat_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
