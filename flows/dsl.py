@@ -65,7 +65,10 @@ class Entity(_Strict):
     @classmethod
     def _compiles(cls, value: str | None) -> str | None:
         if value is not None:
-            re.compile(value)
+            try:
+                re.compile(value)
+            except re.error as exc:  # not a ValueError: pydantic would not catch it
+                raise ValueError(f"bad regular expression: {exc}") from None
         return value
 
 

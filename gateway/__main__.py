@@ -1,4 +1,5 @@
-"""The ``omnigate`` command: ``serve``, ``agents add|list``, ``openapi``."""
+"""The ``omnigate`` command: ``serve``, ``agents add|list``, ``openapi``,
+``flows validate|test|schema`` (flows/cli.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import TypeVar
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
-from flows.faq import ScriptError
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import Store, StoreError
 
@@ -68,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     agent_commands.add_parser("list", parents=[store_options], help="list agents")
 
     commands.add_parser("openapi", help="print the agent API's OpenAPI document")
+    from flows.cli import add_commands as add_flows_commands
+
+    add_flows_commands(commands)
     return parser
 
 
@@ -138,6 +141,10 @@ def _serve(settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "flows":  # the designer's tools: no store, no server
+        from flows.cli import run as run_flows
+
+        return run_flows(args)
     try:
         settings = load_settings(
             host=getattr(args, "host", None),
@@ -160,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(DeskApi().app()[SPEC], indent=2))
         return 0
-    except (StoreError, ScriptError, OSError, ValueError) as exc:
+    except (StoreError, OSError, ValueError) as exc:  # FlowLoadError is a ValueError
         print(f"omnigate: {exc}", file=sys.stderr)
         return 1
     except PyMongoError as exc:
