@@ -7,13 +7,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, ConnectorContext
 from connectors.webchat import WebchatConfig, WebchatConnector
-from flows.faq import FaqBot
+from flows.actions import InProcessActions, RemoteActions, make_runner
+from flows.engine import FlowEngine
+from flows.registry import FlowRegistry
 from gateway.aio import raise_if_cancelled
 from gateway.desk.agents import Agents
 from gateway.desk.api import DeskApi
@@ -35,6 +38,24 @@ from gateway.store import Store
 from gateway.store.embedded import EmbeddedStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BotParts:
+    """The flows (hot-reloaded) and the custom-action runner the flow engine uses."""
+
+    flows: FlowRegistry
+    actions: InProcessActions | RemoteActions | None
+
+
+BOT = web.AppKey("bot", BotParts)
+
+
+def build_bot(settings: Settings) -> BotParts:
+    """Load the flows now (FlowLoadError, with file:line:column, if they have errors)."""
+    actions = make_runner(settings.actions_package, settings.action_server_url)
+    registered = actions.registered() if actions is not None else None
+    return BotParts(FlowRegistry(settings.flows_dir, actions=registered), actions)
 
 
 def build_connectors(settings: Settings) -> dict[str, Connector]:
@@ -113,7 +134,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     settings, store, connectors = app[SETTINGS], app[STORE], app[CONNECTORS]
-    bot = FaqBot.from_dir(settings.flows_dir)
+    parts = app[BOT]
+    bot = FlowEngine(parts.flows, parts.actions)
     outbox = Outbox(
         store,
         connectors,
@@ -121,11 +143,14 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         sweep_seconds=settings.outbox_sweep_seconds,
     )
     routing = Routing(store, outbox)
-    pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot.script.bot_name)
+    bot_name = parts.flows.current().domain.bot_name
+    pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot_name)
     app[OUTBOX], app[ROUTING], app[PIPELINE] = outbox, routing, pipeline
     app[AGENTS] = Agents(store)
     outbox.start()
     pipeline.start()
+    if settings.flows_hot_reload:
+        await parts.flows.start()
     context = ConnectorContext(ingest=pipeline.ingest, store=store)
     for connector in connectors.values():
         await connector.start(context)
@@ -137,6 +162,9 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
             await connector.stop()
         await pipeline.stop()
         await outbox.stop()
+        await parts.flows.stop()
+        if parts.actions is not None:
+            await parts.actions.close()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -148,8 +176,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings) -> web.Application:
     """The whole gateway as one aiohttp application."""
-    FaqBot.from_dir(settings.flows_dir)  # fail now, with the file's name, if the script is bad
+    bot = build_bot(settings)  # fail now, with file:line:column, if the flows are bad
     app = web.Application(client_max_size=1024 * 1024)
+    app[BOT] = bot
     app[SETTINGS] = settings
     app[STORE_READY] = {"ready": False}
     connectors = build_connectors(settings)

@@ -49,7 +49,8 @@ NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 MSG = '[data-og="msg"]'
 BUTTON = '[data-og="button"]'
-MENU = ["Opening hours", "Shipping costs", "Returns", "Talk to a human"]
+MENU = ["Opening hours", "Shipping costs", "Returns", "Order status", "Start a return",
+        "Talk to a human"]
 
 
 # ------------------------------------------------------------------ browser fixtures

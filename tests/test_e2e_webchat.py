@@ -24,7 +24,7 @@ async def test_visitor_bot_agent_and_back(gateway: Gateway, visitor: Visitor) ->
     assert "Opening hours" in titles
 
     # press a button → the FAQ answer
-    hours = next(b for b in menu["buttons"] if b["value"] == "faq:hours")
+    hours = next(b for b in menu["buttons"] if b["value"] == "flow:hours")
     await visitor.press(hours)
     answer = await visitor.until(lambda i: i["type"] == "message" and i["role"] == "bot")
     assert "Monday to Friday" in answer["text"]

@@ -113,7 +113,7 @@ async def test_mail_in_bot_reply_out_threaded_and_buttons_by_number_or_label(
     assert str(menu["Message-ID"]) in references and str(first["Message-ID"]) in references
     items = await inbound_count(store, 2)
     assert items[1].conversation_id == stored.conversation_id
-    assert items[1].value == "faq:shipping"
+    assert items[1].value == "flow:shipping"
     assert items[1].text == "2"  # the quote is gone for the bot...
     assert "> What can I help you with?" in items[1].channel_data["full_text"]  # ...kept here
     assert items[1].channel_data["threaded_by"] == "in-reply-to"
@@ -122,7 +122,7 @@ async def test_mail_in_bot_reply_out_threaded_and_buttons_by_number_or_label(
     await rig.append(reply_to(shipping, "opening hours"))
     [hours] = (await rig.sent(4))[3:]
     assert "Monday to Friday" in text_part(hours)
-    assert (await inbound_count(store, 3))[2].value == "faq:hours"
+    assert (await inbound_count(store, 3))[2].value == "flow:hours"
 
     # someone else answering with the same In-Reply-To does NOT join the conversation
     intruder = reply_to(hours, "hello", sender=MALLORY)
@@ -150,7 +150,7 @@ async def test_reply_found_by_subject_token_when_client_drops_the_headers(rig: M
     items = await inbound_count(rig.gw.store, 2)
     assert items[1].conversation_id == items[0].conversation_id
     assert items[1].channel_data["threaded_by"] == "token"
-    assert items[1].value == "faq:returns"
+    assert items[1].value == "flow:returns_policy"
 
 
 async def test_polling_fallback_when_the_server_has_no_idle(

@@ -355,7 +355,8 @@ async def test_inbound_smtp_server_stores_then_answers_250(
 
 async def test_inbound_smtp_answers_4xx_when_the_store_is_down(tmp_path: Path) -> None:
     """A real pipeline on a store nobody listens on: the mail is refused with 451."""
-    from flows.faq import FaqBot
+    from flows.engine import FlowEngine
+    from flows.registry import StaticFlows
     from gateway.channel_settings import EmailSettings, MailServer
     from gateway.outbox import Outbox
     from gateway.pipeline import Pipeline
@@ -367,7 +368,7 @@ async def test_inbound_smtp_answers_4xx_when_the_store_is_down(tmp_path: Path) -
         OURS, None, MailServer("127.0.0.1", free_port(), None, None, "none"),
         ("127.0.0.1", free_port())))
     outbox = Outbox(dead, {"email": connector})
-    pipeline = Pipeline(dead, FaqBot.from_dir(Path("examples/flows")), outbox,
+    pipeline = Pipeline(dead, FlowEngine(StaticFlows.from_dir(Path("examples/flows"))), outbox,
                         Routing(dead, outbox))
     await connector.start(ConnectorContext(pipeline.ingest, dead))
     try:

@@ -117,7 +117,7 @@ async def test_direct_message_gets_the_bot_reply_in_that_dm(
     menu = await slack.until(lambda: with_buttons(slack, DM), what="the bot's menu")
     assert all(m.thread_ts is None for m in slack.posts(DM))  # a DM reply is not threaded
     assert "Omnigate demo bot" in slack.posts(DM)[0].text
-    assert {b["value"] for b in menu.buttons} >= {"faq:hours", "handoff"}
+    assert {b["value"] for b in menu.buttons} >= {"flow:hours", "flow:human"}
     assert len({b["action_id"] for b in menu.buttons}) == len(menu.buttons)  # unique ids
     sections = [b for b in menu.blocks if b["type"] == "section"]
     assert sections and sections[0]["text"]["text"] == "What can I help you with?"
@@ -171,7 +171,7 @@ async def test_mentions_make_one_conversation_per_thread_and_replies_go_there(
 
     # a button pressed in the thread: the choice reaches the bot, the answer the thread
     posted = len(slack.posts(SUPPORT))
-    status, _ = await sender.interactive(press(BOB, menu, button(menu, "faq:shipping")))
+    status, _ = await sender.interactive(press(BOB, menu, button(menu, "flow:shipping")))
     assert status == 200
     answer = await slack.until(lambda: next(
         (m for m in slack.posts(SUPPORT)[posted:] if "Shipping is free" in (m.text or "")), None))
@@ -264,7 +264,7 @@ async def test_a_button_press_reaches_the_bot_as_the_customers_choice(
 ) -> None:
     await sender.event(dm(ADA, "hello", channel=DM))
     menu = await slack.until(lambda: with_buttons(slack, DM))
-    hours = button(menu, "faq:hours")
+    hours = button(menu, "flow:hours")
     assert hours["text"]["text"] == "Opening hours"
     payload = press(ADA, menu, hours)
     status, _ = await sender.interactive(payload)
@@ -273,12 +273,12 @@ async def test_a_button_press_reaches_the_bot_as_the_customers_choice(
         (m for m in slack.posts(DM) if "Monday to Friday" in (m.text or "")), None))
     assert answer.thread_ts is None
     pressed = (await inbound(gateway))[-1]
-    assert (pressed["value"], pressed["text"]) == ("faq:hours", "Opening hours")
+    assert (pressed["value"], pressed["text"]) == ("flow:hours", "Opening hours")
     assert pressed["external_id"] == f"action:{DM}:{payload['actions'][0]['action_ts']}"
     # the same press delivered twice is one choice
     assert (await sender.interactive(payload))[0] == 200
     await gateway.settle()
-    assert len([i for i in await inbound(gateway) if i["value"] == "faq:hours"]) == 1
+    assert len([i for i in await inbound(gateway) if i["value"] == "flow:hours"]) == 1
     # a press on a message that belongs to no conversation: acknowledged, nothing stored
     stray = Message("D0000STRAY", new_ts(), "old menu", None, {"blocks": menu.blocks})
     assert (await sender.interactive(press(ADA, stray, hours)))[0] == 200

@@ -78,7 +78,7 @@ async def test_socket_mode_message_is_acked_once_stored_and_answered(
     menu = await slack.until(lambda: next((m for m in slack.posts(DM) if m.buttons), None))
 
     # a button press arrives as an interactive envelope
-    hours = next(b for b in menu.buttons if b["value"] == "faq:hours")
+    hours = next(b for b in menu.buttons if b["value"] == "flow:hours")
     envelope_id = await slack.socket_send(press(ADA, menu, hours), kind="interactive")
     await acked(slack, envelope_id)
     await slack.until(lambda: any("Monday to Friday" in (m.text or "")

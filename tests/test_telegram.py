@@ -114,7 +114,8 @@ async def test_message_in_bot_reply_out(
     menu = telegram.of("sendMessage")[1].params
     keyboard = menu["reply_markup"]["inline_keyboard"]
     assert [row[0]["callback_data"] for row in keyboard] == [
-        "faq:hours", "faq:shipping", "faq:returns", "handoff"]
+        "flow:hours", "flow:shipping", "flow:returns_policy", "flow:order_status",
+        "flow:start_return", "flow:human"]
     assert keyboard[0][0]["text"] == "Opening hours"
     await gateway.settle()
     contact = await gateway.store.get_contact(stored.contact_id)
@@ -133,7 +134,7 @@ async def test_button_press_round_trip(
     await post(gateway, telegram, people.message(ann, text="hello"))
     await telegram.wait_for(lambda: len(telegram.texts(1002)) >= 2)
     menu = telegram.of("sendMessage")[1].result  # the message as Telegram returned it
-    press = people.press(ann, menu, "faq:hours")
+    press = people.press(ann, menu, "flow:hours")
     status, body = await post(gateway, telegram, press)
     assert (status, body["outcome"]) == (200, "stored")
     query_id = press["callback_query"]["id"]
@@ -144,10 +145,10 @@ async def test_button_press_round_trip(
     choice = await gateway.store.find_by_external_id("telegram", "cb:" + query_id)
     assert choice is not None
     assert (choice.value, choice.text, choice.conversation_ref.thread_key) == (
-        "faq:hours", "Opening hours", "1002")
+        "flow:hours", "Opening hours", "1002")
     # the answer carries the menu again
     last = telegram.of("sendMessage")[-1].params
-    assert last["reply_markup"]["inline_keyboard"][0][0]["callback_data"] == "faq:hours"
+    assert last["reply_markup"]["inline_keyboard"][0][0]["callback_data"] == "flow:hours"
 
 
 async def test_long_button_values_are_mapped_and_come_back(
@@ -193,7 +194,7 @@ async def test_redelivered_updates_are_stored_and_answered_once(
     await gateway.settle()
     assert len([t for t in telegram.texts(1004) if t.startswith(HOURS)]) == 1
     menu = telegram.of("sendMessage")[-1].result
-    press = people.press(ann, menu, "faq:shipping")
+    press = people.press(ann, menu, "flow:shipping")
     results = [await post(gateway, telegram, press) for _ in range(3)]
     assert [r[1]["outcome"] for r in results] == ["stored", "duplicate", "duplicate"]
     await gateway.settle()

@@ -83,7 +83,7 @@ async def test_polling_message_in_bot_reply_out(
     assert saved is not None and saved["offset"] == update["update_id"] + 1
     # a button press comes in the same way, and is answered
     menu = telegram.of("sendMessage")[-1].result
-    press = telegram.push(people.press(ann, menu, "faq:returns"))
+    press = telegram.push(people.press(ann, menu, "flow:returns_policy"))
     await telegram.wait_for(lambda: press["callback_query"]["id"] in telegram.answered)
     await telegram.wait_for(lambda: replies_to(telegram, 3001, "You can return"))
 

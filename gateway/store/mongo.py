@@ -219,6 +219,25 @@ class Store:
             await self.contacts.delete_one({"_id": contact_id, "seq": 0})
         return from_doc(Identity, doc)
 
+    async def link_identity(
+        self, channel: str, external_id: str, contact_id: str, display_name: str | None = None
+    ) -> Identity:
+        """Make (channel, external id) an identity of ``contact_id`` (created, or moved from
+        the contact it had): the same person, known on one more channel."""
+        key = f"{channel}:{external_id}"
+        await self.identities.update_one(
+            {"_id": key},
+            {"$set": {"contact_id": contact_id},
+             "$setOnInsert": {"channel": channel, "external_id": external_id,
+                              "reachable": True, "created_at": utcnow(),
+                              "display_name": display_name}},
+            upsert=True,
+        )
+        doc = await self.identities.find_one({"_id": key})
+        if doc is None:
+            raise StoreError(f"identities: linking {key} returned no document")
+        return from_doc(Identity, doc)
+
     async def update_profile(self, contact_id: str, changes: Mapping[str, Any]) -> None:
         """Set (or, for None, remove) keys of the contact's profile."""
         sets = {f"profile.{k}": v for k, v in changes.items() if v is not None}
