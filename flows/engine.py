@@ -57,7 +57,6 @@ from flows.dsl import (
     GlobalIntent,
     Goto,
     Handoff,
-    HandoffSpec,
     Http,
     If,
     Resolve,
@@ -68,8 +67,8 @@ from flows.dsl import (
 from flows.expr import ExpressionError, evaluate, render
 from flows.ports import ActionCall, ActionError, ActionRunner, Understanding
 from flows.registry import FlowSource, LoadedFlows
-from flows.state import FlowState, Path, advance, enter, find_step, step_at
-from flows.steps import call_http, coerce, profile_entry, read_profile, render_json, storable
+from flows.state import FlowState, Path, advance, enter, find_step, step_at, unique_replies
+from flows.steps import call_http, coerce, profile_entry, read_profile, render_json, storable, typed
 from gateway.model import Button, utcnow
 
 log = logging.getLogger(__name__)
@@ -130,6 +129,7 @@ class _Turn:
         self.understanding = Understanding(text="", intent=None, confidence=0.0)
         self.deadline = time.monotonic() + TURN_BUDGET
         self.steps_left = MAX_STEPS
+        self.latest = engine.source.current()  # one snapshot per turn, even mid-reload
         self.flows = self._flows_for_state()
 
     @property
@@ -141,12 +141,12 @@ class _Turn:
     def _flows_for_state(self) -> LoadedFlows:
         source, state = self.engine.source, self.state
         if state.flow is None:
-            return source.current()
+            return self.latest
         if state.version is not None:
             pinned = source.get(state.version)
             if pinned is not None:
                 return pinned
-        current = source.current()
+        current = self.latest
         flow = current.domain.flows.get(state.flow)
         step = step_at(flow, state.pos) if flow is not None and state.pos else None
         if step is None or (state.ask is not None and not (
@@ -191,7 +191,7 @@ class _Turn:
 
     async def _on_value(self, value: str, text: str) -> bool:
         """A button press; False if the value means nothing here (then the text counts)."""
-        current = self.engine.source.current().domain
+        current = self.latest.domain
         target = value.removeprefix("flow:") if value.startswith("flow:") else None
         if target is None:
             target = next((name for name, flow in current.flows.items()
@@ -218,7 +218,7 @@ class _Turn:
     def _triggered(self, intent: str | None) -> str | None:
         if intent is None:
             return None
-        current = self.engine.source.current().domain
+        current = self.latest.domain
         return next((name for name, flow in current.flows.items()
                      if flow.when is not None and flow.when.intent == intent), None)
 
@@ -345,6 +345,7 @@ class _Turn:
         if slot is None:
             log.warning("flows: %s set the undeclared slot %r; ignored", source, name)
             return
+        value = typed(slot, value)  # "42" set into a number slot is 42
         if not storable(value):
             log.warning("flows: %s gave slot %r a value that cannot be stored; ignored",
                         source, name)
@@ -415,7 +416,7 @@ class _Turn:
 
     async def _start(self, name: str) -> None:
         """Start flow ``name`` on the current version (ending any active flow)."""
-        current = self.engine.source.current()
+        current = self.latest
         if name not in current.domain.flows:
             log.error("flows: flow %r does not exist (version %s)", name, current.version)
             self._miss()
@@ -457,6 +458,7 @@ class _Turn:
             if self.steps_left < 0:
                 log.error("flows: flow %s ran %d steps without waiting for the customer",
                           self.state.flow, MAX_STEPS)
+                self.out.replies = unique_replies(self.out.replies)  # not 50 times "..."
                 self._handoff(f"the flow {self.state.flow} looped", None, "normal", LOOP_TEXT)
                 return
             if isinstance(step, Ask):
@@ -483,7 +485,8 @@ class _Turn:
             elif isinstance(step, Http):
                 await self._http(step, flow, pos)
             elif isinstance(step, Handoff):
-                self._handoff_step(step.handoff)
+                spec = step.handoff
+                self._handoff(spec.reason, spec.skill, spec.priority, spec.say)
                 return
             elif isinstance(step, Resolve):
                 if isinstance(step.resolve, str):
@@ -493,9 +496,6 @@ class _Turn:
                 return
             elif isinstance(step, Goto):
                 self._goto(step.goto, flow)
-
-    def _handoff_step(self, spec: HandoffSpec) -> None:
-        self._handoff(spec.reason, spec.skill, spec.priority, spec.say)
 
     def _goto(self, target: str, flow: Flow) -> None:
         found = find_step(flow, target)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flows.bot import Reply
 from flows.dsl import Flow, Http, If, Step
 
 EVENT_LOG_CAP = 40
@@ -173,3 +174,16 @@ def find_step(flow: Flow, step_id: str) -> Path | None:
         return None
 
     return search(flow.steps, [])
+
+
+def unique_replies(replies: list[Reply]) -> list[Reply]:
+    """A turn's replies, each said once (in order): what the customer is told when a flow
+    loops (``say`` then ``goto`` back would otherwise send the same text 50 times)."""
+    seen: set[str] = set()
+    kept = []
+    for reply in replies:
+        key = repr((reply.text, reply.buttons))
+        if key not in seen:
+            seen.add(key)
+            kept.append(reply)
+    return kept

@@ -26,6 +26,7 @@ NUMBER = re.compile(r"[-+]?\d+(?:[.,]\d+)?")
 YES = {"yes", "y", "yeah", "yep", "sure", "ok", "okay", "true", "correct", "right", "please",
        "ja", "si", "oui"}
 NO = {"no", "n", "nope", "nah", "false", "wrong", "cancel", "not"}
+UNSURE = {"unsure", "maybe", "perhaps", "know", "dunno", "idk"}  # "not sure", "don't know"
 _WORD = re.compile(r"[\w']+")
 
 
@@ -56,6 +57,24 @@ def coerce(slot: Slot, raw: Any) -> tuple[bool, Any]:
     return (True, value) if _rules_pass(slot, value) else (False, None)
 
 
+def typed(slot: Slot, value: Any) -> Any:
+    """A value from a ``set`` step, an http answer or an action, in its slot's type where
+    the text plainly is one: "42" for a number slot is 42, "yes"/"true" for a bool slot is
+    True (a condition like ``age > 18`` then works). Anything else is kept as it is."""
+    if not isinstance(value, str) or slot.type not in ("number", "bool"):
+        return value
+    if slot.type == "bool":
+        found = _read(slot, value)
+        return value if found is None else found
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return value
+    if not math.isfinite(number):
+        return value
+    return int(number) if number.is_integer() else number
+
+
 def _read(slot: Slot, text: str) -> Any:
     if slot.type == "number":
         match = NUMBER.search(text)
@@ -67,6 +86,8 @@ def _read(slot: Slot, text: str) -> Any:
         return int(number) if number.is_integer() else number
     if slot.type == "bool":
         words = set(_WORD.findall(text.lower()))
+        if words & UNSURE:  # "not sure", "I don't know": neither
+            return None
         yes, no = bool(words & YES), bool(words & NO)
         return None if yes == no else yes
     if slot.type == "email":
