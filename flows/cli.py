@@ -6,6 +6,11 @@
 
 DIR defaults to OMNIGATE_FLOWS_DIR (the shipped examples/flows/). Exit codes: 0 fine,
 1 problems (validation errors, failing stories), 2 bad usage or settings.
+
+Custom actions: ``validate`` checks that every ``action`` step names a registered action,
+and ``test`` runs them in-process, from ``--actions PACKAGE`` or OMNIGATE_ACTIONS_PACKAGE
+(or on the action server at OMNIGATE_ACTION_SERVER_URL). With none of these, the shipped
+examples/flows/ use the shipped example actions (``examples.actions``).
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ def add_commands(commands: Any) -> None:
     test = actions.add_parser("test", help="run the conversation test stories offline")
     test.add_argument("dir", nargs="?", type=Path,
                       help="the flows directory (default OMNIGATE_FLOWS_DIR)")
+    for command in (validate, test):
+        command.add_argument(
+            "--actions", metavar="PACKAGE",
+            help="the Python package of your custom actions (default "
+                 "OMNIGATE_ACTIONS_PACKAGE; for the shipped examples: examples.actions)")
     test.add_argument("--stories", type=Path,
                       help="a story file or directory (default DIR/stories)")
     test.add_argument("-q", "--quiet", action="store_true", help="print failures only")
@@ -50,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.flows_command == "schema":
             return _schema(args.output)
-        settings = _settings(args.dir)
+        settings = _settings(args.dir, args.actions)
         directory = args.dir or settings.flows_dir
         if args.flows_command == "validate":
             return _validate(directory, settings)
@@ -60,15 +70,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
-def _settings(directory: Path | None) -> Settings:
+def _settings(directory: Path | None, actions: str | None) -> Settings:
     from gateway.settings import SettingsError, load_settings  # noqa: PLC0415
 
     if directory is not None and not directory.is_dir():
         raise _Usage(f"{directory} is not a directory")
     try:
-        return load_settings(flows_dir=directory)
+        settings = load_settings(flows_dir=directory, actions_package=actions)
     except SettingsError as exc:
         raise _Usage(str(exc)) from None
+    return settings.with_default_actions()  # the examples call examples.actions
 
 
 def _schema(output: Path | None) -> int:
@@ -128,7 +139,8 @@ async def _registered(runner: ActionRunner | None) -> tuple[set[str] | None, str
         return names, f"action names checked against the action server ({len(names)})"
     if names is None:
         return None, "action names not checked"
-    return names, f"action names checked against the actions package ({len(names)})"
+    package = getattr(runner, "package", "the actions package")
+    return names, f"action names checked against {package} ({len(names)})"
 
 
 async def _close(runner: ActionRunner | None) -> None:

@@ -105,7 +105,9 @@ def load_stories(location: Path) -> tuple[list[Story], list[Problem]]:
         except (OSError, UnicodeDecodeError) as exc:
             problems.append(Problem(path, 1, 1, f"cannot read the file: {exc}"))
             continue
-        _parse_file(path, data, index, stories, problems)
+        found: list[Problem] = []
+        _parse_file(path, data, index, stories, found)
+        problems.extend(sorted(found, key=Problem.sort_key))
     return stories, problems
 
 
@@ -129,7 +131,8 @@ def _parse_file(path: Path, data: Any, index: PosIndex, stories: list[Story],
             continue
         for extra in set(raw) - {"name", "contact", "steps"}:
             problem((*where, extra), f"unknown field '{extra}' in a story",
-                    close(str(extra), ["name", "contact", "steps"]), key=True)
+                    close(str(extra), ["name", "contact", "steps"]) or
+                    "a story has name, contact and steps", key=True)
         name = raw.get("name")
         if not isinstance(name, str) or not name.strip():
             problem(where, "a story needs a name", "name: what the story shows")
@@ -147,8 +150,11 @@ def _parse_file(path: Path, data: Any, index: PosIndex, stories: list[Story],
         for step_number, step in enumerate(raw_steps):
             step_where = (*where, "steps", step_number)
             parsed = _parse_step(step)
-            if isinstance(parsed, str):
-                problem(step_where, parsed, "a step is one of: " + ", ".join(STEP_KEYS))
+            if isinstance(parsed, StepProblem):
+                at = step_where
+                if parsed.at_value:  # the kind is right, its value is not: point at it
+                    at = (*step_where, next(iter(step)))
+                problem(at, parsed.message, parsed.hint)
                 continue
             kind, value = parsed
             steps.append(StoryStep(kind, value, index.value(step_where).line))
@@ -156,31 +162,42 @@ def _parse_file(path: Path, data: Any, index: PosIndex, stories: list[Story],
                              contact.get("name"), dict(contact.get("profile") or {})))
 
 
-def _parse_step(step: Any) -> tuple[str, Any] | str:
+@dataclass(frozen=True)
+class StepProblem:
+    message: str
+    hint: str | None = None
+    at_value: bool = True  # at the step's value (else at the step)
+
+
+def _parse_step(step: Any) -> tuple[str, Any] | StepProblem:
     """(kind, value), or what is wrong with it."""
+    kinds = "a step is one of: " + ", ".join(STEP_KEYS)
     if not isinstance(step, dict) or len(step) != 1:
-        return "a story step is a mapping with one key, e.g. '- user: hi'"
+        return StepProblem("a story step is a mapping with one key, e.g. '- user: hi'",
+                           kinds, at_value=False)
     kind, value = next(iter(step.items()))
     if kind not in STEP_KEYS:
-        return f"unknown story step '{kind}'" + (
-            f" ({hint})" if (hint := close(str(kind), STEP_KEYS)) else "")
+        return StepProblem(f"unknown story step '{kind}'", close(str(kind), STEP_KEYS) or kinds,
+                           at_value=False)
     if kind in ("user", "button", "bot") and not isinstance(value, str | int | float):
-        return f"'{kind}' takes a text"
+        return StepProblem(f"'{kind}' takes a text", "put it in quotes")
     if kind == "bot" and _regex(str(value)) is not None:
         try:
             re.compile(str(_regex(str(value))))
         except re.error as exc:
-            return f"bad regular expression {value!r}: {exc}"
+            return StepProblem(f"bad regular expression {value!r}: {exc}",
+                               "/.../ is a Python regular expression, searched in the reply")
     if kind == "buttons" and not (isinstance(value, list) and all(
             isinstance(v, str | int | float) for v in value)):
-        return "'buttons' takes a list of button titles"
+        return StepProblem("'buttons' takes a list of button titles", "buttons: [Yes, No]")
     if kind == "slots" and not isinstance(value, dict):
-        return "'slots' takes a mapping of slot: value"
+        return StepProblem("'slots' takes a mapping of slot: value",
+                           "slots: {order_number: '12345', email: null}")
     if kind == "handoff" and not (value is True or (isinstance(value, dict) and not
                                   set(value) - {"reason", "skill", "priority"})):
-        return "'handoff' takes true or {reason, skill, priority}"
+        return StepProblem("'handoff' takes true or {reason, skill, priority}")
     if kind == "resolved" and value is not True:
-        return "'resolved' takes true"
+        return StepProblem("'resolved' takes true")
     if kind in ("user", "button", "bot"):
         value = str(value)
     if kind == "buttons":

@@ -295,6 +295,8 @@ def _problem(
                       f"one step does one thing: start a new step with '- {name}: ...'")
         hint = close(name, allowed) or ("allowed here: " + ", ".join(allowed) if allowed
                                         else None)
+        if owner is Domain and name == "stories":
+            hint = "this is a test story file: put it in the stories/ subdirectory"
         return at(pos, f"unknown field '{name}'{_what(data_path, owner)}", hint)
     if kind == "union_tag_not_found":
         return _unknown_step(path, index, data_path, value)
@@ -414,6 +416,9 @@ def json_schema() -> dict[str, Any]:
     definitions = schema.pop("$defs", {})
     for section in NAMED_SECTIONS:
         schema["properties"][section]["propertyNames"] = {"pattern": NAME}
+    for choice in definitions["Slot"]["properties"]["ttl"].get("anyOf", []):
+        if choice.get("type") == "string":  # what parse_duration accepts: 30m, 12h, 30d, 2w
+            choice["pattern"] = r"^\s*\d+\s*[smhdw]\s*$"
     schema.pop("title", None)
     schema["description"] = (
         "One flow file. Every *.yaml file of a flows directory has this shape; together "

@@ -136,7 +136,9 @@ def load_yaml(text: str) -> tuple[Any, PosIndex]:
         pos = Pos(mark.line + 1, mark.column + 1) if mark is not None else START
         problem = exc.problem or exc.context or "invalid YAML"
         message = f"YAML: {problem}"
-        if exc.context and exc.problem and exc.context_mark is not None:
+        if "another document" in problem:  # ruamel: "but found another document"
+            message = "YAML: a second document starts here"
+        elif exc.context and exc.problem and exc.context_mark is not None:
             message += f" ({exc.context} at line {exc.context_mark.line + 1})"
         raise YamlSyntaxError(message, pos, _yaml_hint(problem)) from None
     except YAMLError as exc:

@@ -53,8 +53,15 @@ BOT = web.AppKey("bot", BotParts)
 
 def build_bot(settings: Settings) -> BotParts:
     """Load the flows now (FlowLoadError, with file:line:column, if they have errors)."""
+    settings = settings.with_default_actions()
     actions = make_runner(settings.actions_package, settings.action_server_url)
     registered = actions.registered() if actions is not None else None
+    if actions is None:
+        log.info("custom actions: none configured (OMNIGATE_ACTIONS_PACKAGE or "
+                 "OMNIGATE_ACTION_SERVER_URL); a flow step calling one gets the polite "
+                 "failure message")
+    elif registered is not None:
+        log.info("custom actions: %s", ", ".join(sorted(registered)) or "(none registered)")
     return BotParts(FlowRegistry(settings.flows_dir, actions=registered), actions)
 
 

@@ -6,6 +6,7 @@ that names the setting (``OMNIGATE_PORT: ...``), never a traceback.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,6 +26,7 @@ from gateway.channel_settings import (
 
 ENV_PREFIX = "OMNIGATE_"
 DEFAULT_FLOWS_DIR = Path(__file__).resolve().parent.parent / "examples" / "flows"
+EXAMPLE_ACTIONS = "examples.actions"  # the custom actions the example flows call
 
 
 class SettingsError(Exception):
@@ -122,6 +124,17 @@ class Settings(BaseSettings):
         self.slack()
         self.email()
         return self
+
+    def with_default_actions(self) -> Settings:
+        """These settings, with the shipped example actions when they run the shipped
+        example flows and no action runner is configured: the examples call them."""
+        if (self.actions_package is not None or self.action_server_url is not None
+                or self.flows_dir.resolve() != DEFAULT_FLOWS_DIR.resolve()):
+            return self
+        root = str(DEFAULT_FLOWS_DIR.resolve().parent.parent)  # the source tree
+        if root not in sys.path:
+            sys.path.append(root)  # after everything installed: never shadows a package
+        return self.model_copy(update={"actions_package": EXAMPLE_ACTIONS})
 
     def telegram(self) -> TelegramSettings | None:
         """Telegram's settings, or None when the channel is off."""
