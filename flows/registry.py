@@ -10,9 +10,10 @@ finishes a flow on the version it started it with.
 changed file is loaded in a worker thread, validated (flows/validate.py) and, only if the
 whole directory is valid, made current in one assignment: no turn ever sees half of a
 change. A directory with errors is rejected: the errors are logged (file:line:column) and
-the old version stays current. Old versions stay in memory (the last ``keep``, least
-recently used dropped first) for the conversations still running them; after a restart an
-unknown version falls back to ``current()``.
+the old version stays current. So is a file that had content and is now empty: a save in
+progress (editors truncate before they write), not a version. Old versions stay in memory
+(the last ``keep``, least recently used dropped first) for the conversations still running
+them; after a restart an unknown version falls back to ``current()``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class LoadedFlows:
     version: str  # content hash of the files
     domain: Domain
     understander: Understander
+    empty: frozenset[str] = frozenset()  # names of the files that were empty
 
 
 class FlowSource(Protocol):
@@ -63,12 +65,21 @@ class FlowLoadError(ValueError):
 
 def content_version(directory: Path) -> str:
     """A hash of the flow files' names and bytes (what ``load_flows`` reads)."""
+    return _snapshot(directory)[0]
+
+
+def _snapshot(directory: Path) -> tuple[str, frozenset[str]]:
+    """The content version, and the names of the files that are empty (or only spaces)."""
     digest = hashlib.sha256()
+    empty = set()
     for path in flow_files(directory):
+        data = path.read_bytes()
         digest.update(path.name.encode() + b"\0")
-        digest.update(path.read_bytes())
+        digest.update(data)
         digest.update(b"\0")
-    return digest.hexdigest()[:16]
+        if not data.strip():
+            empty.add(path.name)
+    return digest.hexdigest()[:16], frozenset(empty)
 
 
 # Loading the same content twice (every test's gateway, a reload that changed nothing)
@@ -87,7 +98,7 @@ def load_directory(directory: Path, actions: set[str] | None = None) -> LoadedFl
     directory = Path(directory)
     for _ in range(5):
         try:
-            before = content_version(directory)
+            before, empty = _snapshot(directory)
         except OSError as exc:
             raise FlowLoadError(directory, [f"{directory}: {exc}"]) from None
         key = (str(directory.resolve()), before, frozenset(actions) if actions else None)
@@ -102,7 +113,7 @@ def load_directory(directory: Path, actions: set[str] | None = None) -> LoadedFl
         with contextlib.suppress(OSError):
             if content_version(directory) != before:
                 continue  # changed under us: load what is there now
-        loaded = LoadedFlows(before, result.domain, build_understander(result.domain))
+        loaded = LoadedFlows(before, result.domain, build_understander(result.domain), empty)
         with _CACHE_LOCK:
             _CACHE[key] = loaded
             while len(_CACHE) > _CACHE_SIZE:
@@ -196,6 +207,12 @@ class FlowRegistry:
         async with self._lock:  # one load at a time, installed in the order they ran
             try:
                 flows = await asyncio.to_thread(load_directory, self.directory, self.actions)
+                # An editor saving in place truncates the file first: valid YAML with no
+                # flows in it, and a half-written change. (Delete a file to drop its flows.)
+                if emptied := sorted(flows.empty - self._current.empty):
+                    raise FlowLoadError(self.directory, [
+                        f"{self.directory / name}:1:1: the file is empty (still being "
+                        "written?); delete it to remove its flows" for name in emptied])
             except FlowLoadError as exc:
                 self.rejected += 1
                 self.last_errors = exc.problems
@@ -208,31 +225,43 @@ class FlowRegistry:
     # ----------------------------------------------------------------- watcher
 
     async def start(self) -> None:
-        """Watch the directory; returns once the watcher runs."""
+        """Watch the directory; returns once the watcher runs (raises if it cannot)."""
         if self._task is not None:
             return
         self._stop = asyncio.Event()
         ready = asyncio.Event()
-        self._task = asyncio.create_task(self._watch(ready), name="flows-watch")
+        self._task = task = asyncio.create_task(self._watch(ready), name="flows-watch")
         waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
-        if self._task.done():
-            self._task.result()  # the watcher could not start: say why
+        if task.done():
+            self._task = None  # not running: a later start() tries again
+            task.result()  # the watcher could not start: say why
 
     async def stop(self) -> None:
+        """Stop watching (the watcher ends within ~50 ms; cancelled after 5 s)."""
         task, self._task = self._task, None
         if task is None:
             return
         self._stop.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(task), 5.0)
-        except TimeoutError:
+        if not (await asyncio.wait({task}, timeout=5.0))[0]:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})
+        if not task.cancelled() and (failure := task.exception()) is not None:
+            log.error("flows: watching %s had failed: %r", self.directory, failure)
 
     async def _watch(self, ready: asyncio.Event) -> None:
+        """Reload on every batch of changes. The directory at the path is watched: if it is
+        replaced (a deploy, ``git checkout``), the watch moves to the new one."""
+        while not self._stop.is_set():
+            where = _identity(self.directory)
+            if where is None and ready.is_set():  # gone for now: wait for it to come back
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), 0.1)
+                continue
+            await self._watch_one(ready, where)
+
+    async def _watch_one(self, ready: asyncio.Event, where: tuple[int, int] | None) -> None:
         def wanted(_: Change, path: str) -> bool:
             name = Path(path).name
             return name.endswith(FLOW_SUFFIXES) and not name.startswith((".", "~"))
@@ -242,13 +271,26 @@ class FlowRegistry:
             self.directory, watch_filter=wanted, debounce=self.debounce_ms, step=20,
             stop_event=self._stop, recursive=False, yield_on_timeout=True, rust_timeout=50,
         )
+        fresh = True
         async for changes in watcher:
-            if not ready.is_set():
-                ready.set()
-                changes = {(Change.modified, str(self.directory))}  # noqa: PLW2901 - missed?
-            if not changes:
-                continue
-            try:
-                await self.reload()
-            except Exception:  # a bug here must not end hot reload for good
-                log.exception("flows: reloading %s failed", self.directory)
+            ready.set()
+            replaced = _identity(self.directory) != where
+            if fresh or replaced:  # what changed before the watch began, or a new directory
+                changes = {(Change.modified, str(self.directory))}  # noqa: PLW2901
+                fresh = False
+            if changes:
+                try:
+                    await self.reload()
+                except Exception:  # a bug here must not end hot reload for good
+                    log.exception("flows: reloading %s failed", self.directory)
+            if replaced:
+                return  # watch the directory that is there now
+
+
+def _identity(directory: Path) -> tuple[int, int] | None:
+    """Which directory is at this path now (device, inode); None if there is none."""
+    try:
+        status = directory.stat()
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino

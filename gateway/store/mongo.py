@@ -223,8 +223,10 @@ class Store:
         self, channel: str, external_id: str, contact_id: str, display_name: str | None = None
     ) -> Identity:
         """Make (channel, external id) an identity of ``contact_id`` (created, or moved from
-        the contact it had): the same person, known on one more channel."""
+        the contact it had, with its conversations on that channel, so its next message
+        is the contact's): the same person, known on one more channel."""
         key = f"{channel}:{external_id}"
+        had = await self.identities.find_one({"_id": key})
         await self.identities.update_one(
             {"_id": key},
             {"$set": {"contact_id": contact_id},
@@ -233,6 +235,10 @@ class Store:
                               "display_name": display_name}},
             upsert=True,
         )
+        if had is not None and had["contact_id"] != contact_id:
+            await self.conversations.update_many(
+                {"channel": channel, "contact_id": had["contact_id"]},
+                {"$set": {"contact_id": contact_id}})
         doc = await self.identities.find_one({"_id": key})
         if doc is None:
             raise StoreError(f"identities: linking {key} returned no document")
