@@ -3,21 +3,29 @@
 ``build_understander(domain)`` learns from the domain's intent examples and entity
 definitions; ``parse(text)`` gives the best intent (or None), a ranking and the entities.
 
-Method, chosen on ``python -m bench.nlu`` (BENCHMARKS.md, "Intent matching"): TF-IDF over
-word unigrams + bigrams and character 3-5-grams inside words, cosine similarity; an
-intent scores the mean of its nearest example and its centroid. Pure Python, no new
-dependency. Against a fuzzy baseline (difflib, rapidfuzz), scikit-learn (TF-IDF + a
-linear classifier) and a sentence embedding model (all-MiniLM-L6-v2 on PyTorch) on the
-same held-out set, it was in the same accuracy band as the best of them (the embedding
-model understands paraphrases better, TF-IDF typos better), builds in milliseconds,
-parses in well under a millisecond and installs with nothing; an embedding model costs
-PyTorch (~700 MB), seconds to load on every hot reload and ~10 ms per message. The
-character n-grams make it tolerant of typos ("wheres my oder"); the centroid keeps one
-odd example from dominating, the nearest example keeps a lone phrasing reachable.
+Method: TF-IDF over word unigrams + bigrams and character 2-4-grams of each word (with
+its boundaries), cosine similarity; an intent scores the mean of its nearest example and
+its centroid. Pure Python, no new dependency. The character n-grams make it tolerant of
+typos ("wheres my oder"); the centroid keeps one odd example from dominating, the nearest
+example keeps a lone phrasing reachable.
+
+Measured by ``python -m bench.nlu`` (BENCHMARKS.md, "Intent matching (flows/nlu.py)"; 150
+training examples, 14 intents, 222 held-out test phrases of which 40 out of scope, all
+methods in one run): accuracy 0.793 at the dev-chosen threshold 0.34, 0.775 at the shipped
+0.35 (macro F1 0.834 / 0.817); build 15 ms; parse 0.37 ms p50, 0.70 ms p95, entities
+included. That is more accurate than the other lightweight methods (the former difflib
+matcher 0.725, rapidfuzz 0.734, scikit-learn TF-IDF + logistic regression 0.752), and
+clearly less accurate than the all-MiniLM-L6-v2 sentence embedding (0.883;
+0.896 averaged with this matcher), which costs about 1.2 GB installed (PyTorch CPU
+build), +360 MB of memory, a 4-10 s import per process, 236 ms to encode the examples on
+each reload and 10 ms per message. Most of this matcher's mistakes are paraphrases scored
+just under the threshold (intent None); the embedding misses some typos this one catches.
+An embedding option is not implemented.
 
 ``confidence`` is that score (0..1, a cosine, not a probability); below ``threshold``
-the intent is None and the engine counts a misunderstanding. The default threshold was
-chosen on the benchmark's development phrases, never on its test phrases.
+the intent is None and the engine counts a misunderstanding. ``DEFAULT_THRESHOLD`` lies
+on the benchmark's development phrases' best plateau (0.32-0.35 all get 69 of 70 dev
+phrases right), never chosen on its test phrases.
 
 Entities: ``pattern`` entities are regular expressions as written (add ``(?i)`` to ignore
 case); the whole match is the value. ``values`` entities match whole words, any case and
@@ -27,7 +35,8 @@ from 9 letters; the first letter must be right): "paypall" -> paypal. Overlaps: 
 one entity the longest (then exact, then leftmost) match wins; a match lying strictly
 inside a longer match of another entity is dropped ("example" inside an email address);
 different entities on the very same span are all kept, because the engine fills each
-slot from its own entity.
+slot from its own entity. On the benchmark's 16 entity-annotated test phrases: precision
+and recall 1.000 (19/19).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ from dataclasses import dataclass
 from flows.dsl import Domain, Entity
 from flows.ports import EntityMatch, Understanding
 
-DEFAULT_THRESHOLD = 0.35  # chosen on bench/data/nlu_dev.yaml (bench/nlu.py prints it)
+DEFAULT_THRESHOLD = 0.35  # on bench/data/nlu_dev.yaml's best plateau, 0.32-0.35
 WORD_WEIGHT = 0.3  # share of the word features in the cosine; the rest: char n-grams
 CHAR_NGRAMS = (2, 4)
 NEAREST_WEIGHT = 0.5  # intent score = this * nearest example + the rest * centroid
