@@ -7,8 +7,9 @@ and maybe a handoff or a resolve. It never touches the store or a channel.
 One turn:
 
 1. A button press (``message.value``): ``flow:<name>`` or a flow's ``when.button`` starts
-   that flow; any other value answers the pending question. Otherwise the text is
-   understood (intent, entities) and entities fill the slots that name them.
+   that flow; a Rasa payload ``/intent`` or ``/intent{"entity": "value"}`` is understood as
+   that intent and those entities; any other value answers the pending question. Otherwise
+   the text is understood (intent, entities) and entities fill the slots that name them.
 2. A global intent (talk to a human, start over, cancel, menu, a flow) works anywhere.
 3. Else a pending ``ask`` takes the message as its answer (validated; re-prompted; after
    ``attempts`` wrong answers, ``on_fail``). An answer that is not valid but clearly asks
@@ -22,12 +23,20 @@ carries the menu's buttons, unless it has buttons of its own), hands off or reso
 
 Decisions worth knowing:
 * Versions: a flow runs to its end on the flows version it started on (hot reload never
-  changes a flow under a customer's feet); each new flow starts on the current version.
+  changes a flow under a customer's feet); each new flow starts on the current version
+  (also one a ``goto`` or an action's FollowupAction moves on to).
   After a restart, a version no longer in memory falls back to the current one if the
   conversation's position still exists there, else the flow is dropped.
 * A custom action that fails or times out: the customer gets ``ACTION_FAILED_TEXT`` and
   the flow goes on at the next step (the slots the action would have set stay unset, so
   the flow can branch on them, e.g. ``if: order_status == None`` → hand off). Logged.
+* What a custom action returns: its responses are said (text, buttons, a custom payload's
+  text, image/attachment URLs; a named ``utter_`` response is skipped and logged: flows
+  have no named responses). SlotSet sets a slot (an undeclared one is ignored and logged; a
+  profile slot goes on the contact); AllSlotsReset forgets the conversation's slots, not
+  the contact's profile; Restarted forgets the slots and ends the flow; ConversationPaused
+  hands off; FollowupAction runs that action next (at most ``MAX_FOLLOWUPS`` in a row) or
+  starts that flow.
 * An ``http`` step that fails runs its ``on_error`` steps; without them the customer gets
   ``HTTP_FAILED_TEXT`` and the flow goes on at the next step.
 * A turn runs at most ``MAX_STEPS`` steps (a ``goto`` loop hands off instead of hanging)
@@ -65,10 +74,20 @@ from flows.dsl import (
     Slot,
 )
 from flows.expr import ExpressionError, evaluate, render
+from flows.menu import MENU_COUNTS, counted_choice, menu_buttons, menu_order
 from flows.ports import ActionCall, ActionError, ActionRunner, Understanding
 from flows.registry import FlowSource, LoadedFlows
 from flows.state import FlowState, Path, advance, enter, find_step, step_at, unique_replies
-from flows.steps import call_http, coerce, profile_entry, read_profile, render_json, storable, typed
+from flows.steps import (
+    call_http,
+    coerce,
+    intent_payload,
+    profile_entry,
+    read_profile,
+    render_json,
+    storable,
+    typed,
+)
 from gateway.model import Button, utcnow
 
 log = logging.getLogger(__name__)
@@ -76,7 +95,6 @@ log = logging.getLogger(__name__)
 MAX_STEPS = 100  # per turn
 TURN_BUDGET = 18.0  # seconds for a turn's actions and HTTP calls (the pipeline allows 20)
 MAX_FOLLOWUPS = 5
-MENU_COUNTS = "_menu_counts"  # profile key: flow name -> times this contact chose it
 
 ACTION_FAILED_TEXT = "Sorry, I couldn't complete that just now."
 HTTP_FAILED_TEXT = "Sorry, I couldn't look that up just now."
@@ -164,10 +182,10 @@ class _Turn:
         value = (message.value or "").strip()
         text = (message.text or "").strip()
         if self.state.menu is None:
-            self._snapshot_menu()
+            self.state.menu = menu_order(self.domain.menu, self.profile)
         if value and await self._on_value(value, text):
             return self._finish()
-        self.understanding = self._understand(text or value)
+        self.understanding = intent_payload(value) or self._understand(text or value)
         self._log_user()
         self._fill_from_entities()
         intent = self.understanding.intent
@@ -201,7 +219,7 @@ class _Turn:
             self._log_user()
             await self._start(target)
             return True
-        if self.state.ask is not None:
+        if self.state.ask is not None and intent_payload(value) is None:
             self.understanding = Understanding(text=text or value, intent=None, confidence=1.0)
             self._log_user()
             await self._answer(value)
@@ -229,8 +247,7 @@ class _Turn:
             self._handoff(special.reason or "customer asked for a human", special.skill,
                           "normal", special.say)
         elif special.do == "restart":
-            self.state = FlowState(greeted=state.greeted, menu=state.menu, events=state.events)
-            self.state.log({"event": "restart", "timestamp": self._ts()})
+            self.state = state.restarted(self._ts())
             if special.say:
                 self._say(special.say)
             self._greet()
@@ -273,30 +290,8 @@ class _Turn:
 
     # --------------------------------------------------------------------- menu
 
-    def _snapshot_menu(self) -> None:
-        menu = self.domain.menu
-        if menu is None:
-            self.state.menu = []
-            return
-        names = [option.flow for option in menu.options]
-        if menu.order_by_history:
-            counts = self.profile.get(MENU_COUNTS)
-            counts = counts if isinstance(counts, dict) else {}
-            chosen = {n: c for n in names if isinstance(c := counts.get(n), int) and c > 0}
-            names.sort(key=lambda n: -chosen.get(n, 0))  # stable: the rest keep their order
-        self.state.menu = names
-
     def _menu_buttons(self) -> list[Button]:
-        menu = self.domain.menu
-        if menu is None:
-            return []
-        options = {option.flow: option for option in menu.options}
-        order = [o.flow for o in menu.options]
-        if menu.order_by_history and self.state.menu:
-            order = [n for n in self.state.menu if n in options] + [
-                n for n in order if n not in self.state.menu]
-        return [Button(title=self._render(options[n].title)[:200] or options[n].title,
-                       value=f"flow:{n}") for n in order]
+        return menu_buttons(self.domain.menu, self.state.menu, self._render)
 
     def _menu(self) -> None:
         menu = self.domain.menu
@@ -304,14 +299,9 @@ class _Turn:
             self._reply(Reply(self._render(menu.say), self._menu_buttons()))
 
     def _count_choice(self, flow: str) -> None:
-        menu = self.domain.menu
-        if menu is None or flow not in {o.flow for o in menu.options}:
-            return
-        counts = self.profile.get(MENU_COUNTS)
-        counts = dict(counts) if isinstance(counts, dict) else {}
-        previous = counts.get(flow)
-        counts[flow] = (previous if isinstance(previous, int) else 0) + 1
-        self.profile[MENU_COUNTS] = self.out.profile[MENU_COUNTS] = counts
+        counts = counted_choice(self.domain.menu, self.profile, flow)
+        if counts is not None:
+            self.profile[MENU_COUNTS] = self.out.profile[MENU_COUNTS] = counts
 
     # -------------------------------------------------------------------- slots
 
@@ -416,17 +406,23 @@ class _Turn:
 
     async def _start(self, name: str) -> None:
         """Start flow ``name`` on the current version (ending any active flow)."""
-        current = self.latest
-        if name not in current.domain.flows:
-            log.error("flows: flow %r does not exist (version %s)", name, current.version)
+        if not self._switch(name, self.latest):
+            log.error("flows: flow %r does not exist (version %s)", name, self.latest.version)
             self._miss()
             return
-        self.flows = current
         self.state.misses = 0
-        self.state.version = current.version
-        self.state.flow, self.state.pos, self.state.ask = name, [0], None
         self._count_choice(name)
         await self._continue()
+
+    def _switch(self, name: str, *sources: LoadedFlows) -> bool:
+        """Go to the start of flow ``name``: a new flow, so on the first of ``sources`` (the
+        current version first) that has it. False if none has it."""
+        for flows in sources:
+            if name in flows.domain.flows:
+                self.flows, self.state.version = flows, flows.version
+                self.state.flow, self.state.pos, self.state.ask = name, [0], None
+                return True
+        return False
 
     def _flow(self) -> Flow | None:
         name = self.state.flow
@@ -501,9 +497,7 @@ class _Turn:
         found = find_step(flow, target)
         if found is not None:
             self.state.pos, self.state.ask = found, None
-        elif target in self.domain.flows:
-            self.state.flow, self.state.pos, self.state.ask = target, [0], None
-        else:
+        elif not self._switch(target, self.latest, self.flows):
             log.error("flows: goto %r: no such step or flow in %s", target, self.state.flow)
             self._flow_done()
 
@@ -583,27 +577,24 @@ class _Turn:
             if effects is None:
                 self._say(ACTION_FAILED_TEXT)
                 break
-            if effects.reset_slots:
-                for slot in list(self.state.slots):
-                    self._set(slot, None, f"action {name}")
+            if effects.reset_slots:  # the conversation's slots (the contact's profile stays)
+                self.state.slots.clear()
+                self.state.log({"event": "reset_slots", "timestamp": self._ts()})
             for slot, value in effects.slots.items():
                 self._set(slot, value, f"action {name}")
             for reply in effects.replies:
                 self._reply(reply)
             if effects.restart:
-                self.state = FlowState(greeted=True, menu=self.state.menu,
-                                       events=self.state.events)
+                self.state = self.state.restarted(self._ts())
                 self._flow_done()
                 return
             if effects.pause:
                 self._handoff(f"the custom action {name} handed the conversation to a human",
                               None, "normal", None)
                 return
-            followup = effects.followup
-            if followup is None or followup == "action_listen":
+            if not (followup := effects.followup) or followup == "action_listen":
                 break
-            if followup in self.domain.flows:
-                self.state.flow, self.state.pos, self.state.ask = followup, [0], None
+            if self._switch(followup, self.latest, self.flows):
                 return
             followups += 1
             if followups > MAX_FOLLOWUPS:

@@ -88,6 +88,14 @@ class FlowState:
     def end_flow(self) -> None:
         self.flow, self.pos, self.ask = None, None, None
 
+    def restarted(self, timestamp: float) -> FlowState:
+        """A fresh memory (no flow, no slots) that keeps the greeting, the menu's order and
+        the event log, with a Rasa ``restart`` event (rasa-sdk's ``applied_events()`` then
+        starts after it)."""
+        fresh = FlowState(greeted=self.greeted, menu=self.menu, events=self.events)
+        fresh.log({"event": "restart", "timestamp": timestamp})
+        return fresh
+
 
 def _valid_path(pos: list[Any]) -> bool:
     """[int, (branch, int)*]"""

@@ -1,10 +1,11 @@
 """The flow engine's helpers that need no conversation: slot values (validation by type,
-choices and rules), profile entries with expiry, templates over nested JSON, and the HTTP
-step."""
+choices and rules), profile entries with expiry, templates over nested JSON, the HTTP
+step, and Rasa-style button payloads."""
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import math
 import re
@@ -18,6 +19,7 @@ import aiohttp
 
 from flows.dsl import Http, Slot, parse_duration
 from flows.expr import render
+from flows.ports import EntityMatch, Understanding
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ YES = {"yes", "y", "yeah", "yep", "sure", "ok", "okay", "true", "correct", "righ
 NO = {"no", "n", "nope", "nah", "false", "wrong", "cancel", "not"}
 UNSURE = {"unsure", "maybe", "perhaps", "know", "dunno", "idk"}  # "not sure", "don't know"
 _WORD = re.compile(r"[\w']+")
+_PAYLOAD = re.compile(r"/([A-Za-z_][\w-]*)(\{.*\})?", re.DOTALL)
 
 
 # ------------------------------------------------------------------- slot values
@@ -261,3 +264,27 @@ async def call_http(step: Http, values: Mapping[str, Any], limit: float) -> Http
     except (aiohttp.ClientError, ValueError) as exc:
         return HttpResult(False, {}, f"{type(exc).__name__}: {exc}")
     return HttpResult(True, {slot: dig(data, path) for slot, path in step.save.items()})
+
+
+# ---------------------------------------------------------------- button payloads
+
+
+def intent_payload(value: str | None) -> Understanding | None:
+    """A button value written the Rasa way, ``/intent`` or ``/intent{"entity": "value"}``
+    (what existing rasa-sdk actions put in their buttons' payloads): that intent, for sure,
+    with those entities. None for any other value."""
+    match = _PAYLOAD.fullmatch((value or "").strip())
+    if match is None:
+        return None
+    entities: list[EntityMatch] = []
+    if match.group(2):
+        try:
+            data = json.loads(match.group(2))
+        except ValueError:
+            return None  # "/x{not json}": an ordinary value
+        if not isinstance(data, dict):
+            return None
+        entities = [EntityMatch(entity=str(k), value=str(v), start=0, end=0, text=str(v))
+                    for k, v in data.items() if isinstance(v, str | int | float)]
+    return Understanding(text=match.group(0), intent=match.group(1), confidence=1.0,
+                         entities=entities)

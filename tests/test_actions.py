@@ -46,7 +46,12 @@ EXAMPLES = "examples.actions"
 TESTING = "tests.actions_testing"
 EXAMPLE_ACTIONS = {"action_check_order", "action_create_return"}
 TESTING_ACTIONS = {"action_raises", "action_sleeps", "action_blocks", "action_not_json",
-                   "action_echo_tracker", "action_every_kind"}
+                   "action_echo_tracker", "action_every_kind",
+                   # effects.py (tests/test_engine_effects.py)
+                   "action_offer_sizes", "action_count", "action_chain_forever",
+                   "action_to_flow", "action_pause", "action_restart", "action_reset_slots",
+                   "action_set_odd_slots", "action_returns_number", "action_returns_junk",
+                   "action_offer_by_intent"}
 
 
 # ------------------------------------------------------------------------ fixtures
