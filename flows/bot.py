@@ -26,6 +26,7 @@ class HandoffRequest:
     reason: str
     skill: str | None = None
     priority: str = "normal"  # low, normal, high, urgent
+    team: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

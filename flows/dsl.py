@@ -167,7 +167,8 @@ class Http(_Step):
 
 class HandoffSpec(_Strict):
     reason: str = Field(min_length=1)
-    skill: str | None = None
+    skill: str | None = Field(None, description="route to agents with this skill")
+    team: str | None = Field(None, description="route to this team")
     priority: Literal["low", "normal", "high", "urgent"] = "normal"
     say: str | None = Field(None, description="said to the customer before the handoff")
 
@@ -246,6 +247,8 @@ class GlobalIntent(_Strict):
     )
     reason: str | None = Field(None, description="for handoff: shown to agents")
     skill: str | None = None
+    team: str | None = None
+    priority: Literal["low", "normal", "high", "urgent"] = "normal"
     say: str | None = None
 
 

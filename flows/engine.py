@@ -245,7 +245,7 @@ class _Turn:
         state = self.state
         if special.do == "handoff":
             self._handoff(special.reason or "customer asked for a human", special.skill,
-                          "normal", special.say)
+                          special.priority, special.say, special.team)
         elif special.do == "restart":
             self.state = state.restarted(self._ts())
             if special.say:
@@ -277,15 +277,16 @@ class _Turn:
         if fallback is not None and self.state.misses >= fallback.max_misses:
             self.state.misses = 0
             spec = fallback.handoff
-            self._handoff(spec.reason, spec.skill, spec.priority, spec.say)
+            self._handoff(spec.reason, spec.skill, spec.priority, spec.say, spec.team)
             return
         text = fallback.say if fallback is not None else MISS_TEXT
         self._reply(Reply(self._render(text), self._menu_buttons()))
 
-    def _handoff(self, reason: str, skill: str | None, priority: str, say: str | None) -> None:
+    def _handoff(self, reason: str, skill: str | None, priority: str, say: str | None,
+                 team: str | None = None) -> None:
         if say:
             self._say(say)
-        self.out.handoff = HandoffRequest(self._render(reason) or reason, skill, priority)
+        self.out.handoff = HandoffRequest(self._render(reason) or reason, skill, priority, team)
         self.state.end_flow()
 
     # --------------------------------------------------------------------- menu
@@ -482,7 +483,7 @@ class _Turn:
                 await self._http(step, flow, pos)
             elif isinstance(step, Handoff):
                 spec = step.handoff
-                self._handoff(spec.reason, spec.skill, spec.priority, spec.say)
+                self._handoff(spec.reason, spec.skill, spec.priority, spec.say, spec.team)
                 return
             elif isinstance(step, Resolve):
                 if isinstance(step.resolve, str):

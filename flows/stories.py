@@ -194,8 +194,8 @@ def _parse_step(step: Any) -> tuple[str, Any] | StepProblem:
         return StepProblem("'slots' takes a mapping of slot: value",
                            "slots: {order_number: '12345', email: null}")
     if kind == "handoff" and not (value is True or (isinstance(value, dict) and not
-                                  set(value) - {"reason", "skill", "priority"})):
-        return StepProblem("'handoff' takes true or {reason, skill, priority}")
+                                  set(value) - {"reason", "skill", "team", "priority"})):
+        return StepProblem("'handoff' takes true or {reason, skill, team, priority}")
     if kind == "resolved" and value is not True:
         return StepProblem("'resolved' takes true")
     if kind in ("user", "button", "bot"):
@@ -355,7 +355,7 @@ class _Chat:
         if handoff is None or not self.handoff_open:
             raise _Failed("expected a handoff to a human, got none")
         if isinstance(expected, dict):
-            got = {"reason": handoff.reason, "skill": handoff.skill,
+            got = {"reason": handoff.reason, "skill": handoff.skill, "team": handoff.team,
                    "priority": handoff.priority}
             wrong = {k: v for k, v in expected.items() if got[k] != v}
             if wrong:

@@ -198,6 +198,7 @@ class Contact(_Model):
 class Handoff(_Model):
     reason: str
     skill: str | None = None
+    team: str | None = None  # route to this team (issue 5); None: any team
     priority: str = "normal"  # low, normal, high, urgent
     requested_at: datetime
 
@@ -225,9 +226,29 @@ class Conversation(_Model):
     lease: Lease | None = None
 
 
+class AgentRole(StrEnum):
+    """What an agent may do: admins everything; agents conversations; designers flows."""
+
+    ADMIN = "admin"
+    AGENT = "agent"
+    DESIGNER = "designer"
+
+
+class Presence(StrEnum):
+    ONLINE = "online"
+    AWAY = "away"
+    OFFLINE = "offline"
+
+
 class Agent(_Model):
     id: str
     name: str
     email: str | None = None
     active: bool = True
     created_at: datetime
+    role: AgentRole = AgentRole.AGENT
+    teams: list[str] = Field(default_factory=list)
+    skills: list[str] = Field(default_factory=list)
+    capacity: int = Field(3, ge=0, le=100)  # conversations at once
+    presence: Presence = Presence.OFFLINE
+    presence_at: datetime | None = None

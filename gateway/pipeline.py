@@ -220,6 +220,7 @@ class Pipeline:
                 conversation.id,
                 turn.handoff.reason,
                 skill=turn.handoff.skill,
+                team=turn.handoff.team,
                 priority=turn.handoff.priority,
                 dedupe_key=f"{item.id}:handoff",
             )

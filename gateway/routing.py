@@ -64,11 +64,13 @@ class Routing:
         reason: str,
         *,
         skill: str | None = None,
+        team: str | None = None,
         priority: str = "normal",
         dedupe_key: str | None = None,
     ) -> Conversation | None:
         """Bot → queue, with a reason. None if the bot did not own the conversation."""
-        handoff = Handoff(reason=reason, skill=skill, priority=priority, requested_at=utcnow())
+        handoff = Handoff(reason=reason, skill=skill, team=team, priority=priority,
+                          requested_at=utcnow())
         conversation = await self.store.transition(
             conversation_id,
             {OwnerState.BOT},

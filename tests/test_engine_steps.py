@@ -213,8 +213,8 @@ async def test_handoff_step_reaches_the_agents_queue(gateway: Gateway, ana: Cust
         queue = (await r.json())["items"]
     assert [c["id"] for c in queue] == [ana.conversation_id]
     handoff = queue[0]["handoff"]
-    assert (handoff["reason"], handoff["skill"], handoff["priority"]) == (
-        "refund for order 12345", "billing", "urgent")
+    assert (handoff["reason"], handoff["skill"], handoff["team"], handoff["priority"]) == (
+        "refund for order 12345", "billing", "finance", "urgent")
     assert await ana.texts("hello?") == []  # the bot stays out of it
 
 

@@ -279,7 +279,7 @@ def test_story_format_errors_have_file_line_and_column(
               - bto: Hello
               - bot: "/unclosed (/"
               - buttons: Yes
-              - handoff: {team: sales}
+              - handoff: {desk: sales}
           - name: no steps
             steps: []
           - steps: [{user: hi}]
@@ -296,7 +296,7 @@ def test_story_format_errors_have_file_line_and_column(
         "subpattern at position 9 (hint: /.../ is a Python regular expression, searched in "
         "the reply)",
         "bad.yaml:7:18: 'buttons' takes a list of button titles (hint: buttons: [Yes, No])",
-        "bad.yaml:8:18: 'handoff' takes true or {reason, skill, priority}",
+        "bad.yaml:8:18: 'handoff' takes true or {reason, skill, team, priority}",
         "bad.yaml:9:5: story 'no steps' has no steps (hint: steps: [{user: hi}, {bot: Hello}])",
         "bad.yaml:11:5: a story needs a name (hint: name: what the story shows)",
         "bad.yaml:12:14: contact is {name: ..., profile: {key: value}}",
