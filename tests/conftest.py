@@ -159,8 +159,9 @@ class Gateway:
         await self.http.close()
 
 
-@pytest.fixture
-async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+@contextlib.asynccontextmanager
+async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """The whole gateway from ``settings`` on a real port; its database dropped after."""
     app = create_app(settings)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
@@ -174,6 +175,12 @@ async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
         cleanup = Store.connect(settings.mongodb_uri, settings.mongodb_db)
         await cleanup.client.drop_database(settings.mongodb_db)
         await cleanup.close()
+
+
+@pytest.fixture
+async def gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    async with running_gateway(settings) as gw:
+        yield gw
 
 
 class Visitor:

@@ -5,7 +5,6 @@ failures are ActionErrors that name the action and the reason, and nothing hangs
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -35,11 +34,9 @@ from flows.bot import Reply
 from flows.dsl import Domain
 from flows.engine import ACTION_FAILED_TEXT
 from flows.ports import ActionCall, ActionError, ActionOutcome, EntityMatch, Understanding
-from gateway.app import create_app
 from gateway.model import Button
 from gateway.settings import Settings
-from gateway.store import Store
-from tests.conftest import Gateway, Visitor, free_port
+from tests.conftest import Gateway, Visitor, free_port, running_gateway
 from tests.rasa_server import ActionServer, action_server
 
 EXAMPLES = "examples.actions"
@@ -526,23 +523,6 @@ def test_rasa_domain() -> None:
 
 
 # ------------------------------------------------- through the whole gateway
-
-
-@contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    app = create_app(settings)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    gw = Gateway(server, app)
-    try:
-        yield gw
-    finally:
-        await gw.close()
-        await server.close()
-        assert settings.mongodb_uri is not None
-        cleanup = Store.connect(settings.mongodb_uri, settings.mongodb_db)
-        await cleanup.client.drop_database(settings.mongodb_db)
-        await cleanup.close()
 
 
 @pytest.fixture(params=["in-process", "remote"])

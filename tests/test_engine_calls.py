@@ -5,21 +5,17 @@ action server, giving the same replies."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 import pytest
-from aiohttp.test_utils import TestServer
 
 from flows.engine import ACTION_FAILED_TEXT, HTTP_FAILED_TEXT
-from gateway.app import create_app
 from gateway.model import OwnerState
 from gateway.settings import DEFAULT_FLOWS_DIR, Settings
-from gateway.store import Store
-from tests.conftest import Gateway
+from tests.conftest import Gateway, running_gateway
 from tests.engine_rig import Customer, Said, Shop, copy_flows, engine_settings
 from tests.rasa_server import ActionServer, action_server
 
@@ -140,26 +136,9 @@ def example_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ActionS
         yield server
 
 
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Gateway]:
-    app = create_app(settings)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    gateway = Gateway(server, app)
-    try:
-        yield gateway
-    finally:
-        await gateway.close()
-        await server.close()
-        assert settings.mongodb_uri is not None
-        cleanup = Store.connect(settings.mongodb_uri, settings.mongodb_db)
-        await cleanup.client.drop_database(settings.mongodb_db)
-        await cleanup.close()
-
-
 async def order_status_transcript(settings: Settings) -> list[Any]:
     """Three order questions on the shipped flows; what the bot said and did."""
-    async with running(settings) as gateway:
+    async with running_gateway(settings) as gateway:
         shipped, processing, unknown = (Customer(gateway, name=None) for _ in range(3))
         transcript: list[Any] = []
         transcript.append(await shipped.send("where is my order 10045?"))

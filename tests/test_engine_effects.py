@@ -23,7 +23,6 @@ What the engine does, asserted here:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -40,7 +39,6 @@ from flows.engine import ACTION_FAILED_TEXT, MAX_FOLLOWUPS, FlowEngine
 from flows.nlu import build_understander
 from flows.registry import LoadedFlows
 from flows.steps import intent_payload
-from gateway.app import create_app
 from gateway.model import (
     Activity,
     Contact,
@@ -53,9 +51,8 @@ from gateway.model import (
     utcnow,
 )
 from gateway.settings import Settings
-from gateway.store import Store
 from tests.actions_testing.effects import SHOE_IMAGE, SIZE_CHART
-from tests.conftest import Gateway
+from tests.conftest import Gateway, running_gateway
 from tests.engine_rig import TESTING_ACTIONS, Customer, Said, engine_settings
 from tests.rasa_server import ActionServer, action_server
 
@@ -287,23 +284,6 @@ def effects_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ActionS
         yield server
 
 
-@contextlib.asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Gateway]:
-    app = create_app(settings)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    gateway = Gateway(server, app)
-    try:
-        yield gateway
-    finally:
-        await gateway.close()
-        await server.close()
-        assert settings.mongodb_uri is not None
-        cleanup = Store.connect(settings.mongodb_uri, settings.mongodb_db)
-        await cleanup.client.drop_database(settings.mongodb_db)
-        await cleanup.close()
-
-
 async def test_an_action_server_gives_the_same_transcript(
     settings: Settings, effects_server: ActionServer,
 ) -> None:
@@ -312,7 +292,7 @@ async def test_an_action_server_gives_the_same_transcript(
         "mongodb_db": settings.mongodb_db + "_r"})
     transcripts: list[list[Any]] = []
     for each in (settings, remote_settings):
-        async with running(each) as gateway:
+        async with running_gateway(each) as gateway:
             customer = Customer(gateway)
             await customer.send("hi")
             shoes = await shoes_transcript(customer)
@@ -385,7 +365,7 @@ async def test_garbage_from_an_action_server_is_polite(
     remote = settings.model_copy(update={
         "flows_dir": flows, "actions_package": None,
         "action_server_url": str(garbage.server.make_url("/"))})
-    async with running(remote) as gateway:
+    async with running_gateway(remote) as gateway:
         customer = Customer(gateway)
         await customer.send("hi")
         replies = await customer.press(f"flow:{flow}")
