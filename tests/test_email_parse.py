@@ -8,7 +8,7 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from connectors.email.connector import inbound_message
@@ -335,5 +335,7 @@ def messages(draw: st.DrawFn) -> bytes:
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages())
+@example(data=b"From: \xc2\x80@0\r\n\r\n")  # raw 8-bit bytes in an address (was a crash)
+@example(data=b"From: jos\xc3\xa9@example.com\r\n\r\nhi")  # UTF-8 address (RFC 6532)
 def test_fuzz_structured_messages(data: bytes) -> None:
     _check(data)

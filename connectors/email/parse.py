@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,7 +102,16 @@ def _first(headers: dict[str, list[str]], name: str) -> str | None:
 
 
 def normalise_address(value: str) -> str | None:
+    # Raw 8-bit header bytes arrive surrogate-escaped: read them as UTF-8 (RFC 6532);
+    # an address that is not valid UTF-8 or holds control characters is no address.
+    if any("\udc80" <= c <= "\udcff" for c in value):
+        try:
+            value = value.encode("utf-8", "surrogateescape").decode("utf-8")
+        except UnicodeError:
+            return None
     address = value.strip().strip("<>").strip().lower()
+    if any(unicodedata.category(c) in ("Cc", "Cs") for c in address):
+        return None
     return address if _ADDRESS.match(address) and ".." not in address else None
 
 
