@@ -16,6 +16,7 @@ from typing import TypeVar
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
+from gateway.model import AgentRole
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import Store, StoreError
 
@@ -63,8 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     add = agent_commands.add_parser(
         "add", parents=[store_options], help="create an agent and print its API token"
     )
-    add.add_argument("--name", required=True, help="display name customers see")
-    add.add_argument("--email")
+    add.add_argument("name", nargs="?", metavar="NAME", help="display name customers see")
+    add.add_argument("--name", dest="name_option", metavar="NAME", help="the same as NAME")
+    add.add_argument("--email", help="the email the agent signs in to the console with")
+    add.add_argument(
+        "--role", choices=[r.value for r in AgentRole], default=AgentRole.AGENT.value,
+        help="admin: everything; agent: conversations; designer: flows (default agent)",
+    )
+    add.add_argument("--team", action="append", default=[], help="a team (repeatable)")
+    add.add_argument("--skill", action="append", default=[], help="a skill (repeatable)")
+    add.add_argument("--capacity", type=int, default=3,
+                     help="conversations at once, 0-100 (default 3)")
+    add.add_argument("--password-stdin", action="store_true",
+                     help="read a console password (first line of standard input); "
+                     "needs --email")
     agent_commands.add_parser("list", parents=[store_options], help="list agents")
 
     commands.add_parser("openapi", help="print the agent API's OpenAPI document")
@@ -76,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]]) -> T:
     """Run ``work`` against the configured store (the embedded one, started if needed)."""
+    from gateway.store.access import ensure_indexes as ensure_access_indexes
     from gateway.store.embedded import EmbeddedStore
 
     embedded = None
@@ -86,6 +100,7 @@ async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]])
     store = Store.connect(uri, settings.mongodb_db)
     try:
         await store.ensure_indexes()
+        await ensure_access_indexes(store)
         return await work(store)
     finally:
         await store.close()
@@ -93,22 +108,37 @@ async def _with_store(settings: Settings, work: Callable[[Store], Awaitable[T]])
             await embedded.stop()
 
 
+def _split(values: list[str]) -> list[str]:
+    """``--skill a --skill b,c`` -> ``[a, b, c]``."""
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
 def _agents(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.desk.agents import Agents
 
     if args.agents_command == "add":
+        name = args.name or args.name_option
+        if not name or (args.name and args.name_option and args.name != args.name_option):
+            raise ValueError("give the agent's name once: omnigate agents add NAME")
+        if not 0 <= args.capacity <= 100:
+            raise ValueError("--capacity is 0 to 100 conversations")
+        password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
         agent, token = asyncio.run(
-            _with_store(settings, lambda store: Agents(store).add(args.name, args.email))
+            _with_store(settings, lambda store: Agents(store).add(
+                name, args.email, role=AgentRole(args.role), teams=_split(args.team),
+                skills=_split(args.skill), capacity=args.capacity, password=password,
+            ))
         )
-        print(f"agent {agent.name} created (id {agent.id}).")
+        print(f"agent {agent.name} created (id {agent.id}, role {agent.role.value}).")
         print("API token (shown once; keep it secret):")
         print(token)
         return 0
     agents = asyncio.run(_with_store(settings, lambda store: Agents(store).list()))
     for agent in agents:
-        print(f"{agent.id}  {agent.name}  {agent.email or ''}")
+        print(f"{agent.id}  {agent.name}  {agent.email or ''}  {agent.role.value}"
+              f"{'' if agent.active else '  (inactive)'}")
     if not agents:
-        print("no agents yet: omnigate agents add --name 'Your Name'")
+        print("no agents yet: omnigate agents add 'Your Name' --role admin")
     return 0
 
 

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 from aiohttp import web
 from pymongo.errors import PyMongoError
@@ -18,6 +19,7 @@ from flows.actions import InProcessActions, RemoteActions, make_runner
 from flows.engine import FlowEngine
 from flows.registry import FlowRegistry
 from gateway.aio import raise_if_cancelled
+from gateway.assign import Assigner
 from gateway.desk.agents import Agents
 from gateway.desk.api import DeskApi
 from gateway.keys import (
@@ -35,6 +37,7 @@ from gateway.pipeline import Pipeline
 from gateway.routing import Routing
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.store.access import ensure_indexes as ensure_access_indexes
 from gateway.store.embedded import EmbeddedStore
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,7 @@ async def _ensure_indexes(store: Store, ready: dict[str, bool]) -> None:
     while True:
         try:
             await store.ensure_indexes()
+            await ensure_access_indexes(store)
         except PyMongoError as exc:
             raise_if_cancelled()
             log.error("store unreachable (%s); retrying in %.0f s", exc, delay)
@@ -154,8 +158,11 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot_name)
     app[OUTBOX], app[ROUTING], app[PIPELINE] = outbox, routing, pipeline
     app[AGENTS] = Agents(store)
+    assigner = Assigner(routing, grace=timedelta(seconds=settings.agent_offline_grace_seconds),
+                        sweep_seconds=settings.routing_sweep_seconds)
     outbox.start()
     pipeline.start()
+    assigner.start()
     if settings.flows_hot_reload:
         await parts.flows.start()
     context = ConnectorContext(ingest=pipeline.ingest, store=store)
@@ -168,6 +175,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         for connector in connectors.values():
             await connector.stop()
         await pipeline.stop()
+        await assigner.stop()
         await outbox.stop()
         await parts.flows.stop()
         if parts.actions is not None:

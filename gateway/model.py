@@ -171,6 +171,9 @@ class OutboundDraft(_Model):
     attachments: list[Attachment] = Field(default_factory=list)
     reply_to_id: str | None = None
     dedupe_key: str | None = None
+    # Send on this channel of the contact (an agent's choice); None: where the customer
+    # wrote last (Conversation.reply_channel).
+    channel: str | None = None
 
 
 class Identity(_Model):
@@ -193,6 +196,8 @@ class Contact(_Model):
     identities: list[Identity] = Field(default_factory=list)
     seq: int = 0
     created_at: datetime
+    merged_into: str | None = None  # merged by an agent: this contact lives on there
+    merged_from: list[str] = Field(default_factory=list)  # contacts merged into this one
 
 
 class Handoff(_Model):
@@ -224,6 +229,11 @@ class Conversation(_Model):
     updated_at: datetime
     last_activity_at: datetime | None = None
     lease: Lease | None = None
+    # One customer, every channel (gateway/identity.py): the contact wrote in this
+    # conversation from other channels too (channel -> thread key there), and replies go
+    # to the channel they used last (None: this conversation's own channel).
+    routes: dict[str, str] = Field(default_factory=dict)
+    reply_channel: str | None = None
 
 
 class AgentRole(StrEnum):
@@ -252,3 +262,7 @@ class Agent(_Model):
     capacity: int = Field(3, ge=0, le=100)  # conversations at once
     presence: Presence = Presence.OFFLINE
     presence_at: datetime | None = None
+    # Routing bookkeeping (gateway/assign.py), kept by conditional updates in the store:
+    load: int = Field(0, ge=0)  # conversations assigned to this agent now
+    last_assigned_at: datetime | None = None  # ties between equally busy agents: idlest first
+    requeue_at: datetime | None = None  # went offline: re-queue their conversations then

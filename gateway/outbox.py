@@ -19,14 +19,30 @@ from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, DeliveryError, DeliveryResult
 from gateway.aio import Background, KeyedLocks
-from gateway.model import Activity, Conversation, DeliveryStatus, OutboundDraft, utcnow
+from gateway.model import (
+    Activity,
+    Conversation,
+    ConversationRef,
+    DeliveryStatus,
+    OutboundDraft,
+    utcnow,
+)
 from gateway.store import Store
+from gateway.store.contacts import ContactStore
 from gateway.store.mongo import from_doc
 
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=60)
 MAX_BACKOFF = 300.0
+
+
+def _addressed(conversation: Conversation, ref: ConversationRef) -> Conversation:
+    """The conversation as a connector must address it: on ``ref``'s channel and thread
+    (another of the contact's channels after a channel switch)."""
+    if (ref.channel, ref.thread_key) == (conversation.channel, conversation.thread_key):
+        return conversation
+    return conversation.model_copy(update={"channel": ref.channel, "thread_key": ref.thread_key})
 
 
 class Outbox:
@@ -50,11 +66,23 @@ class Outbox:
     async def enqueue(
         self, conversation: Conversation, drafts: Sequence[OutboundDraft]
     ) -> list[Activity]:
-        """Store the drafts (idempotent per ``dedupe_key``) and start delivering them."""
-        items = [(await self.store.append_outbound(conversation, d))[0] for d in drafts]
+        """Store the drafts (idempotent per ``dedupe_key``) and start delivering them.
+
+        Each goes where the customer wrote last, or on the channel the draft names
+        (``ContactStore.route``); the item records that channel and thread.
+        """
+        items = [(await self.store.append_outbound(await self._to(conversation, d), d))[0]
+                 for d in drafts]
         if items:
             self.kick(conversation.id, conversation)
         return items
+
+    async def _to(self, conversation: Conversation, draft: OutboundDraft) -> Conversation:
+        """``conversation`` addressed at the draft's channel and thread (see ``route``)."""
+        if draft.channel is None and conversation.reply_channel is None:
+            return conversation  # the common case: no lookup
+        ref = await ContactStore(self.store).route(conversation, draft.channel)
+        return _addressed(conversation, ref)
 
     def kick(self, conversation_id: str, conversation: Conversation | None = None) -> None:
         """Deliver whatever is pending in this conversation, in the background.
@@ -142,7 +170,8 @@ class Outbox:
             error = DeliveryError(f"channel {item.channel!r} is not enabled")
         else:
             try:
-                result = await connector.send(conversation, item)
+                result = await connector.send(_addressed(conversation, item.conversation_ref),
+                                              item)
             except DeliveryError as exc:
                 error = exc
             except Exception as exc:

@@ -27,6 +27,7 @@ from pymongo.errors import PyMongoError
 from connectors.base import IngestResult
 from flows.bot import Bot, BotTurn, Reply, TurnContext
 from gateway.aio import Background
+from gateway.identity import Identity, is_link_payload
 from gateway.model import (
     Activity,
     Conversation,
@@ -72,6 +73,7 @@ class Pipeline:
         self.bot = bot
         self.outbox = outbox
         self.routing = routing
+        self.identity = Identity(store, outbox)
         self.bot_party = Party(role=Role.BOT, name=bot_name)
         self.sweep_seconds = sweep_seconds
         self.instance = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
@@ -87,6 +89,11 @@ class Pipeline:
         identity = await self.store.resolve_identity(channel, sender_external_id, name)
         if not identity.reachable:  # they wrote to us: reachable again (unblocked, ...)
             await self.store.set_identity_reachable(channel, sender_external_id, True)
+        # channel switch: a linked customer's open conversation elsewhere goes on here
+        elsewhere = await self.identity.continue_elsewhere(
+            channel, thread_key, identity.contact_id, sender_external_id)
+        if elsewhere is not None:
+            return elsewhere
         return await self.store.resolve_conversation(channel, thread_key, identity.contact_id)
 
     async def ingest(self, message: InboundMessage) -> IngestResult:
@@ -100,9 +107,13 @@ class Pipeline:
             conversation = await self.store.get_conversation(duplicate.conversation_id)
             assert conversation is not None
             return IngestResult(duplicate, conversation, True)
+        if is_link_payload(message.deep_link):  # a link token: link first (verified)
+            await self.identity.redeem(message)
         conversation = await self.open_conversation(
             message.channel, message.thread_key, message.sender_external_id, message.sender.name
         )
+        conversation = await self.identity.note_inbound(
+            conversation, message.channel, message.thread_key)
         item, is_duplicate = await self.store.append_inbound(conversation, message, checked=True)
         if not is_duplicate:
             self.schedule(conversation.id)
@@ -187,6 +198,9 @@ class Pipeline:
         conversation = await self.store.get_conversation(item.conversation_id)
         if conversation is None:
             log.error("pipeline: message %s has no conversation", item.id)
+            return
+        if is_link_payload(item.deep_link):  # answered here, whoever owns it; not the bot's
+            await self.identity.answer_link(conversation, item)
             return
         if conversation.owner is OwnerState.RESOLVED:
             reopened = await self.routing.reopen(conversation.id, f"{item.id}:reopen")

@@ -5,11 +5,19 @@ agents claim at once exactly one wins, and the bot and a human never both own a
 conversation. Every change also leaves an ``event`` item in the conversation's history
 (delivered to the customer's channel like any other item) so agents and customers see the
 chronology.
+
+Agents' load changes in the same store transaction as the owner (gateway/store/queue.py):
+a claim or a transfer adds one, resolve, hand back, transfer away and re-queue take one
+off; automatic assignment (``assign``) takes a slot only below capacity. Whenever a
+conversation may have become assignable, ``wake()`` asks the assigner (gateway/assign.py)
+to hand out waiting conversations.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import timedelta
 
 from gateway.model import (
     Activity,
@@ -20,11 +28,15 @@ from gateway.model import (
     OutboundDraft,
     OwnerState,
     Party,
+    Presence,
     Role,
     utcnow,
 )
 from gateway.outbox import Outbox
 from gateway.store import NotFound, Store
+from gateway.store.queue import Assigned, QueueStore
+
+__all__ = ["SYSTEM", "Assigned", "Conflict", "Routing"]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +51,23 @@ class Conflict(Exception):
         self.conversation = conversation
 
 
+def _nothing() -> None:
+    return None
+
+
 class Routing:
     def __init__(self, store: Store, outbox: Outbox) -> None:
         self.store = store
         self.outbox = outbox
+        self.queue = QueueStore(store)
+        self._wake: Callable[[], None] = _nothing
+
+    def on_wake(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever a conversation may now be assignable."""
+        self._wake = callback
+
+    def wake(self) -> None:
+        self._wake()
 
     async def _event(
         self, conversation: Conversation, name: str, text: str, dedupe_key: str | None = None
@@ -87,15 +112,16 @@ class Routing:
             "you have written so far.",
             dedupe_key,
         )
+        self.wake()
         return conversation
 
     async def claim(self, conversation_id: str, agent: Agent) -> Conversation:
         """Queue → this agent. Exactly one of concurrent claimers wins; others get Conflict."""
-        conversation = await self.store.transition(
-            conversation_id,
-            {OwnerState.QUEUED},
-            OwnerState.AGENT,
-            also={"assignee_id": agent.id},
+        # A claim is the agent's own choice: it counts toward the load, but is not held
+        # to the capacity (that limits what the assigner hands out).
+        conversation = await self.queue.move(
+            conversation_id, {OwnerState.QUEUED}, OwnerState.AGENT, utcnow(),
+            also={"assignee_id": agent.id}, joins=agent.id,
         )
         if conversation is None:
             current = await self._get(conversation_id)
@@ -105,31 +131,44 @@ class Routing:
         await self._event(conversation, "assigned", f"{agent.name} joined the conversation.")
         return conversation
 
+    async def assign(self, conversation_id: str, agent: Agent) -> Assigned:
+        """Queue → this agent, automatically, never beyond the agent's capacity."""
+        result = await self.queue.assign(conversation_id, agent, utcnow())
+        if result is not Assigned.ASSIGNED:
+            return result
+        conversation = await self._get(conversation_id)
+        log.info("conversation %s assigned to agent %s", conversation_id, agent.id)
+        await self._event(conversation, "assigned", f"{agent.name} joined the conversation.")
+        return result
+
     async def require_assignee(self, conversation_id: str, agent: Agent) -> Conversation:
         conversation = await self._get(conversation_id)
         if conversation.owner is not OwnerState.AGENT or conversation.assignee_id != agent.id:
             raise Conflict("you do not own this conversation; claim it first", conversation)
         return conversation
 
-    async def reply(self, conversation_id: str, agent: Agent, text: str) -> Activity:
-        """Store the agent's reply for delivery on the customer's channel."""
+    async def reply(
+        self, conversation_id: str, agent: Agent, text: str, *, channel: str | None = None
+    ) -> Activity:
+        """Store the agent's reply for delivery on the customer's channel (where they wrote
+        last, or ``channel``: another of the contact's channels)."""
         conversation = await self.require_assignee(conversation_id, agent)
         draft = OutboundDraft(
-            sender=Party(role=Role.AGENT, id=agent.id, name=agent.name), text=text
+            sender=Party(role=Role.AGENT, id=agent.id, name=agent.name), text=text,
+            channel=channel,
         )
         [item] = await self.outbox.enqueue(conversation, [draft])
         return item
 
     async def resolve(self, conversation_id: str, agent: Agent) -> Conversation:
-        conversation = await self.store.transition(
-            conversation_id,
-            {OwnerState.AGENT},
-            OwnerState.RESOLVED,
-            where={"assignee_id": agent.id},
+        conversation = await self.queue.move(
+            conversation_id, {OwnerState.AGENT}, OwnerState.RESOLVED, utcnow(),
+            where={"assignee_id": agent.id}, leaves=agent.id,
         )
         if conversation is None:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can resolve this conversation", current)
+        self.wake()
         await self._event(
             conversation, "resolved", f"{agent.name} marked this conversation as resolved."
         )
@@ -137,22 +176,111 @@ class Routing:
 
     async def handback(self, conversation_id: str, agent: Agent) -> Conversation:
         """Agent → bot: the bot answers the customer's next message again."""
-        conversation = await self.store.transition(
-            conversation_id,
-            {OwnerState.AGENT},
-            OwnerState.BOT,
+        conversation = await self.queue.move(
+            conversation_id, {OwnerState.AGENT}, OwnerState.BOT, utcnow(),
             also={"assignee_id": None, "handoff": None, "bot_state": {}},
-            where={"assignee_id": agent.id},
+            where={"assignee_id": agent.id}, leaves=agent.id,
         )
         if conversation is None:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can hand this conversation back", current)
+        self.wake()
         await self._event(
             conversation,
             "handback",
             "You are chatting with the bot again. Ask for a human any time.",
         )
         return conversation
+
+    async def transfer_to_agent(
+        self, conversation_id: str, agent: Agent, target_id: str
+    ) -> Conversation:
+        """The assigned agent gives the conversation to another agent (any capacity: a
+        person decided it, like a claim)."""
+        target = await self.queue.get_agent(target_id)
+        if target is None or not target.active:
+            raise NotFound(f"agent {target_id} does not exist")
+        if target.id == agent.id:
+            return await self.require_assignee(conversation_id, agent)
+        conversation = await self.queue.move(
+            conversation_id, {OwnerState.AGENT}, OwnerState.AGENT, utcnow(),
+            also={"assignee_id": target.id}, where={"assignee_id": agent.id},
+            joins=target.id, leaves=agent.id,
+        )
+        if conversation is None:
+            current = await self._get(conversation_id)
+            raise Conflict("only the assigned agent can transfer this conversation", current)
+        self.wake()
+        await self._event(
+            conversation, "transferred",
+            f"{agent.name} transferred the conversation to {target.name}.",
+        )
+        return conversation
+
+    async def transfer_to_team(self, conversation_id: str, agent: Agent, team: str) -> Conversation:
+        """The assigned agent sends the conversation back to the queue, for ``team``. It
+        keeps its place (the original handoff time) and priority; the skill is dropped
+        (the team decides who answers)."""
+        if not await self.queue.in_team(team):
+            raise NotFound(f"no active agent is in team {team!r}")
+        current = await self.require_assignee(conversation_id, agent)
+        handoff = (current.handoff or Handoff(reason="transferred", requested_at=utcnow()))
+        handoff = handoff.model_copy(update={"team": team, "skill": None})
+        conversation = await self.queue.move(
+            conversation_id, {OwnerState.AGENT}, OwnerState.QUEUED, utcnow(),
+            also={"assignee_id": None, "handoff": handoff.model_dump(mode="python")},
+            where={"assignee_id": agent.id}, leaves=agent.id,
+        )
+        if conversation is None:
+            current = await self._get(conversation_id)
+            raise Conflict("only the assigned agent can transfer this conversation", current)
+        await self._event(
+            conversation, "transferred",
+            f"{agent.name} transferred the conversation to the {team} team. You are in the "
+            "queue; they will see everything you have written so far.",
+        )
+        self.wake()
+        return conversation
+
+    async def requeue_agent(self, agent_id: str) -> int:
+        """Put every conversation the agent owns back in the queue (they went offline).
+        Returns how many this call re-queued."""
+        moved = 0
+        for conversation_id in await self.queue.assigned_to(agent_id):
+            conversation = await self.queue.move(
+                conversation_id, {OwnerState.AGENT}, OwnerState.QUEUED, utcnow(),
+                also={"assignee_id": None}, where={"assignee_id": agent_id}, leaves=agent_id,
+            )
+            if conversation is None:
+                continue  # it moved on meanwhile (resolved, transferred, ...)
+            moved += 1
+            await self._event(
+                conversation, "requeued",
+                "Your agent is no longer available. You are back in the queue; the next "
+                "agent will see everything you have written so far.",
+            )
+        if moved:
+            log.info("agent %s offline: %d conversation(s) re-queued", agent_id, moved)
+            self.wake()
+        return moved
+
+    async def set_presence(self, agent: Agent, presence: Presence, grace: timedelta) -> Agent:
+        """Online, away or offline. Online may make waiting conversations assignable;
+        offline re-queues the agent's conversations after ``grace`` (the sweeper)."""
+        now = utcnow()
+        updated = await self.queue.set_presence(agent.id, presence, now, now + grace)
+        if updated is None:
+            raise NotFound(f"agent {agent.id} does not exist")
+        if presence is Presence.ONLINE:
+            self.wake()
+        return updated
+
+    async def set_capacity(self, agent_id: str, capacity: int) -> Agent:
+        updated = await self.queue.set_capacity(agent_id, capacity)
+        if updated is None:
+            raise NotFound(f"agent {agent_id} does not exist")
+        self.wake()
+        return updated
 
     async def bot_resolve(self, conversation_id: str, dedupe_key: str) -> Conversation | None:
         """The bot closed the conversation (the customer's need is met)."""

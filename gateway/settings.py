@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     outbox_max_attempts: int = Field(8, ge=1, le=100)
     outbox_sweep_seconds: float = Field(2.0, gt=0, le=300)
 
+    # Routing: an agent offline this long gets their conversations re-queued; the
+    # sweeper (re-queue, assignment safety net, load repair) runs this often.
+    agent_offline_grace_seconds: float = Field(120.0, ge=0, le=86400)
+    routing_sweep_seconds: float = Field(5.0, gt=0, le=300)
+
     # Telegram (on when the token is set)
     telegram_token: str | None = Field(None, pattern=r"^\d+:[A-Za-z0-9_-]+$")
     telegram_mode: Literal["webhook", "polling"] = "webhook"

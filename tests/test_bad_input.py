@@ -362,10 +362,16 @@ async def test_agent_api_store_unavailable_is_503(
     async def down(*_args: Any, **_kwargs: Any) -> Any:
         raise AutoReconnect("store down (test)")
 
+    def find_down(*_args: Any, **_kwargs: Any) -> Any:
+        raise AutoReconnect("store down (test)")
+
     monkeypatch.setattr(gateway.store, "list_conversations", down)
-    response = await gateway.http.get(gateway.url + "/api/v1/conversations", headers=alice)
-    assert response.status == 503
-    assert (await response.json())["error"] == "unavailable"
+    monkeypatch.setattr(gateway.store.conversations, "find", find_down)
+    for query in ("", "?owner=bot", "?owner=queued,agent"):  # the queue and the plain list
+        response = await gateway.http.get(
+            gateway.url + "/api/v1/conversations" + query, headers=alice)
+        assert response.status == 503, query
+        assert (await response.json())["error"] == "unavailable"
 
 
 @pytest.mark.parametrize(

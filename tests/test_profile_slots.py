@@ -18,7 +18,7 @@ import pytest
 
 from flows.engine import FlowEngine
 from gateway.keys import PIPELINE
-from gateway.model import Conversation, utcnow
+from gateway.model import Conversation, OwnerState, utcnow
 from gateway.settings import DEFAULT_FLOWS_DIR, Settings
 from gateway.store.mongo import from_doc
 from tests.conftest import Gateway, Visitor
@@ -112,6 +112,11 @@ async def link_telegram(gateway: Gateway, contact_id: str) -> None:
     identity = await gateway.store.link_identity("telegram", str(CHAT), contact_id, "Ann")
     assert (identity.contact_id, identity.channel, identity.external_id) == (
         contact_id, "telegram", str(CHAT))
+    # The web chat is over before Ann comes back on Telegram, so Telegram is a new
+    # conversation of the same contact (an open one would go on there instead: the
+    # channel switch, tests/test_channel_switch.py).
+    async for doc in gateway.store.conversations.find({"contact_id": contact_id}):
+        await gateway.store.transition(doc["_id"], {OwnerState.BOT}, OwnerState.RESOLVED)
 
 
 class TelegramChat:

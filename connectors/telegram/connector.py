@@ -197,6 +197,14 @@ class TelegramConnector(Connector):
             self._me = BotUser(user.id, user.username)
         return self._me
 
+    async def deep_link(self, payload: str) -> str:
+        """A link that opens a private chat with the bot and sends ``/start <payload>``
+        (the bot's username from getMe)."""
+        me = await self.bot_user()
+        if not me.username:
+            raise RuntimeError("the bot has no username (getMe)")
+        return f"https://t.me/{me.username}?start={payload}"
+
     # ------------------------------------------------------------------ webhook
 
     def secret_ok(self, given: str | None) -> bool:

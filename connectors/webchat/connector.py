@@ -27,6 +27,7 @@ from connectors.webchat.frames import (
     ErrorCode,
     Hello,
     HistoryRequest,
+    LinkRequest,
     SendAction,
     SendMessage,
     error,
@@ -157,7 +158,7 @@ class WebchatConnector(Connector):
         try:
             socket = await self._handshake(ws)
             if socket is not None:
-                await self._serve(ws, socket)
+                await self._serve(ws, socket, request)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:
@@ -276,7 +277,9 @@ class WebchatConnector(Connector):
             raise
         return socket
 
-    async def _serve(self, ws: web.WebSocketResponse, socket: VisitorSocket) -> None:
+    async def _serve(
+        self, ws: web.WebSocketResponse, socket: VisitorSocket, request: web.Request
+    ) -> None:
         while (frame := await self._read_frame(ws)) is not None:
             kind = frame.get("type")
             client_id = _client_id(frame)
@@ -286,8 +289,10 @@ class WebchatConnector(Connector):
                 elif kind == "ping":
                     await socket.send({"type": "pong"})
                 elif kind == "history":
-                    request = HistoryRequest.model_validate(frame)
-                    await socket.send(await socket.history(request.before, request.limit))
+                    asked = HistoryRequest.model_validate(frame)
+                    await socket.send(await socket.history(asked.before, asked.limit))
+                elif kind == "link":
+                    await self._link(socket, LinkRequest.model_validate(frame), request)
                 elif kind == "hello":
                     await socket.send(error(ErrorCode.ALREADY_READY, "already said hello"))
                 else:
@@ -306,6 +311,28 @@ class WebchatConnector(Connector):
                         client_id,
                     )
                 )
+
+    async def _link(
+        self, socket: VisitorSocket, frame: LinkRequest, request: web.Request
+    ) -> None:
+        """A single-use, expiring link (a Telegram deep link) that joins the visitor's
+        account there to this visitor's contact: the chat can go on on that channel."""
+        # The identity service lives in the core; imported here, where it is used, so the
+        # connector module does not load the core.
+        from gateway.identity import Identity, LinkUnavailable  # noqa: PLC0415
+        from gateway.keys import OUTBOX  # noqa: PLC0415
+
+        store = self.context.store
+        identity = await store.resolve_identity(CHANNEL, socket.visitor_id)
+        links = Identity(store, request.config_dict[OUTBOX])
+        try:
+            offer = await links.offer_link(identity.contact_id, frame.channel,
+                                           await socket.find_conversation())
+        except LinkUnavailable as exc:
+            await socket.send(error(ErrorCode.LINK_UNAVAILABLE, str(exc)))
+            return
+        await socket.send({"type": "link", "channel": offer.channel, "url": offer.url,
+                           "expires_at": offer.expires_at.isoformat()})
 
     async def _receive(self, socket: VisitorSocket, frame: dict[str, Any]) -> None:
         if frame.get("type") == "message":

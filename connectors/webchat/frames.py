@@ -42,6 +42,13 @@ class HistoryRequest(_Frame):
     limit: int = Field(50, ge=1, le=100)
 
 
+class LinkRequest(_Frame):
+    """Ask for a link that continues this chat on another channel (Telegram)."""
+
+    type: Literal["link"]
+    channel: str = Field("telegram", pattern=r"^[a-z]{1,32}$")
+
+
 class ErrorCode:
     BAD_JSON = "bad_json"
     BAD_FRAME = "bad_frame"
@@ -52,6 +59,7 @@ class ErrorCode:
     TEXT_TOO_LONG = "text_too_long"
     INVALID_TOKEN = "invalid_token"  # noqa: S105 - an error code
     UNAVAILABLE = "unavailable"
+    LINK_UNAVAILABLE = "link_unavailable"  # that channel is off, or cannot make links now
     INTERNAL = "internal"
 
 

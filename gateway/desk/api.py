@@ -15,7 +15,18 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pymongo.errors import PyMongoError
 
-from gateway.desk.openapi import Endpoint, Query, add_routes, build_spec, render_docs
+from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
+from gateway.desk.auth import ALL_ROLES, AccessError, authenticate, authorize
+from gateway.desk.contacts_api import contact_endpoints
+from gateway.desk.openapi import (
+    ENDPOINTS,
+    Endpoint,
+    Query,
+    add_routes,
+    build_spec,
+    render_docs,
+)
+from gateway.desk.queue_api import QUEUE_MODELS, queue_endpoints
 from gateway.keys import AGENTS, ROUTING, STORE
 from gateway.model import (
     Activity,
@@ -33,7 +44,6 @@ log = logging.getLogger(__name__)
 
 AGENT = web.RequestKey("agent", Agent)
 SPEC = web.AppKey("openapi_spec", dict)
-PUBLIC = {"/api/openapi.json", "/api/docs"}
 MAX_INT = 2**53  # query integers above this are no seq (and overflow the store's int64)
 
 
@@ -100,12 +110,8 @@ class Page(BaseModel):
 class ReplyIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     text: str = Field(min_length=1, max_length=4000)
-
-
-class AgentOut(BaseModel):
-    id: str
-    name: str
-    email: str | None
+    channel: str | None = Field(None, min_length=1, max_length=32, description=(
+        "send on this channel of the contact (default: where the customer wrote last)"))
 
 
 def _store(request: web.Request) -> Store:
@@ -144,8 +150,7 @@ class DeskApi:
     # ----------------------------------------------------------------- handlers
 
     async def me(self, request: web.Request) -> web.Response:
-        agent = request[AGENT]
-        return _json(AgentOut(id=agent.id, name=agent.name, email=agent.email))
+        return _json(AgentOut.of(request[AGENT]))
 
     async def list_conversations(self, request: web.Request) -> web.Response:
         owner = request.query.get("owner", "queued")
@@ -155,9 +160,12 @@ class DeskApi:
             raise _Bad("owner must be bot, queued, agent or resolved (comma separated)") from None
         assignee = request[AGENT].id if request.query.get("mine") in ("1", "true") else None
         limit = _int(request, "limit", 50, 1, 200)
-        conversations = await _store(request).list_conversations(
-            owners, assignee_id=assignee, limit=limit
-        )
+        if owners == [OwnerState.QUEUED] and assignee is None:  # priority, then waiting time
+            conversations = await _routing(request).queue.queue(limit)
+        else:
+            conversations = await _store(request).list_conversations(
+                owners, assignee_id=assignee, limit=limit
+            )
         items = [await _conversation_out(request, c) for c in conversations]
         return _json(ConversationList(items=items))
 
@@ -185,7 +193,8 @@ class DeskApi:
 
     async def reply(self, request: web.Request) -> web.Response:
         body = await _body(request, ReplyIn)
-        item = await _routing(request).reply(request.match_info["id"], request[AGENT], body.text)
+        item = await _routing(request).reply(request.match_info["id"], request[AGENT], body.text,
+                                             channel=body.channel)
         return _json(item, status=201)
 
     async def resolve(self, request: web.Request) -> web.Response:
@@ -235,13 +244,16 @@ class DeskApi:
         conflict = (401, 404, 409, 503)
         return [
             Endpoint(
-                "GET", "/v1/me", self.me, "The agent this token belongs to", AgentOut, tag="agents"
+                "GET", "/v1/me", self.me, "The agent who sent the request", AgentOut,
+                tag="agents", roles=ALL_ROLES,
             ),
+            *AccessApi().endpoints(),  # session sign-in/out, admin: agents (admin_api.py)
             Endpoint(
                 "GET",
                 "/v1/conversations",
                 self.list_conversations,
-                "List conversations: by default the queue (oldest handoff first)",
+                "List conversations: by default the queue (urgent, high, normal, low; "
+                "oldest handoff first within a priority)",
                 ConversationList,
                 query=(
                     Query(
@@ -305,6 +317,8 @@ class DeskApi:
                 ConversationOut,
                 errors=conflict,
             ),
+            *queue_endpoints(),  # presence, transfer (gateway/desk/queue_api.py)
+            *contact_endpoints(),  # merge, undo merge (gateway/desk/contacts_api.py)
             Endpoint(
                 "GET",
                 "/v1/contacts/{id}",
@@ -366,6 +380,7 @@ class DeskApi:
                 ReplyIn,
                 ContactOut,
                 Activity,
+                *QUEUE_MODELS,
             ],
         )
         return app
@@ -374,22 +389,20 @@ class DeskApi:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path in PUBLIC:
+        """Authenticate (bearer token or session cookie + CSRF) and check the route's
+        roles; a route outside the table (404, 405) needs any signed-in agent."""
+        endpoint = request.app[ENDPOINTS].get(request.match_info.route)
+        try:
+            if endpoint is None or endpoint.auth:
+                who = await authenticate(request, request.config_dict[AGENTS])
+                authorize(who.agent, endpoint.roles if endpoint else ALL_ROLES)
+                request[AGENT], request[PRINCIPAL] = who.agent, who
             return await handler(request)  # type: ignore[no-any-return]
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        agent = None
-        if scheme.lower() == "bearer":
-            agent = await request.config_dict[AGENTS].authenticate(token.strip())
-        if agent is None:
-            return _error(
-                401,
-                "unauthorized",
-                "send Authorization: Bearer <agent token> (omnigate agents add)",
-                headers={"WWW-Authenticate": 'Bearer realm="omnigate"'},
-            )
-        request[AGENT] = agent
-        return await handler(request)  # type: ignore[no-any-return]
+        except AccessError as exc:
+            headers = dict(exc.headers)
+            if exc.status == 401:
+                headers["WWW-Authenticate"] = 'Bearer realm="omnigate"'
+            return _error(exc.status, exc.code, str(exc), headers=headers)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:

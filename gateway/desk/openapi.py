@@ -17,15 +17,22 @@ from aiohttp import web
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from gateway.model import AgentRole
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ERROR_TEXT = {
     400: "Bad request: the body or a parameter is invalid",
-    401: "Missing or invalid agent token",
-    404: "No such conversation or contact",
-    409: "The conversation is not in a state that allows this",
+    401: "Not signed in: no valid session cookie or bearer token (or the agent is inactive)",
+    403: "Refused: the agent's role may not do this, or a cookie request came from another "
+    "site or lacks the X-CSRF-Token header",
+    404: "No such conversation, contact or agent",
+    409: "The conversation (or agent) is not in a state that allows this",
+    429: "Too many failed sign-ins: wait Retry-After seconds",
     503: "The store is unavailable; nothing was changed",
 }
+STAFF: frozenset[AgentRole] = frozenset({AgentRole.ADMIN, AgentRole.AGENT})
+UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
 
 
 @dataclass(frozen=True)
@@ -51,11 +58,19 @@ class Endpoint:
     tag: str = "conversations"
     auth: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    # Who may call it (checked by the API's auth middleware; ignored when auth is False).
+    roles: frozenset[AgentRole] = STAFF
+
+
+ENDPOINTS = web.AppKey("endpoints", dict[web.AbstractRoute, Endpoint])
 
 
 def add_routes(app: web.Application, endpoints: list[Endpoint]) -> None:
+    """Route every endpoint; ``app[ENDPOINTS]`` maps each route back to its endpoint."""
+    table: dict[web.AbstractRoute, Endpoint] = {}
     for endpoint in endpoints:
-        app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)
+        table[app.router.add_route(endpoint.method, endpoint.path, endpoint.handler)] = endpoint
+    app[ENDPOINTS] = table
 
 
 def build_spec(
@@ -68,6 +83,8 @@ def build_spec(
     description: str,
 ) -> dict[str, Any]:
     ref = "#/components/schemas/{model}"
+    used = [m for ep in endpoints for m in (ep.response, ep.body) if m is not None]
+    models = list(dict.fromkeys([*models, *used]))  # every model an endpoint names
     _, schemas = models_json_schema([(m, "serialization") for m in models], ref_template=ref)
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
@@ -85,6 +102,17 @@ def build_spec(
             }
             for q in ep.query
         ]
+        if ep.auth and ep.method in UNSAFE:
+            params.append(
+                {
+                    "name": "X-CSRF-Token",
+                    "in": "header",
+                    "required": False,
+                    "description": "required when the session cookie authenticates the "
+                    "request: the csrf_token from GET /api/v1/session",
+                    "schema": {"type": "string"},
+                }
+            )
         responses: dict[str, Any] = {
             str(ep.status): {"description": "OK"}
             if ep.response is None
@@ -95,7 +123,10 @@ def build_spec(
                 },
             }
         }
-        for status in sorted(set(ep.errors) | ({400} if ep.body or ep.query else set())):
+        errors = set(ep.errors) | ({400} if ep.body or ep.query else set())
+        if ep.auth:
+            errors |= {401, 403}
+        for status in sorted(errors):
             responses[str(status)] = {
                 "description": ERROR_TEXT.get(status, "Error"),
                 "content": {"application/json": {"schema": {"$ref": ref.format(model="ErrorOut")}}},
@@ -119,6 +150,13 @@ def build_spec(
             }
         if not ep.auth:
             operation["security"] = []
+        else:
+            roles = sorted(r.value for r in ep.roles)
+            operation["x-roles"] = roles
+            roles_text = f"Roles: {', '.join(roles) or 'none'}."
+            operation["description"] = (
+                f"{ep.description} {roles_text}" if ep.description else roles_text
+            )
         paths.setdefault(prefix + ep.path, {})[ep.method.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -129,7 +167,7 @@ def build_spec(
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },
         "servers": [{"url": "/"}],
-        "security": [{"agentToken": []}],
+        "security": [{"agentToken": []}, {"sessionCookie": []}],
         "paths": paths,
         "components": {
             "schemas": schemas.get("$defs", {}),
@@ -137,8 +175,17 @@ def build_spec(
                 "agentToken": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An agent token from `omnigate agents add`.",
-                }
+                    "description": "An agent token from `omnigate agents add` (for "
+                    "integrations; exempt from CSRF checks).",
+                },
+                "sessionCookie": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": "omnigate_session",
+                    "description": "The console's session (POST /api/v1/session). "
+                    "POST, PUT, PATCH and DELETE also need the X-CSRF-Token header, and "
+                    "requests from another site are refused.",
+                },
             },
         },
     }
@@ -166,7 +213,8 @@ def render_docs(spec: dict[str, Any]) -> str:
         f"<title>{esc(info['title'])}</title></head><body>"
         f"<h1>{esc(info['title'])} {esc(info['version'])}</h1><p>{esc(info['description'])}"
         '</p><p>Machine-readable: <a href="/api/openapi.json">/api/openapi.json</a>. '
-        "Authenticate with <code>Authorization: Bearer &lt;agent token&gt;</code>.</p>"
+        "Authenticate with <code>Authorization: Bearer &lt;agent token&gt;</code>, or sign in "
+        "(POST /api/v1/session) and send the session cookie plus X-CSRF-Token.</p>"
         "<table border=1 cellpadding=4><tr><th>Method</th><th>Path</th><th>What</th>"
         "<th>Query</th><th>Body</th><th>Statuses</th></tr>"
         + "".join(rows)

@@ -1,0 +1,124 @@
+"""Agent API endpoints for one customer on every channel (part of ``/api``, see api.py).
+
+``POST /api/v1/contacts/{id}/merge`` merges another contact into this one (its identities,
+conversations and profile move here); ``GET /api/v1/contacts/{id}/merges`` lists the
+merges into a contact; ``POST /api/v1/merges/{id}/undo`` puts back exactly what a merge
+moved, or answers 409 saying what changed since (then it could no longer be exact).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.desk.openapi import Endpoint
+from gateway.identity import Identity
+from gateway.keys import OUTBOX, STORE
+from gateway.model import Agent
+from gateway.store.contacts import Merge, MergeConflict
+
+# The api module imports this one (for the endpoint table), so its names are imported
+# where they are used.
+
+
+class MergeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    contact_id: str = Field(min_length=1, max_length=64,
+                            description="the contact merged into this one (it lives on here)")
+
+
+class MergeList(BaseModel):
+    items: list[Merge] = Field(description="newest first")
+
+
+CONTACT_MODELS: list[type[BaseModel]] = [MergeIn, Merge, MergeList]
+
+
+def _identity(request: web.Request) -> Identity:
+    return Identity(request.config_dict[STORE], request.config_dict[OUTBOX])
+
+
+def _agent(request: web.Request) -> Agent:
+    from gateway.desk.api import AGENT  # noqa: PLC0415 - api imports this module
+
+    return request[AGENT]
+
+
+def _json(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(text=model.model_dump_json(), status=status)
+
+
+async def _merge_in(request: web.Request) -> MergeIn:
+    from gateway.desk.api import _Bad  # noqa: PLC0415 - api imports this module
+
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise _Bad("the body must be JSON") from None
+    try:
+        return MergeIn.model_validate(data)
+    except ValidationError as exc:
+        raise _Bad("; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        ) from None
+
+
+def _conflict(exc: MergeConflict) -> Exception:
+    from gateway.routing import Conflict  # noqa: PLC0415 - keeps this module's imports light
+
+    return Conflict(str(exc))
+
+
+async def merge(request: web.Request) -> web.Response:
+    body = await _merge_in(request)
+    try:
+        record = await _identity(request).merge(
+            request.match_info["id"], body.contact_id, _agent(request).id)
+    except MergeConflict as exc:
+        raise _conflict(exc) from None
+    return _json(record, status=201)
+
+
+async def merges(request: web.Request) -> web.Response:
+    found = await _identity(request).contacts.merges_of(request.match_info["id"])
+    return _json(MergeList(items=found))
+
+
+async def get_merge(request: web.Request) -> web.Response:
+    return _json(await _identity(request).contacts.get_merge(request.match_info["id"]))
+
+
+async def undo_merge(request: web.Request) -> web.Response:
+    try:
+        record = await _identity(request).undo_merge(request.match_info["id"],
+                                                     _agent(request).id)
+    except MergeConflict as exc:
+        raise _conflict(exc) from None
+    return _json(record)
+
+
+def contact_endpoints() -> list[Endpoint]:
+    return [
+        Endpoint(
+            "POST", "/v1/contacts/{id}/merge", merge,
+            "Merge another contact into this one: its identities, conversations and profile "
+            "move here (profile values this contact has stay, unless the other's are newer)",
+            Merge, status=201, body=MergeIn, errors=(401, 403, 404, 409, 503),
+            tag="contacts",
+        ),
+        Endpoint(
+            "GET", "/v1/contacts/{id}/merges", merges,
+            "The merges into this contact, newest first", MergeList,
+            errors=(401, 403, 503), tag="contacts",
+        ),
+        Endpoint(
+            "GET", "/v1/merges/{id}", get_merge, "One merge: exactly what it moved", Merge,
+            errors=(401, 403, 404, 503), tag="contacts",
+        ),
+        Endpoint(
+            "POST", "/v1/merges/{id}/undo", undo_merge,
+            "Undo a merge: put back exactly what it moved. 409 (with the reason) when that "
+            "is no longer exact: something moved or changed since", Merge,
+            errors=(401, 403, 404, 409, 503), tag="contacts",
+        ),
+    ]

@@ -1,0 +1,397 @@
+"""Store operations for one customer on every channel: link tokens, merges and their undo,
+and which conversation a message from another channel continues.
+
+- A *link token* proves that two channel accounts are one person: issued to a customer on
+  one channel (web chat), redeemed by whoever sends it on another (Telegram ``/start``).
+  Only its SHA-256 is stored; it is consumed by one conditional update (one winner), and
+  refused once used, expired or unknown.
+- A *merge* (an agent's decision) moves one contact's identities, conversations and
+  profile onto another and records exactly what moved, so that ``undo`` can put back that
+  and nothing else. Both run in a transaction; an undo that could no longer be exact
+  (something moved or changed since) is refused with the reason.
+- *Channel switch*: a message from a contact's one-to-one thread on channel A continues the
+  contact's open conversation on channel B (the most recently active one); replies go
+  where the customer wrote last (``Conversation.reply_channel`` / ``routes``).
+
+One-to-one only: a thread is the person's own when its key is their external id there
+(web chat visitors, Telegram private chats). Group chats, Slack and email threads keep
+their conversations, so nothing private is continued or answered in a shared place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.collection import AsyncCollection
+
+from gateway.model import Conversation, ConversationRef, OwnerState, utcnow
+from gateway.store.mongo import Doc, NotFound, Store, from_doc, new_id
+
+LINK_PREFIX = "link_"  # a deep-link payload that is a link token (Telegram: [A-Za-z0-9_-])
+LINK_TTL = timedelta(minutes=15)
+# A conversation the bot holds is continued from another channel only if it was active
+# this recently (a human's conversation, queued or assigned, always is).
+SWITCH_WINDOW = timedelta(hours=24)
+OPEN = (OwnerState.BOT, OwnerState.QUEUED, OwnerState.AGENT)
+# Web chat binds a visitor's socket to their one conversation (its seq is the client's
+# watermark), so web chat messages stay in the web chat's own conversation; a conversation
+# that moved on to Telegram comes back there naturally (it is that conversation).
+NO_SWITCH_FROM = frozenset({"webchat"})
+MAX_MERGE_CHAIN = 20
+
+
+class LinkState(StrEnum):
+    LINKED = "linked"  # this identity redeemed it: it is linked
+    EXPIRED = "expired"
+    USED = "used"  # someone else redeemed it
+    UNKNOWN = "unknown"
+
+
+class NoRoute(NotFound):
+    """The contact has no one-to-one thread on the channel asked for."""
+
+
+class MergeConflict(Exception):
+    """A merge or undo that cannot be done (exactly); the message says why."""
+
+
+class Merge(BaseModel):
+    """What one merge moved from ``merged`` onto ``survivor``: undo puts back exactly that."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    survivor: str = Field(description="the contact that lives on")
+    merged: str = Field(description="the contact merged into it")
+    by: str | None = Field(None, description="the agent who merged")
+    merged_at: datetime
+    identities: list[str] = Field(description="identity ids moved (channel:external id)")
+    conversations: dict[str, int] = Field(description="conversation id -> its seq then")
+    profile_added: dict[str, Any] = Field(description="profile keys the survivor gained")
+    profile_replaced: dict[str, dict[str, Any]] = Field(
+        description="key -> {before, after}: newer values that replaced the survivor's")
+    survivor_seq: int = Field(description="the survivor's timeline counter at the merge")
+    undone_at: datetime | None = None
+    undone_by: str | None = None
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_link_payload(payload: str | None) -> bool:
+    return bool(payload) and str(payload).startswith(LINK_PREFIX) and len(str(payload)) <= 64
+
+
+def _newer(mine: Any, theirs: Any) -> bool:
+    """``theirs`` is a profile entry set later than ``mine`` (both engine entries)."""
+    if not (isinstance(mine, dict) and isinstance(theirs, dict)):
+        return False
+    a, b = mine.get("set_at"), theirs.get("set_at")
+    return isinstance(a, datetime) and isinstance(b, datetime) and b > a
+
+
+def _activity(conversation: Conversation) -> datetime:
+    return conversation.last_activity_at or conversation.created_at
+
+
+class ContactStore:
+    """Link tokens, merges, channel switch: typed access over the ``Store``."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.tokens: AsyncCollection[Doc] = store.db["link_tokens"]
+        self.merges: AsyncCollection[Doc] = store.db["contact_merges"]
+
+    # -------------------------------------------------------------- link tokens
+
+    async def create_token(
+        self, contact_id: str, channel: str, *, conversation_id: str | None = None,
+        ttl: timedelta = LINK_TTL,
+    ) -> tuple[str, datetime]:
+        """A new single-use token for ``contact_id`` to be redeemed on ``channel``."""
+        token = LINK_PREFIX + secrets.token_urlsafe(24)
+        now = utcnow()
+        expires = now + ttl
+        await self.tokens.insert_one({
+            "_id": token_hash(token), "contact_id": contact_id, "channel": channel,
+            "conversation_id": conversation_id, "created_at": now, "expires_at": expires,
+            "used_at": None, "used_by": None})
+        return token, expires
+
+    async def consume_token(
+        self, token: str, channel: str, identity_id: str
+    ) -> tuple[LinkState, str | None]:
+        """Redeem ``token`` for ``identity_id``: (state, the contact to link to if LINKED).
+
+        One conditional update: of two concurrent redeemers exactly one wins. Redeeming
+        again by the same identity (a redelivered message) is LINKED again.
+        """
+        now = utcnow()
+        key = token_hash(token)
+        won = await self.tokens.update_one(
+            {"_id": key, "used_at": None, "channel": channel, "expires_at": {"$gt": now}},
+            {"$set": {"used_at": now, "used_by": identity_id}})
+        doc = await self.tokens.find_one({"_id": key})
+        state = self._state(doc, channel, identity_id, now, won.matched_count == 1)
+        if state is not LinkState.LINKED or doc is None:
+            return state, None
+        return state, await self.survivor(str(doc["contact_id"]))
+
+    async def token_state(self, token: str, channel: str, identity_id: str) -> LinkState:
+        doc = await self.tokens.find_one({"_id": token_hash(token)})
+        return self._state(doc, channel, identity_id, utcnow(), False)
+
+    @staticmethod
+    def _state(
+        doc: Doc | None, channel: str, identity_id: str, now: datetime, won: bool
+    ) -> LinkState:
+        if doc is None or doc.get("channel") != channel:
+            return LinkState.UNKNOWN
+        if won or doc.get("used_by") == identity_id:
+            return LinkState.LINKED
+        if doc.get("used_at") is not None:
+            return LinkState.USED
+        return LinkState.EXPIRED if doc["expires_at"] <= now else LinkState.UNKNOWN
+
+    async def survivor(self, contact_id: str) -> str:
+        """The contact that ``contact_id`` lives on as (itself unless merged)."""
+        for _ in range(MAX_MERGE_CHAIN):
+            doc = await self.store.contacts.find_one({"_id": contact_id}, {"merged_into": 1})
+            if doc is None or not doc.get("merged_into"):
+                return contact_id
+            contact_id = str(doc["merged_into"])
+        return contact_id
+
+    # ------------------------------------------------------------ channel switch
+
+    async def _own_threads(self, contact_id: str) -> set[str]:
+        """``channel:thread key`` of the contact's one-to-one threads (key = their id)."""
+        return {str(d["_id"]) async for d in self.store.identities.find(
+            {"contact_id": contact_id}, {"_id": 1})}
+
+    async def conversation_to_continue(
+        self, channel: str, thread_key: str, contact_id: str, sender_external_id: str
+    ) -> Conversation | None:
+        """The contact's open conversation on another channel that this message continues,
+        or None (the message goes to its own thread's conversation, as always)."""
+        if thread_key != sender_external_id or channel in NO_SWITCH_FROM:
+            return None  # not the person's own thread (a group, a Slack or email thread)
+        docs = self.store.conversations.find({
+            "contact_id": contact_id, "owner": {"$in": [o.value for o in OPEN]},
+            "channel": {"$ne": channel}})
+        since = utcnow() - SWITCH_WINDOW
+        others = [c for c in [from_doc(Conversation, d) async for d in docs]
+                  if c.owner is not OwnerState.BOT or _activity(c) >= since]
+        if not others:
+            return None
+        own_threads = await self._own_threads(contact_id)
+        others = [c for c in others if f"{c.channel}:{c.thread_key}" in own_threads]
+        if not others:
+            return None
+        best = max(others, key=_activity)
+        own = await self.store.find_conversation(channel, thread_key)
+        if (own is not None and own.contact_id == contact_id and own.owner in OPEN
+                and (own.owner is not OwnerState.BOT or _activity(own) >= since)
+                and _activity(own) >= _activity(best)):
+            return None  # the customer's own thread here is the more recent one
+        return best
+
+    async def note_inbound(
+        self, conversation: Conversation, channel: str, thread_key: str
+    ) -> Conversation:
+        """The customer wrote in ``conversation`` from (channel, thread key): replies go
+        there from now on. Writes only when that changes where replies go."""
+        own = (channel, thread_key) == (conversation.channel, conversation.thread_key)
+        if own and conversation.reply_channel is None:
+            return conversation
+        if not own and conversation.reply_channel == channel and (
+                conversation.routes.get(channel) == thread_key):
+            return conversation
+        update: Doc = {"reply_channel": None if own else channel}
+        if not own:
+            update[f"routes.{channel}"] = thread_key
+        await self.store.conversations.update_one({"_id": conversation.id}, {"$set": update})
+        routes = conversation.routes if own else {**conversation.routes, channel: thread_key}
+        return conversation.model_copy(
+            update={"reply_channel": update["reply_channel"], "routes": routes})
+
+    async def route(self, conversation: Conversation, channel: str | None) -> ConversationRef:
+        """Where an outbound item of ``conversation`` goes: on ``channel`` if asked (the
+        conversation's own thread, or the contact's one-to-one thread there), else where
+        the customer wrote last. Raises NoRoute if the contact has no thread there."""
+        own = ConversationRef(channel=conversation.channel, thread_key=conversation.thread_key)
+        wanted = channel or conversation.reply_channel
+        if wanted is None or wanted == conversation.channel:
+            return own
+        if wanted in conversation.routes:
+            return ConversationRef(channel=wanted, thread_key=conversation.routes[wanted])
+        if channel is None:
+            return own  # a reply channel without its thread (cannot happen): stay home
+        threads = await self._own_threads(conversation.contact_id)
+        for ident in sorted(threads):
+            kind, _, external_id = ident.partition(":")
+            # a thread whose key is the person's id there is their own (one-to-one)
+            if kind == wanted and await self.store.find_conversation(wanted, external_id):
+                return ConversationRef(channel=wanted, thread_key=external_id)
+        raise NoRoute(f"the contact has no {wanted} account to send to")
+
+    # -------------------------------------------------------------------- merges
+
+    async def _txn(self, work: Any) -> Any:
+        async with self.store.client.start_session() as session:
+            return await session.with_transaction(work)
+
+    async def merge(self, survivor: str, merged: str, by: str | None = None) -> Merge:
+        """Move ``merged``'s identities, conversations and profile onto ``survivor``."""
+        if survivor == merged:
+            raise MergeConflict("a contact cannot be merged into itself")
+
+        async def work(s: AsyncClientSession) -> Merge:
+            contacts = self.store.contacts
+            keep = await contacts.find_one({"_id": survivor}, session=s)
+            gone = await contacts.find_one({"_id": merged}, session=s)
+            for cid, doc in ((survivor, keep), (merged, gone)):
+                if doc is None:
+                    raise NotFound(f"contact {cid} does not exist")
+                if doc.get("merged_into"):
+                    raise MergeConflict(
+                        f"contact {cid} was already merged into {doc['merged_into']}")
+            assert keep is not None
+            assert gone is not None
+            identities = [str(d["_id"]) async for d in self.store.identities.find(
+                {"contact_id": merged}, {"_id": 1}, session=s)]
+            conversations = {str(d["_id"]): int(d["seq"]) async for d in
+                             self.store.conversations.find({"contact_id": merged},
+                                                           {"seq": 1}, session=s)}
+            mine: dict[str, Any] = keep.get("profile") or {}
+            added = {k: v for k, v in (gone.get("profile") or {}).items() if k not in mine}
+            replaced = {k: {"before": mine[k], "after": v}
+                        for k, v in (gone.get("profile") or {}).items()
+                        if k in mine and _newer(mine[k], v)}
+            record = Merge(
+                id=new_id(), survivor=survivor, merged=merged, by=by, merged_at=utcnow(),
+                identities=identities, conversations=conversations, profile_added=added,
+                profile_replaced=replaced, survivor_seq=int(keep.get("seq", 0)))
+            await self.store.identities.update_many(
+                {"_id": {"$in": identities}}, {"$set": {"contact_id": survivor}}, session=s)
+            await self.store.conversations.update_many(
+                {"_id": {"$in": list(conversations)}}, {"$set": {"contact_id": survivor}},
+                session=s)
+            sets = {f"profile.{k}": v for k, v in added.items()}
+            sets.update({f"profile.{k}": v["after"] for k, v in replaced.items()})
+            update: Doc = {"$push": {"merged_from": merged}}
+            if sets:
+                update["$set"] = sets
+            await contacts.update_one({"_id": survivor}, update, session=s)
+            done = await contacts.update_one(
+                {"_id": merged, "merged_into": {"$in": [None]}},
+                {"$set": {"merged_into": survivor}}, session=s)
+            if done.matched_count != 1:
+                raise MergeConflict(f"contact {merged} was merged concurrently")
+            doc = record.model_dump(mode="python")
+            doc["_id"] = doc.pop("id")
+            await self.merges.insert_one(doc, session=s)
+            return record
+
+        result: Merge = await self._txn(work)
+        return result
+
+    async def get_merge(self, merge_id: str) -> Merge:
+        doc = await self.merges.find_one({"_id": merge_id})
+        if doc is None:
+            raise NotFound(f"merge {merge_id} does not exist")
+        data = dict(doc)
+        data["id"] = data.pop("_id")
+        return Merge.model_validate(data)
+
+    async def merges_of(self, contact_id: str) -> list[Merge]:
+        """Merges into ``contact_id``, newest first."""
+        ids = [str(d["_id"]) async for d in self.merges.find({"survivor": contact_id},
+                                                             {"_id": 1})]
+        found = [await self.get_merge(i) for i in ids]
+        return sorted(found, key=lambda m: m.merged_at, reverse=True)
+
+    async def undo(self, merge_id: str, by: str | None = None) -> Merge:
+        """Put back exactly what the merge moved; MergeConflict if that is no longer exact."""
+
+        async def work(s: AsyncClientSession) -> Merge:
+            record = await self.get_merge(merge_id)
+            if record.undone_at is not None:
+                raise MergeConflict("this merge was already undone")
+            await self._check_exact(record, s)
+            keep, gone = record.survivor, record.merged
+            await self.store.identities.update_many(
+                {"_id": {"$in": record.identities}}, {"$set": {"contact_id": gone}},
+                session=s)
+            await self.store.conversations.update_many(
+                {"_id": {"$in": list(record.conversations)}}, {"$set": {"contact_id": gone}},
+                session=s)
+            survivor_doc = await self.store.contacts.find_one(
+                {"_id": keep}, {"merged_from": 1}, session=s) or {}
+            update: Doc = (
+                {"$pull": {"merged_from": gone}}
+                if set(survivor_doc.get("merged_from") or []) - {gone}
+                else {"$unset": {"merged_from": ""}})  # as it was before any merge
+            if record.profile_added:
+                update.setdefault("$unset", {}).update(
+                    {f"profile.{k}": "" for k in record.profile_added})
+            if record.profile_replaced:
+                update["$set"] = {f"profile.{k}": v["before"]
+                                  for k, v in record.profile_replaced.items()}
+            await self.store.contacts.update_one({"_id": keep}, update, session=s)
+            await self.store.contacts.update_one(
+                {"_id": gone}, {"$unset": {"merged_into": ""}}, session=s)
+            now = utcnow()
+            done = await self.merges.update_one(
+                {"_id": merge_id, "undone_at": None},
+                {"$set": {"undone_at": now, "undone_by": by}}, session=s)
+            if done.matched_count != 1:
+                raise MergeConflict("this merge was undone concurrently")
+            return record.model_copy(update={"undone_at": now, "undone_by": by})
+
+        result: Merge = await self._txn(work)
+        return result
+
+    async def _check_exact(self, record: Merge, s: AsyncClientSession) -> None:
+        """Raise MergeConflict naming the first thing that changed since the merge."""
+        keep = await self.store.contacts.find_one({"_id": record.survivor}, session=s)
+        if keep is None:
+            raise NotFound(f"contact {record.survivor} does not exist")
+        if keep.get("merged_into"):
+            raise MergeConflict(
+                f"contact {record.survivor} was itself merged into {keep['merged_into']} "
+                "since; undo that merge first")
+        async for doc in self.store.identities.find(
+                {"_id": {"$in": record.identities}}, session=s):
+            if doc["contact_id"] != record.survivor:
+                raise MergeConflict(f"identity {doc['_id']} was moved to another contact "
+                                    "since the merge")
+        async for doc in self.store.conversations.find(
+                {"_id": {"$in": list(record.conversations)}}, session=s):
+            if doc["contact_id"] != record.survivor:
+                raise MergeConflict(f"conversation {doc['_id']} was moved to another "
+                                    "contact since the merge")
+            if int(doc["seq"]) != record.conversations[str(doc["_id"])]:
+                raise MergeConflict(f"conversation {doc['_id']} has new messages since the "
+                                    "merge")
+        moved = set(record.identities)
+        async for doc in self.store.messages.find(
+                {"contact_id": record.survivor, "contact_seq": {"$gt": record.survivor_seq},
+                 "direction": "in"}, {"channel": 1, "sender": 1}, session=s):
+            if f"{doc['channel']}:{(doc.get('sender') or {}).get('id')}" in moved:
+                raise MergeConflict(f"the merged contact wrote on {doc['channel']} since the "
+                                    "merge (that conversation belongs to both now)")
+        profile = keep.get("profile") or {}
+        for key, value in record.profile_added.items():
+            if profile.get(key) != value:
+                raise MergeConflict(f"profile field {key!r} changed since the merge")
+        for key, change in record.profile_replaced.items():
+            if profile.get(key) != change["after"]:
+                raise MergeConflict(f"profile field {key!r} changed since the merge")
