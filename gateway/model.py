@@ -215,6 +215,24 @@ class Lease(_Model):
     until: datetime
 
 
+class Sla(_Model):
+    """Targets for one handoff (from its priority) and how they were met."""
+
+    first_response_due: datetime | None = None
+    resolution_due: datetime | None = None
+    first_response_at: datetime | None = None  # the first agent reply after the handoff
+    resolved_at: datetime | None = None
+    first_response_breached: bool = False
+    resolution_breached: bool = False
+
+
+class Csat(_Model):
+    asked_at: datetime
+    score: int | None = Field(None, ge=1, le=5)
+    comment: str | None = None
+    answered_at: datetime | None = None
+
+
 class Conversation(_Model):
     id: str
     channel: str
@@ -234,6 +252,9 @@ class Conversation(_Model):
     # to the channel they used last (None: this conversation's own channel).
     routes: dict[str, str] = Field(default_factory=dict)
     reply_channel: str | None = None
+    # Service levels (gateway/sla.py) and the customer's rating after resolve (CSAT).
+    sla: Sla | None = None
+    csat: Csat | None = None
 
 
 class AgentRole(StrEnum):
