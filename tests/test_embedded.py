@@ -118,7 +118,12 @@ async def test_stop_right_after_start_is_clean(
         started = asyncio.get_running_loop().time()
         await store.stop()
         elapsed = asyncio.get_running_loop().time() - started
-        assert process.returncode == 0, f"attempt {attempt}: exit code {process.returncode}"
+        # exit 0; or 1 when a repeated SIGTERM landed in the server's running handler
+        # (EmbeddedStore.stop); never killed
+        expected = {0} if store.stop_signals == 1 else {0, 1}
+        assert process.returncode in expected, (
+            f"attempt {attempt}: exit code {process.returncode} after "
+            f"{store.stop_signals} SIGTERM(s)")
         assert elapsed < embedded_module.STOP_TIMEOUT - 2, f"attempt {attempt}: {elapsed:.1f} s"
 
 
