@@ -20,8 +20,10 @@ from flows.engine import FlowEngine
 from flows.registry import FlowRegistry
 from gateway.aio import raise_if_cancelled
 from gateway.assign import Assigner
+from gateway.csat import csat_config
 from gateway.desk.agents import Agents
 from gateway.desk.api import DeskApi
+from gateway.desk.live import setup_live
 from gateway.keys import (
     AGENTS,
     CONNECTORS,
@@ -36,6 +38,7 @@ from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
 from gateway.settings import Settings
+from gateway.sla import ServiceLevels
 from gateway.store import Store
 from gateway.store.access import ensure_indexes as ensure_access_indexes
 from gateway.store.embedded import EmbeddedStore
@@ -154,6 +157,10 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         sweep_seconds=settings.outbox_sweep_seconds,
     )
     routing = Routing(store, outbox)
+    routing.levels = ServiceLevels(store, outbox, targets=settings.sla_target_map(),
+                                   hours=settings.team_hours(),
+                                   check_seconds=settings.sla_check_seconds)
+    routing.configure_csat(csat_config(settings))
     bot_name = parts.flows.current().domain.bot_name
     pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot_name)
     app[OUTBOX], app[ROUTING], app[PIPELINE] = outbox, routing, pipeline
@@ -163,6 +170,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     outbox.start()
     pipeline.start()
     assigner.start()
+    routing.levels.start()  # the SLA breach checker
     if settings.flows_hot_reload:
         await parts.flows.start()
     context = ConnectorContext(ingest=pipeline.ingest, store=store)
@@ -176,6 +184,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
             await connector.stop()
         await pipeline.stop()
         await assigner.stop()
+        await routing.levels.stop()
         await outbox.stop()
         await parts.flows.stop()
         if parts.actions is not None:
@@ -204,4 +213,5 @@ def create_app(settings: Settings) -> web.Application:
         connector.setup(app)
     app.add_subapp("/api", DeskApi().app())
     app.cleanup_ctx.extend([store_ctx, core_ctx])
+    setup_live(app)  # the console socket and the change feed (gateway/desk/live.py)
     return app

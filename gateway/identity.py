@@ -8,6 +8,14 @@ conversation, so that very message already belongs to the web chat's contact and
 continues its open conversation. Expired, used and unknown tokens are refused politely;
 nothing else ever links two accounts.
 
+Or the web chat visitor gives an email address: a 6-digit code is mailed there
+(``request_email_code``, through the email connector's SMTP sender; store side in
+store/email_link.py) and sent back (``confirm_email_code``): on the right code only, the
+address becomes an identity of the visitor's contact (``ContactStore.claim_identity``),
+unless another customer with a history holds it — then it is refused ("an agent can
+merge"), never merged silently. A new mail from that address to our address alone then
+continues the visitor's open conversation (the channel switch below).
+
 Agents can also merge two contacts and undo a merge (``ContactStore``, recorded exactly).
 
 The channel switch: ``Pipeline.open_conversation`` asks ``continue_elsewhere`` whether a
@@ -21,7 +29,8 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Protocol, runtime_checkable
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -37,6 +46,8 @@ from gateway.model import (
 from gateway.outbox import Outbox
 from gateway.store import Store
 from gateway.store.contacts import ContactStore, LinkState, Merge, is_link_payload
+from gateway.store.email_link import CODE_TTL, CodeState, EmailCodes, RateLimited
+from gateway.timeline import add_source
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +60,33 @@ LINK_ANSWERS = {
     LinkState.UNKNOWN: "Sorry, this link is not valid. Ask for a new one in the web chat.",
 }
 
-__all__ = ["DeepLinks", "Identity", "LinkOffer", "LinkUnavailable", "is_link_payload"]
+EMAIL = "email"
+
+
+class EmailLink(StrEnum):
+    """How a confirmed (or refused) email code ended."""
+
+    LINKED = "linked"
+    ALREADY_LINKED = "already_linked"  # the address belongs to another customer
+    WRONG = CodeState.WRONG.value
+    EXPIRED = CodeState.EXPIRED.value
+    TOO_MANY = CodeState.TOO_MANY.value
+    NONE = CodeState.NONE.value
+
+
+EMAIL_ANSWERS = {
+    EmailLink.LINKED: "Your email address {address} is verified: mail from it now reaches "
+    "us as you, and continues this conversation.",
+    EmailLink.ALREADY_LINKED: "This email address is already linked to another customer "
+    "account. An agent can merge the two.",
+    EmailLink.WRONG: "That code is not right. {left} tries left.",
+    EmailLink.EXPIRED: "This code has expired. Ask for a new one.",
+    EmailLink.TOO_MANY: "Too many wrong tries. Ask for a new code.",
+    EmailLink.NONE: "No code is waiting for confirmation. Ask for a new one.",
+}
+
+__all__ = ["CodeMailer", "DeepLinks", "EmailLink", "EmailLinkResult", "Identity",
+           "InvalidAddress", "LinkOffer", "LinkUnavailable", "RateLimited", "is_link_payload"]
 
 
 @runtime_checkable
@@ -61,6 +98,26 @@ class DeepLinks(Protocol):
 
 class LinkUnavailable(Exception):
     """No link can be made for that channel (not enabled, or its account is unknown)."""
+
+
+@runtime_checkable
+class CodeMailer(Protocol):
+    """A connector that can mail a verification code (the email connector)."""
+
+    def verifiable(self, address: str) -> str | None: ...
+
+    async def send_code(self, address: str, code: str, minutes: int) -> None: ...
+
+
+class InvalidAddress(ValueError):
+    """Not an email address a code can be sent to."""
+
+
+class EmailLinkResult(BaseModel):
+    state: EmailLink
+    address: str | None = None
+    attempts_left: int = 0
+    message: str
 
 
 class LinkOffer(BaseModel):
@@ -103,8 +160,12 @@ class Identity:
         state, contact_id = await self.contacts.consume_token(
             message.deep_link, message.channel, identity_id)
         if contact_id is not None:
+            had = await self.store.identities.find_one({"_id": identity_id}, {"contact_id": 1})
             await self.store.link_identity(
                 message.channel, message.sender_external_id, contact_id, message.sender.name)
+            if had is not None and had["contact_id"] != contact_id:
+                # its conversations moved here; their items keep the old contact's id
+                await add_source(self.store, contact_id, str(had["contact_id"]))
             log.info("identity: %s linked to contact %s", identity_id, contact_id)
         else:
             log.info("identity: link token refused for %s: %s", identity_id, state.value)
@@ -119,13 +180,59 @@ class Identity:
                               dedupe_key=f"{item.id}:link", channel=item.channel)
         await self.outbox.enqueue(conversation, [draft])
 
+    # ------------------------------------------------------------- email codes
+
+    def _mailer(self) -> CodeMailer:
+        mailer = self.outbox.connectors.get(EMAIL)
+        if not isinstance(mailer, CodeMailer):
+            raise LinkUnavailable("email is not configured on this gateway")
+        return mailer
+
+    async def request_email_code(
+        self, requester: str, contact_id: str, address: str,
+        conversation_id: str | None = None,
+    ) -> tuple[str, datetime]:
+        """Mail a one-time code to ``address`` for ``requester`` (a web chat visitor):
+        (the normalised address, when the code expires). Raises InvalidAddress,
+        RateLimited (nothing sent) or LinkUnavailable (email off, or the mail failed)."""
+        mailer = self._mailer()
+        found = mailer.verifiable(address)
+        if found is None:
+            raise InvalidAddress("that is not an email address we can send a code to")
+        code, expires = await EmailCodes(self.store).issue(
+            requester, contact_id, found, conversation_id)
+        try:
+            await mailer.send_code(found, code, int(CODE_TTL.total_seconds() // 60))
+        except Exception as exc:  # DeliveryError: the SMTP server refused or is down
+            log.warning("identity: verification mail to %s failed: %s", found, exc)
+            raise LinkUnavailable("the code could not be mailed; try again later") from exc
+        log.info("identity: verification code mailed to %s for %s", found, requester)
+        return found, expires
+
+    async def confirm_email_code(self, requester: str, code: str) -> EmailLinkResult:
+        """The code sent back: link the address to the requester's contact if it is the
+        right one (once). Nothing is linked on anything else."""
+        state, doc, left = await EmailCodes(self.store).check(requester, code)
+        address = str(doc["address"]) if doc is not None else None
+        if state is not CodeState.RIGHT or doc is None or address is None:
+            result = EmailLink(state.value)
+        else:
+            contact_id = await self.contacts.survivor(str(doc["contact_id"]))
+            linked = await self.contacts.claim_identity(EMAIL, address, contact_id)
+            result = EmailLink.LINKED if linked else EmailLink.ALREADY_LINKED
+            log.info("identity: %s for %s: %s", address, contact_id, result.value)
+        fields: dict[str, Any] = {"address": address, "left": left}
+        return EmailLinkResult(state=result, address=address, attempts_left=left,
+                               message=EMAIL_ANSWERS[result].format(**fields))
+
     # ----------------------------------------------------------- channel switch
 
     async def continue_elsewhere(
-        self, channel: str, thread_key: str, contact_id: str, sender_external_id: str
+        self, channel: str, thread_key: str, contact_id: str, sender_external_id: str,
+        *, one_to_one: bool = False,
     ) -> Conversation | None:
         return await self.contacts.conversation_to_continue(
-            channel, thread_key, contact_id, sender_external_id)
+            channel, thread_key, contact_id, sender_external_id, one_to_one=one_to_one)
 
     async def note_inbound(
         self, conversation: Conversation, channel: str, thread_key: str

@@ -33,6 +33,7 @@ class ActivityType(StrEnum):
 class Direction(StrEnum):
     INBOUND = "in"
     OUTBOUND = "out"
+    INTERNAL = "internal"  # a private note: stays with the agents, never sent
 
 
 class Role(StrEnum):
@@ -141,6 +142,9 @@ class Activity(_Model):
     delivery: Delivery | None = None  # outbound only
     dedupe_key: str | None = None  # outbound: makes re-processing idempotent
     idem_key: str | None = None  # stored items: "in:<channel>:<external id>" or "out:<key>"
+    # A private note (gateway/desk/notes_api.py): agents see it in the history in order;
+    # no channel ever sends it to the customer (web chat sends a content-free "skip").
+    private: bool = False
 
 
 class InboundMessage(_Model):
@@ -206,6 +210,7 @@ class Handoff(_Model):
     team: str | None = None  # route to this team (issue 5); None: any team
     priority: str = "normal"  # low, normal, high, urgent
     requested_at: datetime
+    topic: str | None = None  # the bot flow that handed off (analytics; None: no flow ran)
 
 
 class Lease(_Model):
@@ -218,6 +223,8 @@ class Lease(_Model):
 class Sla(_Model):
     """Targets for one handoff (from its priority) and how they were met."""
 
+    started_at: datetime | None = None  # the handoff's time: keys this set of timers
+    team: str | None = None  # whose business hours the clock runs in (None: default)
     first_response_due: datetime | None = None
     resolution_due: datetime | None = None
     first_response_at: datetime | None = None  # the first agent reply after the handoff

@@ -161,6 +161,9 @@ class Outbox:
     async def _attempt(self, item: Activity) -> None:
         assert item.delivery is not None
         attempts = item.delivery.attempts
+        if item.private:  # a private note is for agents only: never given to a connector
+            await self._finish(item, DeliveryResult(DeliveryStatus.SKIPPED))
+            return
         connector = self.connectors.get(item.channel)
         conversation = self._known.get(item.conversation_id)
         if conversation is None:

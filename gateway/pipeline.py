@@ -20,7 +20,9 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Mapping
 from datetime import timedelta
+from typing import Any
 
 from pymongo.errors import PyMongoError
 
@@ -84,14 +86,17 @@ class Pipeline:
     # ------------------------------------------------------------------ inbound
 
     async def open_conversation(
-        self, channel: str, thread_key: str, sender_external_id: str, name: str | None = None
+        self, channel: str, thread_key: str, sender_external_id: str, name: str | None = None,
+        *, one_to_one: bool = False,
     ) -> Conversation:
         identity = await self.store.resolve_identity(channel, sender_external_id, name)
         if not identity.reachable:  # they wrote to us: reachable again (unblocked, ...)
             await self.store.set_identity_reachable(channel, sender_external_id, True)
         # channel switch: a linked customer's open conversation elsewhere goes on here
+        # (one_to_one: the connector vouches that only the sender and we are in it)
         elsewhere = await self.identity.continue_elsewhere(
-            channel, thread_key, identity.contact_id, sender_external_id)
+            channel, thread_key, identity.contact_id, sender_external_id,
+            one_to_one=one_to_one)
         if elsewhere is not None:
             return elsewhere
         return await self.store.resolve_conversation(channel, thread_key, identity.contact_id)
@@ -110,7 +115,8 @@ class Pipeline:
         if is_link_payload(message.deep_link):  # a link token: link first (verified)
             await self.identity.redeem(message)
         conversation = await self.open_conversation(
-            message.channel, message.thread_key, message.sender_external_id, message.sender.name
+            message.channel, message.thread_key, message.sender_external_id, message.sender.name,
+            one_to_one=message.channel_data.get("one_to_one") is True,
         )
         conversation = await self.identity.note_inbound(
             conversation, message.channel, message.thread_key)
@@ -202,6 +208,8 @@ class Pipeline:
         if is_link_payload(item.deep_link):  # answered here, whoever owns it; not the bot's
             await self.identity.answer_link(conversation, item)
             return
+        if await self.routing.csat.take_answer(conversation, item):
+            return  # the answer to the CSAT question: recorded, thanked, not reopened
         if conversation.owner is OwnerState.RESOLVED:
             reopened = await self.routing.reopen(conversation.id, f"{item.id}:reopen")
             conversation = reopened or conversation
@@ -237,9 +245,12 @@ class Pipeline:
                 team=turn.handoff.team,
                 priority=turn.handoff.priority,
                 dedupe_key=f"{item.id}:handoff",
+                topic=_flow(conversation.bot_state) or _flow(turn.state),
             )
         elif turn.resolve:
-            await self.routing.bot_resolve(conversation.id, f"{item.id}:resolve")
+            await self.routing.bot_resolve(
+                conversation.id, f"{item.id}:resolve",
+                topic=_flow(conversation.bot_state) or _flow(turn.state))
 
     def _drafts(self, item: Activity, turn: BotTurn) -> list[OutboundDraft]:
         """The bot's replies to ``item``; the dedupe key makes a re-run say them once."""
@@ -275,3 +286,9 @@ class Pipeline:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self._background.stop(grace)
+
+
+def _flow(state: Mapping[str, Any]) -> str | None:
+    """The bot flow a bot state was in (analytics' topic), if any."""
+    flow = state.get("flow")
+    return flow if isinstance(flow, str) and flow else None

@@ -19,6 +19,8 @@ import logging
 from collections.abc import Callable
 from datetime import timedelta
 
+from gateway.analytics import Outcomes
+from gateway.csat import CsatConfig, CsatSurvey
 from gateway.model import (
     Activity,
     ActivityType,
@@ -33,6 +35,7 @@ from gateway.model import (
     utcnow,
 )
 from gateway.outbox import Outbox
+from gateway.sla import ServiceLevels
 from gateway.store import NotFound, Store
 from gateway.store.queue import Assigned, QueueStore
 
@@ -61,6 +64,11 @@ class Routing:
         self.outbox = outbox
         self.queue = QueueStore(store)
         self._wake: Callable[[], None] = _nothing
+        # Every resolve records an outcome (analytics) and may ask CSAT (gateway/csat.py).
+        self.outcomes = Outcomes(store)
+        self.csat = CsatSurvey(store, outbox, self.outcomes)
+        # SLA timers and business hours (gateway/sla.py; configured in app.core_ctx).
+        self.levels = ServiceLevels(store, outbox)
 
     def on_wake(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever a conversation may now be assignable."""
@@ -92,15 +100,17 @@ class Routing:
         team: str | None = None,
         priority: str = "normal",
         dedupe_key: str | None = None,
+        topic: str | None = None,
     ) -> Conversation | None:
         """Bot → queue, with a reason. None if the bot did not own the conversation."""
         handoff = Handoff(reason=reason, skill=skill, team=team, priority=priority,
-                          requested_at=utcnow())
+                          requested_at=utcnow(), topic=topic)
         conversation = await self.store.transition(
             conversation_id,
             {OwnerState.BOT},
             OwnerState.QUEUED,
-            also={"handoff": handoff.model_dump(mode="python"), "assignee_id": None},
+            also={"handoff": handoff.model_dump(mode="python"), "assignee_id": None,
+                  "sla": self.levels.plan(handoff, self.levels.clock()).model_dump()},
         )
         if conversation is None:
             return None
@@ -112,6 +122,7 @@ class Routing:
             "you have written so far.",
             dedupe_key,
         )
+        await self.levels.handed_off(conversation)  # closed now? tell them when we open
         self.wake()
         return conversation
 
@@ -158,6 +169,7 @@ class Routing:
             channel=channel,
         )
         [item] = await self.outbox.enqueue(conversation, [draft])
+        await self.levels.replied(conversation)  # the first reply meets the first target
         return item
 
     async def resolve(self, conversation_id: str, agent: Agent) -> Conversation:
@@ -168,10 +180,12 @@ class Routing:
         if conversation is None:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can resolve this conversation", current)
+        conversation = await self.levels.resolved(conversation)  # SLA: resolved_at
         self.wake()
         await self._event(
             conversation, "resolved", f"{agent.name} marked this conversation as resolved."
         )
+        await self._ended(conversation, "agent", agent=agent)
         return conversation
 
     async def handback(self, conversation_id: str, agent: Agent) -> Conversation:
@@ -282,14 +296,29 @@ class Routing:
         self.wake()
         return updated
 
-    async def bot_resolve(self, conversation_id: str, dedupe_key: str) -> Conversation | None:
-        """The bot closed the conversation (the customer's need is met)."""
+    async def bot_resolve(
+        self, conversation_id: str, dedupe_key: str, topic: str | None = None
+    ) -> Conversation | None:
+        """The bot closed the conversation (the customer's need is met); ``topic``: the
+        flow that did it (analytics)."""
         conversation = await self.store.transition(
             conversation_id, {OwnerState.BOT}, OwnerState.RESOLVED, also={"bot_state": {}}
         )
         if conversation is not None:
             await self._event(conversation, "resolved", "Conversation resolved.", dedupe_key)
+            await self._ended(conversation, "bot", topic=topic)
         return conversation
+
+    async def _ended(self, conversation: Conversation, resolved_by: str, *,
+                     agent: Agent | None = None, topic: str | None = None) -> None:
+        """Record the outcome (analytics) and ask CSAT if configured (gateway/csat.py)."""
+        outcome = await self.outcomes.record(conversation, resolved_by=resolved_by,
+                                             agent=agent, topic=topic)
+        if self.csat.wants(resolved_by):
+            await self.csat.ask(conversation, outcome)
+
+    def configure_csat(self, config: CsatConfig) -> None:
+        self.csat.config = config
 
     async def reopen(self, conversation_id: str, dedupe_key: str) -> Conversation | None:
         """Resolved → bot, when the customer writes again."""

@@ -23,6 +23,8 @@ from gateway.channel_settings import (
     TlsMode,
     default_port,
 )
+from gateway.hours import ALWAYS_OPEN, TeamHours, load_teams
+from gateway.sla import DEFAULT_TARGETS_TEXT, Target, parse_targets
 
 ENV_PREFIX = "OMNIGATE_"
 DEFAULT_FLOWS_DIR = Path(__file__).resolve().parent.parent / "examples" / "flows"
@@ -68,6 +70,23 @@ class Settings(BaseSettings):
     # sweeper (re-queue, assignment safety net, load repair) runs this often.
     agent_offline_grace_seconds: float = Field(120.0, ge=0, le=86400)
     routing_sweep_seconds: float = Field(5.0, gt=0, le=300)
+
+    # Service levels (gateway/sla.py): first response/resolution per priority, measured in
+    # each team's business hours (OMNIGATE_TEAMS_FILE, gateway/hours.py; none: always open);
+    # the breach checker runs this often.
+    sla_targets: str = DEFAULT_TARGETS_TEXT
+    teams_file: Path | None = None
+    sla_check_seconds: float = Field(15.0, gt=0, le=3600)
+
+    # CSAT (gateway/csat.py): after an agent resolves (and, with csat_after_bot, after the
+    # bot does), ask the customer to rate the help 1-5; answers count within the window.
+    csat: bool = False
+    csat_after_bot: bool = False
+    csat_question: str = Field(
+        "How satisfied are you with the help you got? Rate us from 1 (poor) to 5 (excellent).",
+        min_length=1, max_length=1000)
+    csat_thanks: str = Field("Thank you for your feedback!", min_length=1, max_length=1000)
+    csat_window_hours: float = Field(24.0, gt=0, le=24 * 30)
 
     # Telegram (on when the token is set)
     telegram_token: str | None = Field(None, pattern=r"^\d+:[A-Za-z0-9_-]+$")
@@ -202,6 +221,25 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("mongodb://", "mongodb+srv://")):
             raise ValueError("must start with mongodb:// or mongodb+srv://")
         return value or None
+
+    @field_validator("sla_targets")
+    @classmethod
+    def _check_sla_targets(cls, value: str) -> str:
+        parse_targets(value)
+        return value
+
+    @field_validator("teams_file")
+    @classmethod
+    def _check_teams_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            load_teams(value)
+        return value
+
+    def sla_target_map(self) -> dict[str, Target]:
+        return parse_targets(self.sla_targets)
+
+    def team_hours(self) -> TeamHours:
+        return ALWAYS_OPEN if self.teams_file is None else load_teams(self.teams_file)
 
     @field_validator("flows_dir")
     @classmethod

@@ -193,6 +193,7 @@ class Visitor:
         self.watermark: int | None = None
         self.items: list[dict[str, Any]] = []  # every message/event received, in order
         self.frames: list[dict[str, Any]] = []  # everything else (acks, errors, ...)
+        self.skipped: list[int] = []  # seqs of items the visitor may not see
 
     async def connect(self, *, resume: bool = True) -> dict[str, Any]:
         self.ws = await self.gateway.socket()
@@ -205,7 +206,13 @@ class Visitor:
 
     async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
         assert self.ws is not None
-        frame = await asyncio.wait_for(self.ws.receive_json(), timeout)
+        while True:
+            frame = await asyncio.wait_for(self.ws.receive_json(), timeout)
+            if frame["type"] != "skip":  # a seq the visitor does not see (a private note)
+                break
+            assert self.watermark is None or frame["seq"] == self.watermark + 1
+            self.watermark = frame["seq"]
+            self.skipped.append(frame["seq"])
         if frame["type"] in ("message", "event"):
             assert self.watermark is None or frame["seq"] == self.watermark + 1, (
                 f"out of order or repeated: {frame['seq']} after {self.watermark}")

@@ -263,7 +263,7 @@ async def test_contact_timeline_spans_conversations_newest_first(
         paged += [i["id"] for i in page["items"]]
         if not page["has_more"]:
             break
-        query = f"?limit=3&before={page['next_before']}"
+        query = f"?limit=3&cursor={page['next_cursor']}"
     assert paged == [i["id"] for i in items]
 
     status, contact = await call(gateway, "GET", f"/contacts/{first.contact_id}", alice)

@@ -25,6 +25,7 @@ from bson import Binary
 from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, ConnectorContext, DeliveryError, DeliveryResult
+from connectors.email import verify
 from connectors.email.imap import ImapInbox, ImapOptions, Outcome
 from connectors.email.parse import Limits, ParsedMail, Rejected, leaves, parse_bytes, parse_mail
 from connectors.email.render import HeaderInjection, Outgoing, build, reply_subject
@@ -205,6 +206,8 @@ class EmailConnector(Connector):
         if no_reply:
             await self._hold_for_agents(thread.thread_key, parsed, no_reply)
         message = inbound_message(parsed, thread, source, len(kept))
+        # to us alone: may continue the sender's open conversation on another channel
+        message.channel_data["one_to_one"] = set(parsed.recipients) == {self.address}
         result = await self.context.ingest(message)
         return Outcome.DUPLICATE if result.duplicate else Outcome.STORED
 
@@ -223,6 +226,15 @@ class EmailConnector(Connector):
                                      "assignee_id": None})
 
     # ------------------------------------------------------------------ outbound
+
+    def verifiable(self, address: str) -> str | None:
+        """An address a verification code may be mailed to (normalised), or None."""
+        return verify.verifiable(address, self.address)
+
+    async def send_code(self, address: str, code: str, minutes: int) -> None:
+        """Mail a verification code (gateway/identity.py); raises DeliveryError."""
+        sender = SmtpSender(self.settings.smtp, self.options.smtp_timeout)
+        await verify.send_code(sender, self.address, address, code, minutes)
 
     async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
         if item.type is ActivityType.EVENT or not (item.text or item.buttons):

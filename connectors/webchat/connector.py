@@ -22,14 +22,18 @@ from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, ConnectorContext, DeliveryResult
+from connectors.webchat import email_link
 from connectors.webchat.frames import (
     PROTOCOL_VERSION,
+    EmailLinkRequest,
+    EmailVerify,
     ErrorCode,
     Hello,
     HistoryRequest,
     LinkRequest,
     SendAction,
     SendMessage,
+    Typing,
     error,
 )
 from connectors.webchat.sockets import CHANNEL, Hub, VisitorSocket
@@ -127,6 +131,12 @@ class WebchatConnector(Connector):
         """Push to the visitor's open sockets; otherwise it waits in the store for them."""
         delivered = await self.hub.push(conversation.thread_key, item)
         return DeliveryResult(DeliveryStatus.DELIVERED if delivered else DeliveryStatus.STORED)
+
+    async def show_typing(self, thread_key: str, on: bool, name: str | None) -> int:
+        """An agent is (or stopped) typing: tell the visitor's sockets in this process
+        (gateway/desk/live.py calls it in every process). Returns how many were told."""
+        return await self.hub.tell(thread_key, {"type": "typing", "role": "agent",
+                                                "name": name, "on": on})
 
     # ------------------------------------------------------------------- inbound
 
@@ -286,6 +296,8 @@ class WebchatConnector(Connector):
             try:
                 if kind in ("message", "action"):
                     await self._receive(socket, frame)
+                elif kind == "typing":
+                    await self._typing(socket, frame, request)
                 elif kind == "ping":
                     await socket.send({"type": "pong"})
                 elif kind == "history":
@@ -293,6 +305,8 @@ class WebchatConnector(Connector):
                     await socket.send(await socket.history(asked.before, asked.limit))
                 elif kind == "link":
                     await self._link(socket, LinkRequest.model_validate(frame), request)
+                elif kind in ("email_link", "email_verify"):
+                    await self._email_link(socket, frame, request)
                 elif kind == "hello":
                     await socket.send(error(ErrorCode.ALREADY_READY, "already said hello"))
                 else:
@@ -333,6 +347,33 @@ class WebchatConnector(Connector):
             return
         await socket.send({"type": "link", "channel": offer.channel, "url": offer.url,
                            "expires_at": offer.expires_at.isoformat()})
+
+    async def _email_link(
+        self, socket: VisitorSocket, frame: dict[str, Any], request: web.Request
+    ) -> None:
+        """Link an email address by a mailed code (connectors/webchat/email_link.py)."""
+        from gateway.keys import OUTBOX  # noqa: PLC0415
+
+        outbox = request.config_dict[OUTBOX]
+        if frame.get("type") == "email_link":
+            await email_link.ask_code(socket, EmailLinkRequest.model_validate(frame),
+                                      self.context.store, outbox)
+        else:
+            await email_link.confirm_code(socket, EmailVerify.model_validate(frame),
+                                          self.context.store, outbox)
+
+    async def _typing(
+        self, socket: VisitorSocket, frame: dict[str, Any], request: web.Request
+    ) -> None:
+        """The visitor is (or stopped) typing: agents watching the conversation see it
+        (through the change feed, in every gateway process)."""
+        from gateway.keys import FEED  # noqa: PLC0415 - the core, loaded where it is used
+
+        typing = Typing.model_validate(frame)
+        feed = request.config_dict.get(FEED)
+        conversation_id = await socket.find_conversation()
+        if feed is not None and conversation_id is not None:
+            await feed.typing(conversation_id, "customer", typing.on)
 
     async def _receive(self, socket: VisitorSocket, frame: dict[str, Any]) -> None:
         if frame.get("type") == "message":

@@ -49,6 +49,32 @@ class LinkRequest(_Frame):
     channel: str = Field("telegram", pattern=r"^[a-z]{1,32}$")
 
 
+class EmailLinkRequest(_Frame):
+    """Prove an email address: a one-time code is mailed there (docs/webchat-protocol.md)."""
+
+    type: Literal["email_link"]
+    address: str = Field(min_length=3, max_length=254)
+
+
+class EmailVerify(_Frame):
+    """The code from that mail (spaces and dashes are ignored)."""
+
+    type: Literal["email_verify"]
+    code: str = Field(pattern=r"^[0-9][0-9 -]{4,14}[0-9]$")
+
+    @property
+    def digits(self) -> str:
+        return "".join(c for c in self.code if c.isdigit())
+
+
+class Typing(_Frame):
+    """The visitor is typing (``on``: send again every few seconds while typing) or
+    stopped; agents see it."""
+
+    type: Literal["typing"]
+    on: bool = True
+
+
 class ErrorCode:
     BAD_JSON = "bad_json"
     BAD_FRAME = "bad_frame"
@@ -60,6 +86,15 @@ class ErrorCode:
     INVALID_TOKEN = "invalid_token"  # noqa: S105 - an error code
     UNAVAILABLE = "unavailable"
     LINK_UNAVAILABLE = "link_unavailable"  # that channel is off, or cannot make links now
+    INVALID_ADDRESS = "invalid_address"  # email_link: not an address a code can go to
+    RATE_LIMITED = "rate_limited"  # email_link: too many codes asked for
+    # email_verify: the code was not accepted (nothing linked), or the address belongs
+    # to another customer (an agent can merge)
+    WRONG_CODE = "wrong_code"
+    CODE_EXPIRED = "code_expired"
+    TOO_MANY_ATTEMPTS = "too_many_attempts"
+    NO_CODE = "no_code"
+    ALREADY_LINKED = "already_linked"
     INTERNAL = "internal"
 
 
@@ -68,7 +103,10 @@ def error(code: str, message: str, client_id: str | None = None) -> dict[str, An
 
 
 def item_frame(item: Activity) -> dict[str, Any]:
-    """A stored item as the client sees it (never the raw channel payload)."""
+    """A stored item as the client sees it (never the raw channel payload). A private
+    note is only its seq (a ``skip``: the client advances its watermark, shows nothing)."""
+    if item.private:
+        return {"type": "skip", "seq": item.seq}
     timestamp = item.created_at.isoformat()
     if item.type is ActivityType.EVENT:
         return {

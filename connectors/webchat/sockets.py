@@ -107,7 +107,8 @@ class VisitorSocket:
         if conversation_id is not None:
             page, has_more = await self.store.history(conversation_id, before=before, limit=limit)
             items = page[::-1]
-        return {"type": "history", "items": [item_frame(i) for i in items], "has_more": has_more}
+        shown = [item_frame(i) for i in items if not i.private]  # notes: agents only
+        return {"type": "history", "items": shown, "has_more": has_more}
 
 
 class Hub:
@@ -141,6 +142,17 @@ class Hub:
             except (ConnectionError, RuntimeError) as exc:
                 log.info("webchat: socket of %s went away: %s", visitor_id, exc)
         return delivered
+
+    async def tell(self, visitor_id: str, frame: dict[str, Any]) -> int:
+        """Send a frame that is no item (typing, ...) to every socket of the visitor."""
+        told = 0
+        for socket in list(self._sockets.get(visitor_id, ())):
+            try:
+                await socket.send(frame)
+                told += 1
+            except (ConnectionError, RuntimeError) as exc:
+                log.info("webchat: socket of %s went away: %s", visitor_id, exc)
+        return told
 
     async def close_all(self, code: int, message: bytes) -> None:
         for sockets in list(self._sockets.values()):

@@ -16,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pymongo.errors import PyMongoError
 
 from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
+from gateway.desk.analytics_api import analytics_endpoints
 from gateway.desk.auth import ALL_ROLES, AccessError, authenticate, authorize
 from gateway.desk.contacts_api import contact_endpoints
+from gateway.desk.live import live_endpoints
+from gateway.desk.notes_api import notes_endpoints
 from gateway.desk.openapi import (
     ENDPOINTS,
     Endpoint,
@@ -27,6 +30,7 @@ from gateway.desk.openapi import (
     render_docs,
 )
 from gateway.desk.queue_api import QUEUE_MODELS, queue_endpoints
+from gateway.desk.sla_api import SLA_MODELS, sla_endpoints
 from gateway.keys import AGENTS, ROUTING, STORE
 from gateway.model import (
     Activity,
@@ -38,7 +42,9 @@ from gateway.model import (
     OwnerState,
 )
 from gateway.routing import Conflict, Routing
+from gateway.sla import SlaOut, timers
 from gateway.store import NotFound, Store
+from gateway.timeline import BadCursor, Timeline, TimelinePage
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,12 @@ class ConversationOut(BaseModel):
     last_seq: int = Field(description="seq of the newest item")
     created_at: datetime
     last_activity_at: datetime | None
+    reply_channel: str = Field(description="where replies go: the channel the customer "
+                               "wrote from last (or this conversation's own channel)")
+    routes: dict[str, str] = Field(description="other channels the customer wrote from in "
+                                   "this conversation (channel -> thread there)")
+    sla: SlaOut | None = Field(None, description="SLA timers of the last handoff (null: "
+                               "never handed off)")
 
 
 class ConversationList(BaseModel):
@@ -134,6 +146,9 @@ async def _conversation_out(request: web.Request, conversation: Conversation) ->
         last_seq=conversation.seq,
         created_at=conversation.created_at,
         last_activity_at=conversation.last_activity_at,
+        reply_channel=conversation.reply_channel or conversation.channel,
+        routes=conversation.routes,
+        sla=timers(conversation, _routing(request).levels.clock()),
     )
 
 
@@ -214,19 +229,13 @@ class DeskApi:
         return _json(ContactOut.of(contact))
 
     async def timeline(self, request: web.Request) -> web.Response:
-        contact_id = request.match_info["id"]
-        items, has_more = await _store(request).contact_timeline(
-            contact_id,
-            before=_int(request, "before", None, 1, None),
-            limit=_int(request, "limit", 50, 1, 200),
-        )
-        return _json(
-            Page(
-                items=items,
-                has_more=has_more,
-                next_before=items[-1].contact_seq if has_more and items else None,
-            )
-        )
+        try:
+            page = await Timeline(_store(request)).page(
+                request.match_info["id"], request.query.get("cursor"),
+                limit=_int(request, "limit", 50, 1, 200))
+        except BadCursor as exc:
+            raise _Bad(f"cursor: {exc}") from None
+        return _json(page)
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(request.app[SPEC])
@@ -318,7 +327,10 @@ class DeskApi:
                 errors=conflict,
             ),
             *queue_endpoints(),  # presence, transfer (gateway/desk/queue_api.py)
+            *sla_endpoints(),  # SLA timers, breach counts, hours (gateway/desk/sla_api.py)
             *contact_endpoints(),  # merge, undo merge (gateway/desk/contacts_api.py)
+            *live_endpoints(), *notes_endpoints(),  # socket; notes, canned (live, notes_api)
+            *analytics_endpoints(),  # figures over a period (gateway/desk/analytics_api.py)
             Endpoint(
                 "GET",
                 "/v1/contacts/{id}",
@@ -333,9 +345,13 @@ class DeskApi:
                 "/v1/contacts/{id}/timeline",
                 self.timeline,
                 "Everything the contact said and was told, on every channel and in "
-                "every conversation, newest first",
-                Page,
-                query=page,
+                "every conversation (also of contacts merged into it), newest first; "
+                "paged back with an exact cursor (gateway/timeline.py)",
+                TimelinePage,
+                query=(
+                    Query("cursor", "next_cursor of the previous page (omit: newest)"),
+                    Query("limit", "page size, 1-200 (default 50)", "integer"),
+                ),
                 errors=(401, 404, 503),
                 tag="contacts",
             ),
@@ -377,10 +393,12 @@ class DeskApi:
                 ConversationList,
                 ConversationOut,
                 Page,
+                TimelinePage,
                 ReplyIn,
                 ContactOut,
                 Activity,
                 *QUEUE_MODELS,
+                *SLA_MODELS,
             ],
         )
         return app

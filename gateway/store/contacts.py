@@ -14,8 +14,13 @@ and which conversation a message from another channel continues.
   where the customer wrote last (``Conversation.reply_channel`` / ``routes``).
 
 One-to-one only: a thread is the person's own when its key is their external id there
-(web chat visitors, Telegram private chats). Group chats, Slack and email threads keep
-their conversations, so nothing private is continued or answered in a shared place.
+(web chat visitors, Telegram private chats), or when it is a NEW email thread whose mail
+went to our address alone (the connector vouches: ``one_to_one``). Group chats, Slack
+threads and existing email threads keep their conversations, so nothing private is
+continued or answered in a shared place.
+
+``claim_identity`` joins a verified account (an email address proven by a code) to a
+contact, unless another customer with a history holds it (then an agent decides: merge).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
 
 from gateway.model import Conversation, ConversationRef, OwnerState, utcnow
 from gateway.store.mongo import Doc, NotFound, Store, from_doc, new_id
@@ -43,6 +49,10 @@ OPEN = (OwnerState.BOT, OwnerState.QUEUED, OwnerState.AGENT)
 # watermark), so web chat messages stay in the web chat's own conversation; a conversation
 # that moved on to Telegram comes back there naturally (it is that conversation).
 NO_SWITCH_FROM = frozenset({"webchat"})
+# Email threads are keyed by their first mail, not by the person; a NEW mail from a
+# verified address to our address alone is one-to-one, so it may continue the contact's
+# open conversation (replies then go by email, threaded under that mail).
+NEW_THREAD_SWITCH = frozenset({"email"})
 MAX_MERGE_CHAIN = 20
 
 
@@ -169,6 +179,39 @@ class ContactStore:
             contact_id = str(doc["merged_into"])
         return contact_id
 
+    async def claim_identity(self, channel: str, external_id: str, contact_id: str) -> bool:
+        """Make a *verified* account (channel, external id) an identity of ``contact_id``.
+
+        True when it is the contact's now: new, already theirs, or held by a contact that
+        has nothing else (no other identity, no conversation: nothing is merged by it).
+        False when another customer with a history holds it: never merged silently; an
+        agent can merge the two contacts (recorded, undoable). One conditional update
+        decides a move, so concurrent claims have one winner."""
+        key = f"{channel}:{external_id}"
+        identities = self.store.identities
+        try:
+            await identities.insert_one({
+                "_id": key, "channel": channel, "external_id": external_id,
+                "contact_id": contact_id, "reachable": True, "created_at": utcnow(),
+                "display_name": None})
+            return True
+        except DuplicateKeyError:
+            pass
+        had = await identities.find_one({"_id": key}, {"contact_id": 1})
+        if had is None:  # pragma: no cover - deleted concurrently
+            return False
+        other = str(had["contact_id"])
+        if other == contact_id:
+            return True
+        if await identities.count_documents({"contact_id": other, "_id": {"$ne": key}},
+                                            limit=1):
+            return False
+        if await self.store.conversations.count_documents({"contact_id": other}, limit=1):
+            return False
+        moved = await identities.update_one({"_id": key, "contact_id": other},
+                                            {"$set": {"contact_id": contact_id}})
+        return moved.matched_count == 1
+
     # ------------------------------------------------------------ channel switch
 
     async def _own_threads(self, contact_id: str) -> set[str]:
@@ -177,12 +220,22 @@ class ContactStore:
             {"contact_id": contact_id}, {"_id": 1})}
 
     async def conversation_to_continue(
-        self, channel: str, thread_key: str, contact_id: str, sender_external_id: str
+        self, channel: str, thread_key: str, contact_id: str, sender_external_id: str,
+        *, one_to_one: bool = False,
     ) -> Conversation | None:
         """The contact's open conversation on another channel that this message continues,
-        or None (the message goes to its own thread's conversation, as always)."""
-        if thread_key != sender_external_id or channel in NO_SWITCH_FROM:
-            return None  # not the person's own thread (a group, a Slack or email thread)
+        or None (the message goes to its own thread's conversation, as always).
+
+        ``one_to_one``: the connector vouches that only the sender and we are in this
+        message (an email to our address alone); then a *new* thread on a channel of
+        NEW_THREAD_SWITCH continues it too. An existing thread keeps its conversation."""
+        if channel in NO_SWITCH_FROM:
+            return None
+        if thread_key != sender_external_id:
+            if not (one_to_one and channel in NEW_THREAD_SWITCH):
+                return None  # not the person's own thread (a group, a Slack thread)
+            if await self.store.find_conversation(channel, thread_key) is not None:
+                return None  # a thread that has its conversation already keeps it
         docs = self.store.conversations.find({
             "contact_id": contact_id, "owner": {"$in": [o.value for o in OPEN]},
             "channel": {"$ne": channel}})

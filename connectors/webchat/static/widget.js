@@ -510,6 +510,9 @@
       case "event":
         handleItem(f);
         break;
+      case "skip": // a seq this visitor does not see (an agent's private note): move on
+        if (typeof f.seq === "number" && (watermark === null || f.seq > watermark)) watermark = f.seq;
+        break;
       case "synced":
         clearTimeout(handshakeTimer);
         attempt = 0;

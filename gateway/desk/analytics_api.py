@@ -1,0 +1,144 @@
+"""Analytics over the agent REST API (part of ``/api``, see api.py; definitions in
+gateway/analytics.py).
+
+``GET /api/v1/analytics`` returns every figure; ``/api/v1/analytics/{conversations,
+handoff-reasons, response-times, sla, csat}`` one figure each. All take ``from`` / ``to``
+(ISO 8601; default: the 7 days up to now; a time without a zone is UTC) and the filters
+``channel``, ``team``, ``topic``, and break each figure down per channel, team and topic.
+
+Roles: admins see everything. Agents see only conversations handed to their own teams
+(``team=`` another team is 403; ``started``, which has no team, is empty for them).
+Bot designers are refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from gateway.analytics import (
+    AnalyticsReport,
+    ConversationsReport,
+    CsatReport,
+    Figures,
+    Filters,
+    HandoffReasonsReport,
+    Period,
+    ResponseTimesReport,
+    SlaReport,
+)
+from gateway.desk.auth import Forbidden
+from gateway.desk.openapi import STAFF, Endpoint, Query
+from gateway.keys import ROUTING
+from gateway.model import AgentRole
+
+DEFAULT_DAYS = 7
+MAX_DAYS = 366
+MAX_FILTER = 200
+
+
+def _time(request: web.Request, name: str, default: datetime) -> datetime:
+    from gateway.desk.api import _Bad  # noqa: PLC0415 - api imports this module
+
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    for text in (raw.strip(), raw.strip().replace(" ", "+")):  # "+01:00" unescaped is " 01:00"
+        try:
+            value = datetime.fromisoformat(text)
+            break
+        except ValueError:
+            continue
+    else:
+        raise _Bad(f"{name} must be an ISO 8601 date or time, e.g. 2025-01-31T00:00:00Z")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _text(request: web.Request, name: str) -> str | None:
+    from gateway.desk.api import _Bad  # noqa: PLC0415
+
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return None
+    if len(raw) > MAX_FILTER:
+        raise _Bad(f"{name} is longer than {MAX_FILTER} characters")
+    return raw
+
+
+async def _report(request: web.Request) -> AnalyticsReport:
+    from gateway.desk.api import AGENT, _Bad  # noqa: PLC0415
+
+    end = _time(request, "to", datetime.now(UTC))
+    start = _time(request, "from", end - timedelta(days=DEFAULT_DAYS))
+    if start >= end:
+        raise _Bad("from must be before to")
+    if end - start > timedelta(days=MAX_DAYS):
+        raise _Bad(f"the period may be at most {MAX_DAYS} days")
+    filters = Filters(channel=_text(request, "channel"), team=_text(request, "team"),
+                      topic=_text(request, "topic"))
+    agent = request[AGENT]
+    if agent.role is not AgentRole.ADMIN:
+        if filters.team is not None and filters.team not in agent.teams:
+            raise Forbidden(f"agents see the analytics of their own teams only "
+                            f"({', '.join(sorted(agent.teams)) or 'you have none'})")
+        filters.teams = sorted(agent.teams)
+    outcomes = request.config_dict[ROUTING].outcomes
+    return await outcomes.report(Period(start=start, end=end), filters)
+
+
+def _handler(
+    model: type[BaseModel], pick: Callable[[Figures], Any] | None, name: str
+) -> Callable[[web.Request], Any]:
+    async def handler(request: web.Request) -> web.Response:
+        report = await _report(request)
+        if pick is None:
+            body: BaseModel = report
+        else:
+            extra = {"started": report.started} if "started" in model.model_fields else {}
+            body = model.model_validate({**report.parts(pick), **extra})
+        return web.json_response(text=body.model_dump_json())
+
+    handler.__name__ = name
+    return handler
+
+
+QUERY = (
+    Query("from", "start of the period, inclusive (ISO 8601; default: 7 days before to)"),
+    Query("to", "end of the period, exclusive (ISO 8601; default: now)"),
+    Query("channel", "only this channel (webchat, telegram, slack, email)"),
+    Query("team", "only this team (agents: one of their own teams)"),
+    Query("topic", "only this topic (the bot flow that handed off or resolved, else the "
+          "handoff reason)"),
+)
+DESCRIPTION = (
+    "Counted over conversations that ended (were resolved) in the period, once per "
+    "resolve. Containment: resolved by the bot without a handoff / all ended. Times: "
+    "median and p90 (nearest rank) in seconds from the handoff. Admins see all; agents "
+    "only their own teams."
+)
+FIGURES: list[tuple[str, type[BaseModel], Callable[[Figures], Any] | None, str, str]] = [
+    ("", AnalyticsReport, None, "analytics_report",
+     "Every figure: conversations, containment, handoff reasons, response times, SLA, CSAT"),
+    ("/conversations", ConversationsReport, lambda f: f.volume, "analytics_conversations",
+     "Conversations per channel (started, ended) and bot containment"),
+    ("/handoff-reasons", HandoffReasonsReport, lambda f: f.handoff_reasons,
+     "analytics_handoff_reasons", "Handoff reasons, counted"),
+    ("/response-times", ResponseTimesReport, lambda f: f.times, "analytics_response_times",
+     "First-response and resolution times (median, p90)"),
+    ("/sla", SlaReport, lambda f: f.sla, "analytics_sla", "SLA breaches"),
+    ("/csat", CsatReport, lambda f: f.csat, "analytics_csat",
+     "CSAT: asked, answered, average, distribution"),
+]
+
+
+def analytics_endpoints() -> list[Endpoint]:
+    return [
+        Endpoint("GET", "/v1/analytics" + path, _handler(model, pick, name), summary, model,
+                 query=QUERY, errors=(401, 503), tag="analytics", description=DESCRIPTION,
+                 roles=STAFF)
+        for path, model, pick, name, summary in FIGURES
+    ]

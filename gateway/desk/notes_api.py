@@ -1,0 +1,185 @@
+"""Agent API endpoints for private notes and canned responses (part of ``/api``, see api.py).
+
+- ``POST /api/v1/conversations/{id}/notes``: a private note, stored in the conversation's
+  history (agents see it in order, ``private: true``); never sent to the customer.
+- ``GET /api/v1/canned`` (agents, admins): the canned responses, by shortcode;
+  ``POST``/``PATCH``/``DELETE`` (admins only) manage them.
+- ``GET /api/v1/canned/{id}/render?conversation_id=...``: the text with its placeholders
+  filled for that conversation's contact and the agent asking (gateway/store/canned.py).
+  The console puts it in the reply box; the agent edits and sends it as a normal reply.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.desk.auth import ADMIN_ONLY, STAFF
+from gateway.desk.openapi import Endpoint, Query
+from gateway.keys import STORE
+from gateway.model import Activity
+from gateway.routing import Conflict
+from gateway.store import NotFound
+from gateway.store.canned import Canned, CannedStore, ShortcodeTaken, render
+from gateway.store.notes import append_note
+
+SHORTCODE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+
+
+class NoteIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    text: str = Field(min_length=1, max_length=4000)
+
+
+class CannedIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    shortcode: str = Field(pattern=SHORTCODE, description="lower case, what agents type")
+    title: str = Field("", max_length=200)
+    text: str = Field(min_length=1, max_length=4000, description=(
+        "may hold {contact.name}, {contact.<profile key>}, {agent.name}, {agent.email}; "
+        "{{ and }} are literal braces"))
+
+
+class CannedPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    shortcode: str | None = Field(None, pattern=SHORTCODE)
+    title: str | None = Field(None, max_length=200)
+    text: str | None = Field(None, min_length=1, max_length=4000)
+
+
+class CannedList(BaseModel):
+    items: list[Canned]
+
+
+class Rendered(BaseModel):
+    id: str
+    shortcode: str
+    text: str = Field(description="the text with the placeholders filled")
+    missing: list[str] = Field(description="placeholders without a value (left empty)")
+
+
+NOTES_MODELS: list[type[BaseModel]] = [NoteIn, CannedIn, CannedPatch, CannedList, Rendered]
+M = TypeVar("M", NoteIn, CannedIn, CannedPatch)
+
+
+async def _parse(request: web.Request, model: type[M]) -> M:
+    from gateway.desk.api import _Bad  # noqa: PLC0415 - api imports this module
+
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise _Bad("the body must be JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _Bad("; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
+        )) from None
+
+
+def _canned_store(request: web.Request) -> CannedStore:
+    return CannedStore(request.config_dict[STORE])
+
+
+async def add_note(request: web.Request) -> web.Response:
+    from gateway.desk.api import AGENT, _json, _load  # noqa: PLC0415
+
+    body = await _parse(request, NoteIn)
+    conversation = await _load(request)
+    note = await append_note(request.config_dict[STORE], conversation, request[AGENT], body.text)
+    return _json(note, status=201)
+
+
+async def list_canned(request: web.Request) -> web.Response:
+    from gateway.desk.api import _json  # noqa: PLC0415
+
+    prefix = request.query.get("prefix", "")[:32] or None
+    return _json(CannedList(items=await _canned_store(request).list(prefix)))
+
+
+async def create_canned(request: web.Request) -> web.Response:
+    from gateway.desk.api import AGENT, _json  # noqa: PLC0415
+
+    body = await _parse(request, CannedIn)
+    try:
+        canned = await _canned_store(request).create(
+            body.shortcode, body.title, body.text, request[AGENT].id)
+    except ShortcodeTaken as exc:
+        raise Conflict(str(exc)) from None
+    return _json(canned, status=201)
+
+
+async def update_canned(request: web.Request) -> web.Response:
+    from gateway.desk.api import _json  # noqa: PLC0415
+
+    body = await _parse(request, CannedPatch)
+    changes = body.model_dump(exclude_none=True)
+    try:
+        canned = await _canned_store(request).update(request.match_info["id"], changes)
+    except ShortcodeTaken as exc:
+        raise Conflict(str(exc)) from None
+    if canned is None:
+        raise NotFound("no such canned response")
+    return _json(canned)
+
+
+async def delete_canned(request: web.Request) -> web.Response:
+    if not await _canned_store(request).delete(request.match_info["id"]):
+        raise NotFound("no such canned response")
+    return web.Response(status=204)
+
+
+async def render_canned(request: web.Request) -> web.Response:
+    from gateway.desk.api import AGENT, _Bad, _json  # noqa: PLC0415
+
+    canned = await _canned_store(request).get(request.match_info["id"])
+    if canned is None:
+        raise NotFound("no such canned response")
+    store = request.config_dict[STORE]
+    conversation_id = request.query.get("conversation_id")
+    if not conversation_id:
+        raise _Bad("conversation_id is required")
+    conversation = await store.get_conversation(conversation_id)
+    if conversation is None:
+        raise NotFound("no such conversation")
+    contact = await store.get_contact(conversation.contact_id, with_identities=False)
+    text, missing = render(canned.text, contact, request[AGENT])
+    return _json(Rendered(id=canned.id, shortcode=canned.shortcode, text=text, missing=missing))
+
+
+def notes_endpoints() -> list[Endpoint]:
+    return [
+        Endpoint(
+            "POST", "/v1/conversations/{id}/notes", add_note,
+            "Add a private note to the conversation (agents only; never sent to the customer)",
+            Activity, status=201, body=NoteIn, errors=(401, 404, 503), roles=STAFF,
+            description="Stored in the history in order with private: true and direction "
+            "internal; every console subscribed to the conversation gets it live.",
+        ),
+        Endpoint(
+            "GET", "/v1/canned", list_canned, "The canned responses, by shortcode",
+            CannedList, query=(Query("prefix", "only shortcodes starting with this"),),
+            tag="canned", roles=STAFF,
+        ),
+        Endpoint(
+            "POST", "/v1/canned", create_canned, "Add a canned response (admins)", Canned,
+            status=201, body=CannedIn, errors=(401, 409, 503), tag="canned", roles=ADMIN_ONLY,
+        ),
+        Endpoint(
+            "PATCH", "/v1/canned/{id}", update_canned, "Change a canned response (admins)",
+            Canned, body=CannedPatch, errors=(401, 404, 409, 503), tag="canned",
+            roles=ADMIN_ONLY,
+        ),
+        Endpoint(
+            "DELETE", "/v1/canned/{id}", delete_canned, "Delete a canned response (admins)",
+            None, status=204, errors=(401, 404, 503), tag="canned", roles=ADMIN_ONLY,
+        ),
+        Endpoint(
+            "GET", "/v1/canned/{id}/render", render_canned,
+            "A canned response with its placeholders filled for a conversation",
+            Rendered, query=(Query("conversation_id", "the conversation (its contact)"),),
+            errors=(401, 404, 503), tag="canned", roles=STAFF,
+        ),
+    ]
