@@ -7,10 +7,10 @@ the usual JSON errors (with ``Retry-After`` on 429).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.desk.auth import (
     ADMIN_ONLY,
@@ -28,12 +28,12 @@ from gateway.desk.auth import (
     login,
     set_cookie,
 )
+from gateway.desk.http import read_body
 from gateway.desk.openapi import Endpoint
 from gateway.keys import AGENTS, ROUTING
 from gateway.model import Agent, AgentRole
 
 PRINCIPAL = web.RequestKey("principal", Principal)
-M = TypeVar("M", bound=BaseModel)
 
 
 class AgentOut(BaseModel):
@@ -110,19 +110,6 @@ class SessionOut(BaseModel):
 
 def principal(request: web.Request) -> Principal:
     return request[PRINCIPAL]
-
-
-async def read_body(request: web.Request, model: type[M]) -> M:
-    try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise BadInput("the body must be JSON") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise BadInput(
-            "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        ) from None
 
 
 def _json(model: BaseModel, status: int = 200) -> web.Response:

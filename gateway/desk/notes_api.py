@@ -11,12 +11,11 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
-
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.desk.auth import ADMIN_ONLY, STAFF
+from gateway.desk.http import read_body
 from gateway.desk.openapi import Endpoint, Query
 from gateway.keys import STORE
 from gateway.model import Activity
@@ -61,22 +60,6 @@ class Rendered(BaseModel):
 
 
 NOTES_MODELS: list[type[BaseModel]] = [NoteIn, CannedIn, CannedPatch, CannedList, Rendered]
-M = TypeVar("M", NoteIn, CannedIn, CannedPatch)
-
-
-async def _parse(request: web.Request, model: type[M]) -> M:
-    from gateway.desk.api import _Bad  # noqa: PLC0415 - api imports this module
-
-    try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise _Bad("the body must be JSON") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _Bad("; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
-        )) from None
 
 
 def _canned_store(request: web.Request) -> CannedStore:
@@ -86,7 +69,7 @@ def _canned_store(request: web.Request) -> CannedStore:
 async def add_note(request: web.Request) -> web.Response:
     from gateway.desk.api import AGENT, _json, _load  # noqa: PLC0415
 
-    body = await _parse(request, NoteIn)
+    body = await read_body(request, NoteIn)
     conversation = await _load(request)
     note = await append_note(request.config_dict[STORE], conversation, request[AGENT], body.text)
     return _json(note, status=201)
@@ -102,7 +85,7 @@ async def list_canned(request: web.Request) -> web.Response:
 async def create_canned(request: web.Request) -> web.Response:
     from gateway.desk.api import AGENT, _json  # noqa: PLC0415
 
-    body = await _parse(request, CannedIn)
+    body = await read_body(request, CannedIn)
     try:
         canned = await _canned_store(request).create(
             body.shortcode, body.title, body.text, request[AGENT].id)
@@ -114,7 +97,7 @@ async def create_canned(request: web.Request) -> web.Response:
 async def update_canned(request: web.Request) -> web.Response:
     from gateway.desk.api import _json  # noqa: PLC0415
 
-    body = await _parse(request, CannedPatch)
+    body = await read_body(request, CannedPatch)
     changes = body.model_dump(exclude_none=True)
     try:
         canned = await _canned_store(request).update(request.match_info["id"], changes)

@@ -10,11 +10,11 @@ back to the queue for a team.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from gateway.desk.http import read_body
 from gateway.desk.openapi import Endpoint
 from gateway.keys import ROUTING, SETTINGS
 from gateway.model import Agent, Presence
@@ -65,28 +65,12 @@ class TransferIn(BaseModel):
 
 
 QUEUE_MODELS: list[type[BaseModel]] = [PresenceIn, AgentStatus, TransferIn]
-M = TypeVar("M", PresenceIn, TransferIn)
-
-
-async def _parse(request: web.Request, model: type[M]) -> M:
-    from gateway.desk.api import _Bad  # noqa: PLC0415 - api imports this module
-
-    try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise _Bad("the body must be JSON") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise _Bad("; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors()
-        )) from None
 
 
 async def set_presence(request: web.Request) -> web.Response:
     from gateway.desk.api import AGENT, _json  # noqa: PLC0415
 
-    body = await _parse(request, PresenceIn)
+    body = await read_body(request, PresenceIn)
     grace = timedelta(seconds=request.config_dict[SETTINGS].agent_offline_grace_seconds)
     agent = await request.config_dict[ROUTING].set_presence(request[AGENT], body.presence, grace)
     return _json(AgentStatus.of(agent))
@@ -95,7 +79,7 @@ async def set_presence(request: web.Request) -> web.Response:
 async def transfer(request: web.Request) -> web.Response:
     from gateway.desk.api import AGENT, _conversation_out, _json, _load  # noqa: PLC0415
 
-    body = await _parse(request, TransferIn)
+    body = await read_body(request, TransferIn)
     await _load(request)
     routing, agent = request.config_dict[ROUTING], request[AGENT]
     conversation_id = request.match_info["id"]
