@@ -319,6 +319,24 @@ async def test_offline_agent_conversations_are_requeued_after_the_grace(
     await assert_loads_true(gateway)
 
 
+async def test_a_deactivated_agent_hands_their_conversations_back_at_once(
+    gateway: Gateway,
+) -> None:
+    erin_id, erin = await make_agent(gateway, "Erin", online=False)
+    mine = await handoff(gateway, "erin's")
+    assert (await call(gateway, "POST", f"/conversations/{mine}/claim", erin))[0] == 200
+    _, root_token = await gateway.app[AGENTS].add("Root", role=AgentRole.ADMIN)
+    status, body = await call(gateway, "PATCH", f"/agents/{erin_id}",
+                              {"Authorization": f"Bearer {root_token}"}, json={"active": False})
+    assert status == 200, body
+    assert await owner(gateway, mine) == ("queued", None)  # no grace: not coming back
+    assert await load(gateway, erin_id) == 0
+    assert "requeued" in [n for n, _ in await events(gateway, mine)]
+    frank_id, _ = await make_agent(gateway, "Frank")
+    await assigned_to(gateway, mine, frank_id)
+    await assert_loads_true(gateway)
+
+
 async def test_presence_body_is_validated(gateway: Gateway) -> None:
     _, alice = await make_agent(gateway, "Alice", online=False)
     for body in [{"presence": "busy"}, {}, {"presence": "online", "x": 1}, ["online"]]:

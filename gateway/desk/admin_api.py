@@ -179,8 +179,11 @@ class AccessApi:
         agent = await request.config_dict[AGENTS].update(agent_id, changes)
         if agent is None:
             raise NoSuchAgent("no such agent")
+        routing = request.config_dict[ROUTING]
+        if changes.get("active") is False:  # nobody may wait on a deactivated agent
+            await routing.requeue_agent(agent.id)
         if changes.keys() & {"capacity", "teams", "skills", "active", "role"}:
-            request.config_dict[ROUTING].wake()  # waiting conversations may fit now
+            routing.wake()  # waiting conversations may fit now
         return _json(AgentOut.of(agent))
 
     def endpoints(self) -> list[Endpoint]:
