@@ -208,6 +208,17 @@ class Pipeline:
         if is_link_payload(item.deep_link):  # answered here, whoever owns it; not the bot's
             await self.identity.answer_link(conversation, item)
             return
+        needs_human = item.channel_data.get("needs_human")
+        if isinstance(needs_human, str) and needs_human:
+            # The connector says this is for a human (an automatic or unreadable mail):
+            # the bot never sees it, an open conversation is handed off with that reason.
+            if conversation.owner is OwnerState.RESOLVED:
+                conversation = await self.routing.reopen(
+                    conversation.id, f"{item.id}:reopen") or conversation
+            if conversation.owner is OwnerState.BOT:
+                await self.routing.handoff(conversation.id, needs_human[:500],
+                                           dedupe_key=f"{item.id}:handoff")
+            return
         if await self.routing.csat.take_answer(conversation, item):
             return  # the answer to the CSAT question: recorded, thanked, not reopened
         if conversation.owner is OwnerState.RESOLVED:

@@ -91,6 +91,10 @@ async def test_automatic_mail_is_stored_for_agents_and_never_answered(
     assert conversation.owner is OwnerState.QUEUED
     assert conversation.handoff is not None and "not answered by the bot" in \
         conversation.handoff.reason
+    # handed off through routing like any other: SLA timers run, the event is there
+    assert conversation.sla is not None and conversation.sla.first_response_due is not None
+    history, _ = await rig.gw.store.history(conversation.id, limit=20)
+    assert "handoff" in [i.name for i in history]
     # a normal mail afterwards is answered: the connector is alive, it just did not answer
     await rig.append(mail(body="what are your opening hours?", subject="Hours"))
     [answer] = await rig.sent(1)

@@ -47,12 +47,9 @@ from gateway.model import (
     Conversation,
     DeliveryStatus,
     Direction,
-    Handoff,
     InboundMessage,
-    OwnerState,
     Party,
     Role,
-    utcnow,
 )
 
 log = logging.getLogger(__name__)
@@ -203,27 +200,13 @@ class EmailConnector(Connector):
             await store.put_state(CHANNEL, thread_state_key(thread.thread_key), {
                 "address": parsed.sender, "name": parsed.sender_name,
                 "subject": parsed.subject, "buttons": []})
-        if no_reply:
-            await self._hold_for_agents(thread.thread_key, parsed, no_reply)
         message = inbound_message(parsed, thread, source, len(kept))
+        if no_reply:  # the bot never answers it: the pipeline queues it for a human
+            message.channel_data["needs_human"] = f"mail not answered by the bot: {no_reply}"
         # to us alone: may continue the sender's open conversation on another channel
         message.channel_data["one_to_one"] = set(parsed.recipients) == {self.address}
         result = await self.context.ingest(message)
         return Outcome.DUPLICATE if result.duplicate else Outcome.STORED
-
-    async def _hold_for_agents(self, thread_key: str, parsed: ParsedMail, why: str) -> None:
-        """Queue the conversation for a human before the mail is stored: the bot never
-        sees it (and a resolved conversation is not reopened to the bot)."""
-        store = self.context.store
-        identity = await store.resolve_identity(CHANNEL, parsed.sender, parsed.sender_name)
-        conversation = await store.resolve_conversation(CHANNEL, thread_key,
-                                                        identity.contact_id)
-        handoff = Handoff(reason=f"mail not answered by the bot: {why}",
-                          requested_at=utcnow())
-        await store.transition(conversation.id, {OwnerState.BOT, OwnerState.RESOLVED},
-                               OwnerState.QUEUED,
-                               also={"handoff": handoff.model_dump(mode="python"),
-                                     "assignee_id": None})
 
     # ------------------------------------------------------------------ outbound
 
