@@ -194,3 +194,23 @@ async def test_canned_responses_crud_roles_and_placeholders(gateway: Gateway) ->
     assert status == 404
     status, listed = await call(gateway, "GET", "/canned", alice)
     assert [c["shortcode"] for c in listed["items"]] == ["bye"]
+
+
+def test_canned_placeholders_read_the_bots_profile_entries() -> None:
+    from datetime import UTC, datetime
+
+    from gateway.model import Agent, Contact
+    from gateway.store.canned import render
+
+    now = datetime.now(UTC)
+    contact = Contact(id="c1", name="Carla", created_at=now, profile={
+        "email": {"value": "carla@example.com", "set_at": now.isoformat(), "expires_at": None},
+        "phone": {"value": "+4912345", "set_at": "2020-01-01T00:00:00+00:00",
+                  "expires_at": "2020-04-01T00:00:00+00:00"},  # expired: as if unknown
+        "tier": "gold",  # written by another system: a plain value
+    })
+    agent = Agent(id="a1", name="Alice", created_at=now)
+    text, missing = render(
+        "{contact.email} {contact.tier} {contact.phone} {agent.name}", contact, agent)
+    assert text == "carla@example.com gold  Alice"
+    assert missing == ["{contact.phone}"]

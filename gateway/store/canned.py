@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from pymongo import ASCENDING, IndexModel
 from pymongo.errors import DuplicateKeyError
 
+from flows.steps import read_profile
 from gateway.model import Agent, Contact, utcnow
 from gateway.store.mongo import Store, new_id
 
@@ -99,8 +100,9 @@ def render(text: str, contact: Contact | None, agent: Agent) -> tuple[str, list[
             found = {"name": agent.name, "email": agent.email}.get(key)
         elif contact is not None:
             found = contact.name if key == "name" else None
-            if found is None:
-                found = contact.profile.get(key)
+            if found is None:  # a profile value the bot collected, unless it expired
+                entry = read_profile(contact.profile.get(key), utcnow())
+                found = entry.value if entry is not None else None
         if found is None or found == "":
             missing.append(whole)
             return ""
