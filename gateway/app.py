@@ -23,6 +23,7 @@ from gateway.assign import Assigner
 from gateway.csat import csat_config
 from gateway.desk.agents import Agents
 from gateway.desk.api import DeskApi
+from gateway.desk.console import setup_console
 from gateway.desk.live import setup_live
 from gateway.keys import (
     AGENTS,
@@ -214,4 +215,5 @@ def create_app(settings: Settings) -> web.Application:
     app.add_subapp("/api", DeskApi().app())
     app.cleanup_ctx.extend([store_ctx, core_ctx])
     setup_live(app)  # the console socket and the change feed (gateway/desk/live.py)
+    setup_console(app)  # the agent console's pages at /console/ (gateway/desk/console)
     return app

@@ -3,7 +3,8 @@
  *
  * Embed with one tag:
  *   <script src="https://gateway.example/webchat/widget.js" defer></script>
- * Optional attributes: data-title, data-open="true", data-storage-key.
+ * Optional attributes: data-title, data-open="true", data-storage-key,
+ * data-links="false" (no "Continue on Telegram" / "Link your email").
  * Theme: set `--og-accent` on `#omnigate-webchat` from the host page.
  *
  * Speaks protocol version 1 (docs/webchat-protocol.md). Vanilla ES2020, no
@@ -23,11 +24,16 @@
   const TITLE = SCRIPT.dataset.title || "Chat with us";
   const PREFIX = SCRIPT.dataset.storageKey || "omnigate";
   const START_OPEN = SCRIPT.dataset.open === "true";
+  const LINKS = SCRIPT.dataset.links !== "false";
 
   const PING_MS = 25000;          // keep-alive while open
   const STALE_MS = 70000;         // nothing heard for this long: the socket is dead
   const HANDSHAKE_MS = 20000;     // from opening the socket to `synced`
   const BACKOFF_MIN = 500, BACKOFF_MAX = 15000;
+  const TYPING_EVERY_MS = 2000;   // repeat `typing on` at most this often while typing
+  const TYPING_IDLE_MS = 4000;    // no key for this long: `typing off`
+  const AGENT_TYPING_MS = 6000;   // the agent's indicator goes away without a new `on`
+  const LINK_REFRESH_MS = 60000;  // ask for a new deep link this long before it expires
   const SVG_NS = "http://www.w3.org/2000/svg";
   const ERROR_TEXT = {
     text_too_long: "Too long, not sent",
@@ -79,6 +85,12 @@
   let unread = 0;
   let buttonsRow = null;       // { el, seq } suggested actions currently shown
   const pending = new Map();   // client_id -> { frame, el } for every send of this page
+  let hasConversation = false; // the visitor has a conversation (deep links continue it)
+  let typingOn = false, typingSentAt = 0, typingIdleTimer = null;
+  let agentTypingTimer = null;
+  let requests = [];           // kinds of frames awaiting their one answer, in order
+  let linkTimer = null;        // refreshes the Telegram link before it expires
+  let linkExpires = 0;
   const seenClientIds = new Set(); // client_ids of customer items already rendered
 
   // ------------------------------------------------------------------- DOM
@@ -146,6 +158,57 @@
   });
   const scroller = h("div", { class: "og-scroll" }, moreBtn, list);
 
+  // "Alice is typing…": outside the log, announced politely.
+  const typingEl = h("div", {
+    class: "og-typing", "data-og": "typing", role: "status", "aria-live": "polite", hidden: true,
+  });
+
+  // Continue on another channel: a Telegram deep link (shown only once the server gave
+  // one) and linking an email address by a mailed code.
+  const telegramBtn = h("a", {
+    class: "og-tool og-telegram", "data-og": "telegram", target: "_blank", rel: "noopener noreferrer",
+    hidden: true, text: "Continue on Telegram",
+    onclick: () => setTimeout(() => requestLink(true), 0), // single use: have a fresh one ready
+  });
+  const emailToggle = h("button", {
+    type: "button", class: "og-tool", "data-og": "email-toggle", "aria-expanded": "false",
+    "aria-controls": "og-email", hidden: !LINKS, text: "Link your email",
+    onclick: () => showEmail(emailBox.hidden),
+  });
+  const tools = h("div", { class: "og-tools" }, telegramBtn, emailToggle);
+
+  const emailInput = h("input", {
+    id: "og-email-address", class: "og-field", "data-og": "email-address", type: "email",
+    autocomplete: "email", required: true, maxlength: "254", placeholder: "you@example.com",
+  });
+  const emailSend = h("button", { type: "submit", class: "og-small-btn", "data-og": "email-send", text: "Send code" });
+  const emailForm = h("form", { class: "og-email-step", "data-og": "email-form" },
+    h("label", { for: "og-email-address", text: "Your email address" }),
+    h("div", { class: "og-row" }, emailInput, emailSend));
+  emailForm.addEventListener("submit", (e) => { e.preventDefault(); askCode(); });
+
+  const codeInput = h("input", {
+    id: "og-email-code", class: "og-field", "data-og": "email-code", type: "text",
+    inputmode: "numeric", autocomplete: "one-time-code", required: true, maxlength: "16",
+    placeholder: "123456",
+  });
+  const codeSend = h("button", { type: "submit", class: "og-small-btn", "data-og": "email-verify", text: "Verify" });
+  const codeHint = h("p", { class: "og-hint", "data-og": "email-sent-to" });
+  const otherAddress = h("button", {
+    type: "button", class: "og-linkish", text: "Use another address", onclick: () => emailStep("address"),
+  });
+  const codeForm = h("form", { class: "og-email-step", "data-og": "code-form", hidden: true },
+    codeHint,
+    h("label", { for: "og-email-code", text: "Code from the mail" }),
+    h("div", { class: "og-row" }, codeInput, codeSend), otherAddress);
+  codeForm.addEventListener("submit", (e) => { e.preventDefault(); verifyCode(); });
+
+  const emailMsg = h("p", { class: "og-email-msg", "data-og": "email-msg", role: "status", "aria-live": "polite" });
+  const emailBox = h("div", {
+    id: "og-email", class: "og-email", "data-og": "email", role: "group",
+    "aria-label": "Link your email address", hidden: true,
+  }, emailForm, codeForm, emailMsg);
+
   const input = h("textarea", {
     class: "og-input", "data-og": "input", rows: "1", placeholder: "Type a message…",
     "aria-label": "Message", autocomplete: "off",
@@ -155,6 +218,7 @@
   }, icon(ICON_SEND));
   const form = h("form", { class: "og-composer" }, input, sendBtn);
   form.addEventListener("submit", (e) => { e.preventDefault(); sendText(input.value); });
+  input.addEventListener("input", () => (input.value.trim() ? typing(true) : typing(false)));
   input.addEventListener("keydown", (e) => {
     // Enter sends, Shift+Enter is a newline; never interrupt an IME composition.
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendText(input.value); }
@@ -163,7 +227,7 @@
   const panel = h("div", {
     id: "og-panel", class: "og-panel", "data-og": "panel", role: "dialog",
     "aria-label": TITLE, hidden: true,
-  }, header, scroller, form);
+  }, header, scroller, typingEl, tools, emailBox, form);
   panel.addEventListener("keydown", (e) => { if (e.key === "Escape") { close(); launcher.focus(); } });
 
   root.append(panel, launcher);
@@ -276,6 +340,8 @@
     if (watermark !== null && item.seq <= watermark) return;
     watermark = item.seq;
     if (lowestSeq === null) lowestSeq = item.seq;
+    if (item.type === "message" && item.role === "agent") showAgentTyping(null);
+    if (!hasConversation) { hasConversation = true; requestLink(false); }
     const stick = nearBottom();
     if (item.client_id) seenClientIds.add(item.client_id);
 
@@ -345,6 +411,11 @@
     moreBtn.hidden = true;
     pending.clear();
     seenClientIds.clear();
+    hasConversation = false;
+    hideLink();
+    emailStep("address");
+    emailNote("");
+    emailToggle.textContent = "Link your email";
     for (const frame of outbox.read()) renderPending(frame);
   }
 
@@ -376,6 +447,7 @@
     const text = String(raw || "").trim();
     if (!text) return false;
     input.value = "";
+    typing(false);
     queueFrame({ type: "message", client_id: newClientId(), text });
     input.focus();
     return true;
@@ -436,6 +508,160 @@
     retryDelay = Math.min(retryDelay * 2, 30000);
   }
 
+  // ----------------------------------------------------------------- typing
+  // The visitor's typing goes to the agent: `on` at most every 2 s while keys are
+  // pressed, `off` after a pause, when the box is cleared and when the text is sent.
+  function typing(on) {
+    clearTimeout(typingIdleTimer);
+    typingIdleTimer = null;
+    if (on) {
+      typingIdleTimer = setTimeout(() => typing(false), TYPING_IDLE_MS);
+      if (state !== "online" || (typingOn && Date.now() - typingSentAt < TYPING_EVERY_MS)) return;
+      typingOn = true;
+      typingSentAt = Date.now();
+      transmit({ type: "typing", on: true });
+    } else if (typingOn) {
+      typingOn = false;
+      transmit({ type: "typing", on: false });
+    }
+  }
+
+  // The server's `typing` frame: an agent is (or stopped) typing.
+  function showAgentTyping(f) {
+    clearTimeout(agentTypingTimer);
+    agentTypingTimer = null;
+    if (!f || f.on !== true) {
+      typingEl.hidden = true;
+      typingEl.textContent = "";
+      return;
+    }
+    const name = typeof f.name === "string" && f.name ? f.name : "An agent";
+    typingEl.textContent = name + " is typing…";
+    typingEl.hidden = false;
+    agentTypingTimer = setTimeout(() => showAgentTyping(null), AGENT_TYPING_MS);
+  }
+
+  // ---------------------------------------------------- other channels
+  // `link`, `email_link`, `email_verify` and `history` get exactly one answer each, in
+  // order; errors carry no client_id, so `requests` says which frame one is about.
+  function request(kind, frame) {
+    if (state !== "online") return false;
+    requests.push(kind);
+    transmit(frame);
+    return true;
+  }
+
+  function answered(kind) {
+    const i = requests.indexOf(kind);
+    if (i >= 0) requests.splice(i, 1);
+  }
+
+  const VERIFY_ERRORS = ["wrong_code", "code_expired", "too_many_attempts", "no_code", "already_linked"];
+  function errorOwner(code) {
+    if (code === "invalid_address" || code === "rate_limited") return "email_link";
+    if (VERIFY_ERRORS.includes(code)) return "email_verify";
+    if (code === "link_unavailable") return requests.find((k) => k === "link" || k === "email_link") || null;
+    if (code === "bad_frame" || code === "unavailable" || code === "internal") return requests[0] || null;
+    return null;
+  }
+
+  // Telegram: ask for a deep link once there is a conversation to continue; the button
+  // shows only while the server has given one.
+  function requestLink(force) {
+    if (!LINKS || !hasConversation || state !== "online" || requests.includes("link")) return;
+    if (!force && !telegramBtn.hidden && Date.now() < linkExpires - LINK_REFRESH_MS) return;
+    if (request("link", { type: "link", channel: "telegram" })) telegramBtn.dataset.offer = "asked";
+  }
+
+  function gotLink(f) {
+    answered("link");
+    const url = f.channel === "telegram" ? safeUrl(f.url) : null;
+    if (!url) { hideLink(); return; }
+    telegramBtn.href = url;
+    telegramBtn.hidden = false;
+    telegramBtn.dataset.offer = "ready";
+    linkExpires = Date.parse(f.expires_at) || Date.now() + 15 * 60000;
+    clearTimeout(linkTimer);
+    linkTimer = setTimeout(() => { hideLink(); requestLink(true); },
+      Math.max(1000, linkExpires - Date.now() - LINK_REFRESH_MS));
+  }
+
+  function hideLink() {
+    telegramBtn.hidden = true;
+    telegramBtn.dataset.offer = "none";
+    telegramBtn.removeAttribute("href");
+    clearTimeout(linkTimer);
+    linkTimer = null;
+    linkExpires = 0;
+  }
+
+  // Email: an address, then the code mailed there.
+  function showEmail(show) {
+    emailBox.hidden = !show;
+    emailToggle.setAttribute("aria-expanded", String(show));
+    if (show && !emailForm.hidden) emailInput.focus();
+    else if (show && !codeForm.hidden) codeInput.focus();
+  }
+
+  function emailStep(step) { // address | code | done
+    emailForm.hidden = step !== "address";
+    codeForm.hidden = step !== "code";
+    emailSend.disabled = codeSend.disabled = false;
+    if (step === "address") codeInput.value = "";
+    if (emailBox.hidden) return;
+    if (step === "address") emailInput.focus();
+    else if (step === "code") codeInput.focus();
+  }
+
+  function emailNote(text, kind) {
+    emailMsg.textContent = text;
+    emailMsg.dataset.kind = kind || "info";
+  }
+
+  function askCode() {
+    const address = emailInput.value.trim();
+    if (address.length < 3 || !emailInput.checkValidity()) { emailNote("Enter a valid email address.", "error"); return; }
+    if (!request("email_link", { type: "email_link", address })) { emailNote("Not connected. Try again in a moment.", "error"); return; }
+    emailSend.disabled = true;
+    emailNote("Sending a code…");
+  }
+
+  function verifyCode() {
+    const code = codeInput.value.trim();
+    if (!/^[0-9][0-9 -]{4,14}[0-9]$/.test(code)) { emailNote("Enter the 6-digit code from the mail.", "error"); return; }
+    if (!request("email_verify", { type: "email_verify", code })) { emailNote("Not connected. Try again in a moment.", "error"); return; }
+    codeSend.disabled = true;
+    emailNote("Checking the code…");
+  }
+
+  function codeSent(f) {
+    answered("email_link");
+    const until = new Date(f.expires_at);
+    codeHint.textContent = "We mailed a code to " + String(f.address || "your address") + "."
+      + (isNaN(until) ? "" : " It is valid until " + until.toLocaleTimeString([], { timeStyle: "short" }) + ".");
+    emailStep("code");
+    emailNote("");
+  }
+
+  function emailLinked(f) {
+    answered("email_verify");
+    emailStep("done");
+    emailNote(typeof f.message === "string" && f.message ? f.message : "Your email address is linked.", "ok");
+    emailToggle.textContent = "Email linked";
+  }
+
+  function emailRefused(kind, f) {
+    answered(kind);
+    emailSend.disabled = codeSend.disabled = false;
+    const own = f.code !== "bad_frame" && f.code !== "unavailable" && f.code !== "internal";
+    emailNote(own && typeof f.message === "string" && f.message ? f.message : "That did not work. Try again.", "error");
+    if (f.code === "code_expired" || f.code === "too_many_attempts" || f.code === "no_code") {
+      emailForm.hidden = false;  // a new code is needed
+      codeForm.hidden = true;
+      codeInput.value = "";
+    }
+  }
+
   // ----------------------------------------------------------- connection
   function connect() {
     clearTimeout(reconnectTimer);
@@ -485,6 +711,13 @@
     pingTimer = handshakeTimer = null;
     historyBusy = false;
     moreBtn.disabled = false;
+    if (requests.some((k) => k === "email_link" || k === "email_verify")) {
+      emailNote("Connection lost. Try again.", "error");
+    }
+    requests = [];
+    emailSend.disabled = codeSend.disabled = false;
+    typingOn = false;
+    showAgentTyping(null);
     sock.onopen = sock.onmessage = sock.onclose = sock.onerror = null;
     try { sock.close(); } catch (e) { /* ignore */ }
     if (ws === sock) ws = null;
@@ -505,6 +738,7 @@
     switch (f.type) {
       case "welcome":
         if (typeof f.token === "string") store.set("token", f.token);
+        if (f.conversation_id) hasConversation = true;
         break;
       case "message":
       case "event":
@@ -521,14 +755,29 @@
         // has_more is about the initial replay; later syncs only fill the gap.
         if (helloWatermark === null) moreBtn.hidden = !(f.has_more && lowestSeq !== null && lowestSeq > 1);
         flushOutbox();
+        requestLink(false);
         break;
       case "ack": {
         const entry = pending.get(f.client_id);
         if (entry && typeof f.seq === "number" && !entry.el.dataset.seq) entry.el.dataset.seq = String(f.seq);
         delivered(f.client_id, entry);
+        if (!hasConversation) { hasConversation = true; requestLink(false); }
         break;
       }
+      case "typing":
+        if (f.role === "agent") showAgentTyping(f);
+        break;
+      case "link":
+        gotLink(f);
+        break;
+      case "email_code_sent":
+        codeSent(f);
+        break;
+      case "email_linked":
+        emailLinked(f);
+        break;
       case "history":
+        answered("history");
         historyBusy = false;
         prependHistory(Array.isArray(f.items) ? f.items : []);
         moreBtn.hidden = !f.has_more || lowestSeq === null || lowestSeq <= 1;
@@ -546,9 +795,18 @@
     if (f.client_id && pending.has(f.client_id)) {
       if (f.code === "unavailable" || f.code === "internal") scheduleRetry(); // same client_id is safe
       else failed(f.client_id, f.code);
-    } else if (historyBusy && f.code === "bad_frame") {
+      return;
+    }
+    const owner = errorOwner(f.code);
+    if (owner === "history") {
+      answered("history");
       historyBusy = false;
       moreBtn.disabled = false;
+    } else if (owner === "link") {
+      answered("link");
+      hideLink(); // no Telegram here (or not now): no button
+    } else if (owner === "email_link" || owner === "email_verify") {
+      emailRefused(owner, f);
     }
   }
 
@@ -556,7 +814,7 @@
     if (historyBusy || state !== "online" || lowestSeq === null) return;
     historyBusy = true;
     moreBtn.disabled = true;
-    transmit({ type: "history", before: lowestSeq, limit: 50 });
+    request("history", { type: "history", before: lowestSeq, limit: 50 });
   }
 
   // ------------------------------------------------------------ public API

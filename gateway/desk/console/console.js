@@ -1,0 +1,879 @@
+/*
+ * Omnigate agent console (served by the gateway at /console/).
+ *
+ * Vanilla ES2020, no dependencies, CSP-safe: the page's Content-Security-Policy allows
+ * scripts and styles from this origin only. Every piece of text that comes from a
+ * customer, an agent or the bot is put into the DOM with textContent (the `h` helper's
+ * `text`), never as HTML.
+ *
+ * REST: /api/v1 (session cookie; X-CSRF-Token on every POST/PUT/PATCH/DELETE).
+ * Live: /api/v1/live, protocol 1 (docs/console-protocol.md).
+ */
+(function () {
+  "use strict";
+
+  const API = "/api/v1";
+  const WS_URL = (location.protocol === "https:" ? "wss:" : "ws:") + "//" + location.host + API + "/live";
+  const TITLE = "Omnigate console";
+  const PING_MS = 25000;
+  const TYPING_EVERY_MS = 2000;   // send typing on:true at most this often
+  const TYPING_SHOW_MS = 6000;    // stop showing typing this long after the last on:true
+  const BACKOFF_MIN = 1000, BACKOFF_MAX = 15000;
+  const PRIORITY = { urgent: 0, high: 1, normal: 2, low: 3 };
+  const CHANNELS = {
+    webchat: { label: "Web", title: "Web chat" },
+    telegram: { label: "TG", title: "Telegram" },
+    slack: { label: "Slack", title: "Slack" },
+    email: { label: "Mail", title: "Email" },
+  };
+
+  // ------------------------------------------------------------------ state
+  const S = {
+    me: null, csrf: null,
+    ws: null, wsWanted: false, backoff: BACKOFF_MIN, reconnectTimer: null, pingTimer: null,
+    refs: new Map(), refSeq: 0,
+    queue: new Map(), mine: new Map(),   // id -> conversation summary (with _at: received ms)
+    unread: new Map(),                   // conversation id -> count
+    agents: new Map(),                   // id -> {id, name, presence}
+    canned: [],
+    open: null,                          // { id, conv, contactId, cursor, hasMore, loading, loaded, seen:Set, pending:[] }
+    typingSentAt: 0, typingOn: false, typingHide: null,
+  };
+
+  // -------------------------------------------------------------------- DOM
+  const $ = (name) => document.querySelector('[data-c="' + name + '"]');
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (v === null || v === undefined || v === false) continue;
+      if (k === "class") el.className = v;
+      else if (k === "text") el.textContent = String(v);
+      else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+      else el.setAttribute(k, v === true ? "" : String(v));
+    }
+    for (const c of children) if (c !== null && c !== undefined && c !== false) el.append(c);
+    return el;
+  }
+  function show(el, on) { el.hidden = !on; }
+  function clear(el) { while (el.firstChild) el.firstChild.remove(); }
+
+  function channelBadge(channel) {
+    const known = CHANNELS[channel] || { label: String(channel || "?"), title: String(channel || "unknown") };
+    return h("span", { class: "c-ch c-ch-" + (CHANNELS[channel] ? channel : "other"),
+      "data-channel": channel, title: known.title, text: known.label });
+  }
+
+  function duration(seconds) {
+    seconds = Math.max(0, Math.round(seconds));
+    if (seconds < 60) return seconds + "s";
+    const m = Math.floor(seconds / 60), s = seconds % 60;
+    if (m < 60) return m + "m " + String(s).padStart(2, "0") + "s";
+    const hrs = Math.floor(m / 60);
+    return hrs + "h " + String(m % 60).padStart(2, "0") + "m";
+  }
+  function when(iso) {
+    const d = new Date(iso);
+    return isNaN(d) ? "" : d.toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+  }
+  function safeUrl(url) {
+    try {
+      const u = new URL(String(url), location.href);
+      return u.protocol === "https:" || u.protocol === "http:" ? u.href : null;
+    } catch (e) { return null; }
+  }
+  function contactName(conv) {
+    const c = conv && conv.contact;
+    if (!c) return "Unknown contact";
+    if (c.name) return c.name;
+    const named = (c.identities || []).find((i) => i.display_name);
+    return named ? named.display_name : "Visitor " + String(c.id).slice(-6);
+  }
+
+  // ---------------------------------------------------------------- REST
+  class ApiError extends Error {
+    constructor(status, code, message) { super(message); this.status = status; this.code = code; }
+  }
+  async function api(method, path, body) {
+    const headers = { Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (method !== "GET" && S.csrf) headers["X-CSRF-Token"] = S.csrf;
+    let res;
+    try {
+      res = await fetch(API + path, {
+        method, headers, credentials: "same-origin", cache: "no-store",
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    } catch (e) {
+      throw new ApiError(0, "network", "the gateway cannot be reached");
+    }
+    if (res.status === 204) return null;
+    let data = null;
+    try { data = await res.json(); } catch (e) { data = null; }
+    if (!res.ok) {
+      const err = new ApiError(res.status, (data && data.error) || "error",
+        (data && data.message) || ("HTTP " + res.status));
+      if (res.status === 401 && path !== "/session") signedOut("Your session ended; sign in again.");
+      throw err;
+    }
+    return data;
+  }
+
+  function convError(err) {
+    const el = $("conv-error");
+    if (!err) { show(el, false); el.textContent = ""; return; }
+    el.textContent = err.message || String(err);
+    show(el, true);
+  }
+
+  // ------------------------------------------------------------- sign-in
+  function showLogin(message) {
+    show($("app"), false);
+    show($("login"), true);
+    const err = $("login-error");
+    err.textContent = message || "";
+    show(err, Boolean(message));
+    document.title = TITLE;
+    $("email").focus();
+  }
+
+  async function signIn(e) {
+    e.preventDefault();
+    const button = $("sign-in");
+    button.disabled = true;
+    try {
+      const out = await api("POST", "/session", { email: $("email").value.trim(), password: $("password").value });
+      $("password").value = "";
+      start(out);
+    } catch (err) {
+      const box = $("login-error");
+      box.textContent = err.status === 400 ? "Enter your email and password." : err.message;
+      show(box, true);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  async function signOut() {
+    try { await api("DELETE", "/session"); } catch (e) { /* ended anyway */ }
+    signedOut("");
+  }
+
+  function signedOut(message) {
+    S.wsWanted = false;
+    clearTimeout(S.reconnectTimer);
+    clearInterval(S.pingTimer);
+    if (S.ws) { try { S.ws.close(1000); } catch (e) { /* closed */ } S.ws = null; }
+    S.me = null; S.csrf = null; S.open = null;
+    S.queue.clear(); S.mine.clear(); S.unread.clear();
+    clear($("queue")); clear($("mine")); clear($("items"));
+    closeConversationView();
+    showLogin(message);
+  }
+
+  function start(session) {
+    S.me = session.agent;
+    S.csrf = session.csrf_token;
+    show($("login"), false);
+    show($("app"), true);
+    $("me").textContent = S.me.name + " (" + S.me.role + ")";
+    if ("Notification" in window && Notification.permission === "default") show($("notify-perm"), true);
+    loadCanned();
+    loadAgents();
+    S.wsWanted = true;
+    connect();
+  }
+
+  // -------------------------------------------------------------- socket
+  function setLive(state) {
+    const el = $("live");
+    el.dataset.state = state;
+    el.textContent = state;
+  }
+
+  function connect() {
+    clearTimeout(S.reconnectTimer);
+    if (!S.wsWanted) return;
+    setLive("connecting");
+    const ws = new WebSocket(WS_URL);
+    S.ws = ws;
+    ws.addEventListener("message", (ev) => {
+      let frame;
+      try { frame = JSON.parse(ev.data); } catch (e) { return; }
+      if (frame && typeof frame.type === "string") onFrame(frame);
+    });
+    ws.addEventListener("close", (ev) => {
+      if (S.ws !== ws) return;
+      S.ws = null;
+      clearInterval(S.pingTimer);
+      setLive("offline");
+      for (const [, pending] of S.refs) pending.reject(new Error("the live connection closed"));
+      S.refs.clear();
+      if (ev.code === 4401) { signedOut("Your session ended; sign in again."); return; }
+      if (!S.wsWanted) return;
+      S.reconnectTimer = setTimeout(connect, S.backoff);
+      S.backoff = Math.min(S.backoff * 2, BACKOFF_MAX);
+    });
+  }
+
+  function send(frame) {
+    if (!S.ws || S.ws.readyState !== WebSocket.OPEN) return false;
+    S.ws.send(JSON.stringify(frame));
+    return true;
+  }
+
+  function request(frame, timeoutMs) {
+    const ref = "r" + (++S.refSeq);
+    return new Promise((resolve, reject) => {
+      if (!send({ ...frame, ref })) { reject(new Error("not connected")); return; }
+      const timer = setTimeout(() => { S.refs.delete(ref); reject(new Error("no answer")); }, timeoutMs || 5000);
+      S.refs.set(ref, {
+        resolve: (v) => { clearTimeout(timer); resolve(v); },
+        reject: (e) => { clearTimeout(timer); reject(e); },
+      });
+    });
+  }
+
+  function onFrame(f) {
+    if (f.ref && S.refs.has(f.ref)) {
+      const pending = S.refs.get(f.ref);
+      S.refs.delete(f.ref);
+      if (f.type === "error") pending.reject(new Error(f.message || f.code));
+      else pending.resolve(f);
+    }
+    switch (f.type) {
+      case "ready":
+        S.backoff = BACKOFF_MIN;
+        setLive(f.live ? "live" : "degraded");
+        if (f.agent) S.me = { ...S.me, ...f.agent };
+        setPresence("online");
+        clearInterval(S.pingTimer);
+        S.pingTimer = setInterval(() => send({ type: "ping" }), PING_MS);
+        reloadLists();
+        if (S.open) openConversation(S.open.id);
+        break;
+      case "conversation": onConversation(f.conversation, f.in_queue, f.mine); break;
+      case "notification": onNotification(f); break;
+      case "item": onItem(f.conversation_id, f.item); break;
+      case "typing": onTyping(f); break;
+      case "presence": onPresence(f); break;
+      case "resync": reloadLists(); if (S.open) openConversation(S.open.id); break;
+      case "error":
+        if (!f.ref) toast("Live: " + (f.message || f.code), "error");
+        break;
+      default: break;
+    }
+  }
+
+  // ------------------------------------------------------------- presence
+  function setPresence(value) {
+    const sel = $("presence");
+    if (value === "online" || value === "away") sel.value = value;
+    sel.dataset.state = value;
+  }
+  async function changePresence() {
+    const sel = $("presence");
+    sel.dataset.state = "";
+    try {
+      const answer = await request({ type: "presence", presence: sel.value });
+      setPresence(answer.agent ? answer.agent.presence : sel.value);
+    } catch (e) {
+      toast("Presence not changed: " + e.message, "error");
+    }
+  }
+  function onPresence(f) {
+    const a = f.agent;
+    if (!a || !a.id) return;
+    S.agents.set(a.id, { ...(S.agents.get(a.id) || {}), ...a });
+    if (S.me && a.id === S.me.id && !f.ref) setPresence(a.presence);
+    renderAgentPicker();
+  }
+
+  async function loadAgents() {
+    if (!S.me || S.me.role !== "admin") return;  // the agent directory is for admins
+    try {
+      const out = await api("GET", "/agents");
+      for (const a of out.items) if (a.active) S.agents.set(a.id, { ...(S.agents.get(a.id) || {}), id: a.id, name: a.name });
+      renderAgentPicker();
+    } catch (e) { /* transfer by team still works */ }
+  }
+  function renderAgentPicker() {
+    const sel = $("transfer-agent");
+    const current = sel.value;
+    clear(sel);
+    sel.append(h("option", { value: "", text: "—" }));
+    const others = [...S.agents.values()].filter((a) => !S.me || a.id !== S.me.id)
+      .sort((a, b) => String(a.name).localeCompare(String(b.name)));
+    for (const a of others) {
+      sel.append(h("option", { value: a.id, text: a.name + (a.presence ? " (" + a.presence + ")" : "") }));
+    }
+    sel.value = current;
+  }
+
+  // ---------------------------------------------------------------- lists
+  async function reloadLists() {
+    try {
+      const [queue, mine] = await Promise.all([
+        api("GET", "/conversations?owner=queued&limit=200"),
+        api("GET", "/conversations?owner=agent&mine=true&limit=200"),
+      ]);
+      const now = Date.now();
+      S.queue.clear(); S.mine.clear();
+      for (const c of queue.items) S.queue.set(c.id, { ...c, _at: now });
+      for (const c of mine.items) S.mine.set(c.id, { ...c, _at: now });
+      renderLists();
+    } catch (e) {
+      if (e.status !== 401) toast("Could not load the lists: " + e.message, "error");
+    }
+  }
+
+  function onConversation(conv, inQueue, mine) {
+    const c = { ...conv, _at: Date.now() };
+    if (inQueue) S.queue.set(c.id, c); else S.queue.delete(c.id);
+    if (mine) S.mine.set(c.id, c); else S.mine.delete(c.id);
+    if (!mine) S.unread.delete(c.id);
+    renderLists();
+    if (S.open && S.open.id === c.id) { S.open.conv = c; renderHead(); }
+  }
+
+  function serverOffset(conv) {
+    // The server's clock minus ours, from the SLA figures' `now` (0 without them).
+    return conv.sla && conv.sla.now ? Date.parse(conv.sla.now) - conv._at : 0;
+  }
+
+  function slaText(conv) {
+    const sla = conv.sla;
+    if (!sla) return { text: "no SLA", state: "none" };
+    const elapsed = (Date.now() - conv._at) / 1000;
+    const timer = sla.first_response.state === "met" ? sla.resolution : sla.first_response;
+    const label = timer === sla.resolution ? "resolve" : "reply";
+    if (timer.state === "running" && typeof timer.remaining_seconds === "number") {
+      const left = timer.remaining_seconds - elapsed;
+      return left >= 0 ? { text: label + " in " + duration(left), state: "running" }
+        : { text: label + " overdue " + duration(-left), state: "breached" };
+    }
+    if (timer.state === "breached") {
+      const over = typeof timer.overdue_seconds === "number" ? " " + duration(timer.overdue_seconds + (timer.done_at ? 0 : elapsed)) : "";
+      return { text: label + " breached" + over, state: "breached" };
+    }
+    return { text: label + " " + timer.state, state: timer.state };
+  }
+
+  function row(conv, list) {
+    const unread = S.unread.get(conv.id) || 0;
+    const handoff = conv.handoff;
+    const priority = handoff ? handoff.priority : "normal";
+    let waiting = "";
+    if (handoff && handoff.requested_at) {
+      const now = Date.now() + serverOffset(conv);
+      waiting = "waiting " + duration((now - Date.parse(handoff.requested_at)) / 1000);
+    }
+    const sla = slaText(conv);
+    const button = h("button", {
+      type: "button", class: "c-row" + (S.open && S.open.id === conv.id ? " c-row-open" : ""),
+      "data-c": "conv-item", "data-id": conv.id, "data-owner": conv.owner,
+      onclick: () => openConversation(conv.id),
+    },
+    h("span", { class: "c-row-top" },
+      channelBadge(conv.reply_channel || conv.channel),
+      h("span", { class: "c-row-name", text: contactName(conv) }),
+      unread ? h("span", { class: "c-unread", "data-c": "unread", text: String(unread) }) : null),
+    h("span", { class: "c-row-meta" },
+      h("span", { class: "c-prio c-prio-" + (PRIORITY[priority] === undefined ? "normal" : priority), "data-c": "priority", text: priority }),
+      handoff && handoff.reason ? h("span", { class: "c-reason", text: handoff.reason }) : null,
+      list === "queue" && waiting ? h("span", { class: "c-wait", "data-c": "waiting", text: waiting }) : null,
+      h("span", { class: "c-sla", "data-c": "sla", "data-state": sla.state, text: sla.text })));
+    return h("li", {}, button);
+  }
+
+  function renderLists() {
+    const queue = [...S.queue.values()].sort((a, b) => {
+      const pa = PRIORITY[(a.handoff || {}).priority] ?? 2, pb = PRIORITY[(b.handoff || {}).priority] ?? 2;
+      if (pa !== pb) return pa - pb;
+      return Date.parse((a.handoff || {}).requested_at || a.created_at) - Date.parse((b.handoff || {}).requested_at || b.created_at);
+    });
+    const mine = [...S.mine.values()].sort((a, b) =>
+      Date.parse(b.last_activity_at || b.created_at) - Date.parse(a.last_activity_at || a.created_at));
+    const q = $("queue"), m = $("mine");
+    clear(q); clear(m);
+    for (const c of queue) q.append(row(c, "queue"));
+    for (const c of mine) m.append(row(c, "mine"));
+    if (!queue.length) q.append(h("li", { class: "c-none", text: "Nobody is waiting." }));
+    if (!mine.length) m.append(h("li", { class: "c-none", text: "None assigned to you." }));
+    $("queue-count").textContent = String(queue.length);
+    $("mine-count").textContent = String(mine.length);
+    updateTitle();
+  }
+
+  function tickLists() {
+    for (const button of document.querySelectorAll('[data-c="conv-item"]')) {
+      const conv = S.queue.get(button.dataset.id) || S.mine.get(button.dataset.id);
+      if (!conv) continue;
+      const sla = button.querySelector('[data-c="sla"]');
+      if (sla) { const s = slaText(conv); sla.textContent = s.text; sla.dataset.state = s.state; }
+      const wait = button.querySelector('[data-c="waiting"]');
+      if (wait && conv.handoff && conv.handoff.requested_at) {
+        const now = Date.now() + serverOffset(conv);
+        wait.textContent = "waiting " + duration((now - Date.parse(conv.handoff.requested_at)) / 1000);
+      }
+    }
+  }
+
+  // -------------------------------------------------------- notifications
+  function updateTitle() {
+    let n = 0;
+    for (const v of S.unread.values()) n += v;
+    document.title = n > 0 ? "(" + n + ") " + TITLE : TITLE;
+  }
+
+  function toast(text, kind) {
+    const box = $("toasts");
+    const el = h("div", { class: "c-toast c-toast-" + (kind || "info"), "data-c": "toast", role: "status" },
+      h("span", { text }),
+      h("button", { type: "button", class: "c-link", "aria-label": "Dismiss", text: "×", onclick: () => el.remove() }));
+    box.append(el);
+    while (box.children.length > 5) box.firstElementChild.remove();
+    setTimeout(() => el.remove(), 10000);
+  }
+
+  function desktop(title, body) {
+    if (!("Notification" in window) || Notification.permission !== "granted" || !document.hidden) return;
+    try { new Notification(title, { body }); } catch (e) { /* not allowed here */ }
+  }
+
+  function onNotification(f) {
+    if (f.kind === "assigned" && f.conversation) {
+      const name = contactName(f.conversation);
+      toast("Assigned to you: " + name, "assigned");
+      desktop("New conversation", name);
+      if (!(S.open && S.open.id === f.conversation.id)) bumpUnread(f.conversation.id);
+    } else if (f.kind === "message" && f.item) {
+      const viewing = S.open && S.open.id === f.conversation_id && !document.hidden;
+      if (viewing) return;
+      const conv = S.mine.get(f.conversation_id);
+      const who = conv ? contactName(conv) : "A customer";
+      const text = f.item.text || "(attachment)";
+      toast(who + ": " + text.slice(0, 140), "message");
+      desktop(who, text.slice(0, 140));
+      bumpUnread(f.conversation_id);
+    }
+  }
+  function bumpUnread(id) {
+    S.unread.set(id, (S.unread.get(id) || 0) + 1);
+    renderLists();
+  }
+
+  // ---------------------------------------------------------- conversation
+  function closeConversationView() {
+    show($("conversation"), false);
+    show($("profile"), false);
+    show($("empty"), true);
+  }
+
+  async function openConversation(id) {
+    const previous = S.open;
+    if (previous && previous.id !== id) send({ type: "unsubscribe", conversation_id: previous.id });
+    stopTyping();
+    const open = { id, conv: null, contactId: null, cursor: null, hasMore: false, loading: true,
+      loaded: false, seen: new Set(), pending: [] };
+    S.open = open;
+    S.unread.delete(id);
+    renderLists();
+    convError(null);
+    clear($("items"));
+    show($("typing"), false);
+    show($("empty"), false);
+    show($("conversation"), true);
+    show($("profile"), true);
+    $("items").dataset.loaded = "false";
+    try {
+      await request({ type: "subscribe", conversation_id: id }).catch(() => null);
+      const conv = await api("GET", "/conversations/" + encodeURIComponent(id));
+      if (S.open !== open) return;
+      open.conv = { ...conv, _at: Date.now() };
+      renderHead();
+      renderProfile(conv.contact);
+      renderChannels(conv);
+      if (conv.contact) {
+        open.contactId = conv.contact.id;
+        await loadTimeline(open);
+      }
+      if (S.open !== open) return;
+      open.loaded = true;
+      $("items").dataset.loaded = "true";
+      for (const item of open.pending.splice(0)) appendItem(open, item);
+      scrollToBottom();
+      fillTimeline(open);
+    } catch (e) {
+      if (S.open === open) convError(e);
+    } finally {
+      open.loading = false;
+    }
+  }
+
+  function renderHead() {
+    const open = S.open;
+    if (!open || !open.conv) return;
+    const c = open.conv;
+    $("conv-title").textContent = contactName(c);
+    const meta = $("conv-meta");
+    clear(meta);
+    const owner = c.owner === "agent" ? (c.assignee_id === (S.me && S.me.id) ? "assigned to you" : "assigned to " + agentName(c.assignee_id)) : c.owner;
+    meta.append(channelBadge(c.channel), " ",
+      h("span", { "data-c": "conv-owner", "data-owner": c.owner, text: owner }));
+    if (c.handoff) {
+      meta.append(" · ", h("span", { class: "c-prio c-prio-" + c.handoff.priority, text: c.handoff.priority }),
+        " · ", h("span", { text: c.handoff.reason }));
+      if (c.handoff.team) meta.append(" · team ", h("span", { text: c.handoff.team }));
+      if (c.handoff.skill) meta.append(" · skill ", h("span", { text: c.handoff.skill }));
+    }
+    const sla = slaText(c);
+    meta.append(" · ", h("span", { class: "c-sla", "data-c": "conv-sla", "data-state": sla.state, text: sla.text }));
+    const mine = c.owner === "agent" && S.me && c.assignee_id === S.me.id;
+    $("claim").hidden = c.owner !== "queued";
+    $("resolve").hidden = !mine;
+    $("handback").hidden = !mine;
+    $("transfer").hidden = !mine;
+    updateComposer();
+  }
+  function agentName(id) {
+    const a = S.agents.get(id);
+    return a ? a.name : "another agent";
+  }
+
+  function isMine() {
+    const c = S.open && S.open.conv;
+    return Boolean(c && S.me && c.owner === "agent" && c.assignee_id === S.me.id);
+  }
+  function updateComposer() {
+    const note = $("note-toggle").checked;
+    const reply = $("reply");
+    $("composer").classList.toggle("c-composer-note", note);
+    reply.placeholder = note ? "Private note (agents only)…" : isMine() ? "Reply to the customer…" : "Claim the conversation to reply";
+    $("send").disabled = !note && !isMine();
+    $("send").textContent = note ? "Add note" : "Send";
+  }
+
+  function renderProfile(contact) {
+    $("contact-name").textContent = contact ? (contact.name || "(no name)") : "Unknown contact";
+    const ids = $("identities");
+    clear(ids);
+    for (const i of (contact && contact.identities) || []) {
+      ids.append(h("li", { "data-c": "identity" }, channelBadge(i.channel), " ",
+        h("span", { text: i.display_name || i.external_id }),
+        i.reachable ? null : h("span", { class: "c-muted", text: " (unreachable)" })));
+    }
+    const dl = $("profile-data");
+    clear(dl);
+    const entries = Object.entries((contact && contact.profile) || {}).filter(([k]) => !k.startsWith("_"));
+    if (!entries.length) dl.append(h("dd", { class: "c-muted", text: "Nothing yet." }));
+    for (const [key, raw] of entries) {
+      let value = raw, expires = null;
+      if (raw && typeof raw === "object" && !Array.isArray(raw) && "value" in raw) {
+        value = raw.value;
+        expires = raw.expires_at || null;
+      }
+      const text = typeof value === "string" ? value : JSON.stringify(value);
+      dl.append(h("dt", { text: key }));
+      dl.append(h("dd", { "data-c": "profile-value", "data-key": key },
+        h("span", { text }),
+        expires ? h("span", { class: "c-muted", "data-c": "profile-expires", text: " · expires " + when(expires) }) : null));
+    }
+  }
+
+  function renderChannels(conv) {
+    const sel = $("reply-channel");
+    clear(sel);
+    const channels = new Set([conv.reply_channel || conv.channel]);
+    for (const i of (conv.contact && conv.contact.identities) || []) if (i.reachable) channels.add(i.channel);
+    for (const ch of channels) {
+      const known = CHANNELS[ch];
+      sel.append(h("option", { value: ch, text: (known ? known.title : ch) + (ch === (conv.reply_channel || conv.channel) ? " (last used)" : "") }));
+    }
+    sel.value = conv.reply_channel || conv.channel;
+  }
+
+  // ------------------------------------------------------------- timeline
+  const timelineBox = () => $("timeline");
+  function scrollToBottom() { const t = timelineBox(); t.scrollTop = t.scrollHeight; }
+  function nearBottom() { const t = timelineBox(); return t.scrollHeight - t.scrollTop - t.clientHeight < 80; }
+
+  async function loadTimeline(open) {
+    const q = "?limit=50" + (open.cursor ? "&cursor=" + encodeURIComponent(open.cursor) : "");
+    show($("older"), true);
+    try {
+      const page = await api("GET", "/contacts/" + encodeURIComponent(open.contactId) + "/timeline" + q);
+      if (S.open !== open) return;
+      open.cursor = page.next_cursor;
+      open.hasMore = Boolean(page.has_more && page.next_cursor);
+      const box = timelineBox(), list = $("items");
+      const before = box.scrollHeight;
+      const frag = document.createDocumentFragment();
+      for (const item of page.items.slice().reverse()) {  // newest first -> oldest on top
+        if (open.seen.has(item.id)) continue;
+        open.seen.add(item.id);
+        frag.append(renderItem(item, open));
+      }
+      list.prepend(frag);
+      box.scrollTop += box.scrollHeight - before;  // keep what the agent was reading in place
+      list.dataset.hasMore = String(open.hasMore);
+    } finally {
+      show($("older"), false);
+    }
+  }
+
+  async function loadOlder() {
+    const open = S.open;
+    if (!open || !open.loaded || open.loading || !open.hasMore) return;
+    open.loading = true;
+    try { await loadTimeline(open); } catch (e) { convError(e); } finally { open.loading = false; }
+    fillTimeline(open);
+  }
+  function fillTimeline(open) {
+    // No scroll bar yet: nothing to scroll up with, so load the next page now.
+    const box = timelineBox();
+    if (S.open === open && open.hasMore && box.scrollHeight <= box.clientHeight + 10) loadOlder();
+  }
+
+  function onItem(conversationId, item) {
+    const open = S.open;
+    if (!open || open.id !== conversationId || !item) return;
+    if (!open.loaded) { open.pending.push(item); return; }
+    appendItem(open, item);
+    if (item.sender && item.sender.role === "customer") hideTyping();
+  }
+  function appendItem(open, item) {
+    if (open.seen.has(item.id)) return;
+    open.seen.add(item.id);
+    const stick = nearBottom();
+    $("items").append(renderItem(item, open));
+    if (stick) scrollToBottom();
+  }
+
+  function renderItem(item, open) {
+    const role = (item.sender && item.sender.role) || "system";
+    const other = item.conversation_id !== open.id;
+    const attrs = {
+      class: "c-item c-" + role + (item.private ? " c-private" : "") + (other ? " c-other" : ""),
+      "data-c": "item", "data-role": role, "data-id": item.id, "data-seq": item.seq,
+      "data-conversation": item.conversation_id, "data-channel": item.channel,
+    };
+    if (item.private) attrs["data-private"] = "true";
+    if (item.type === "event") {
+      attrs.class += " c-event";
+      attrs["data-event"] = item.name || "event";
+      return h("li", attrs, channelBadge(item.channel), " ",
+        h("span", { class: "c-event-text", text: item.text || item.name || "event" }),
+        h("time", { class: "c-time", datetime: item.created_at, text: when(item.created_at) }));
+    }
+    const sender = item.sender && item.sender.name ? item.sender.name
+      : role === "customer" ? "Customer" : role === "bot" ? "Bot" : role === "agent" ? "Agent" : "System";
+    const head = h("div", { class: "c-item-head" }, channelBadge(item.channel), " ",
+      h("span", { class: "c-sender", text: sender }),
+      item.private ? h("span", { class: "c-private-tag", "data-c": "private-tag", text: "Private note" }) : null,
+      other ? h("span", { class: "c-muted", text: " · other conversation" }) : null,
+      h("time", { class: "c-time", datetime: item.created_at, text: when(item.created_at) }));
+    const body = h("div", { class: "c-text", "data-c": "text" });
+    body.textContent = item.text || (item.value ? "[" + item.value + "]" : "");
+    const li = h("li", attrs, head, body);
+    if (item.attachments && item.attachments.length) {
+      const ul = h("ul", { class: "c-attachments" });
+      for (const a of item.attachments) {
+        const label = (a.name || a.content_type || "attachment") + (typeof a.size === "number" ? " (" + Math.ceil(a.size / 1024) + " KB)" : "");
+        const url = a.url ? safeUrl(a.url) : null;
+        ul.append(h("li", {}, url ? h("a", { href: url, target: "_blank", rel: "noopener noreferrer", "data-c": "attachment", text: label })
+          : h("span", { "data-c": "attachment", text: label })));
+      }
+      li.append(ul);
+    }
+    if (item.buttons && item.buttons.length) {
+      li.append(h("div", { class: "c-buttons" }, ...item.buttons.map((b) => h("span", { class: "c-chip", text: b.title || b.value || "" }))));
+    }
+    if (item.delivery && item.delivery.status) li.dataset.delivery = item.delivery.status;
+    return li;
+  }
+
+  // --------------------------------------------------------------- typing
+  function onTyping(f) {
+    if (!S.open || S.open.id !== f.conversation_id) return;
+    if (!f.on) { hideTyping(); return; }
+    const el = $("typing");
+    el.textContent = (f.role === "customer" ? contactName(S.open.conv) : (f.name || "Another agent")) + " is typing…";
+    el.dataset.role = f.role;
+    show(el, true);
+    clearTimeout(S.typingHide);
+    S.typingHide = setTimeout(hideTyping, TYPING_SHOW_MS);
+  }
+  function hideTyping() { clearTimeout(S.typingHide); show($("typing"), false); }
+
+  function typed() {
+    if ($("note-toggle").checked || !isMine()) return;
+    const text = $("reply").value;
+    if (!text.trim()) { stopTyping(); return; }
+    const now = Date.now();
+    if (now - S.typingSentAt >= TYPING_EVERY_MS) {
+      if (send({ type: "typing", conversation_id: S.open.id, on: true })) {
+        S.typingSentAt = now;
+        S.typingOn = true;
+      }
+    }
+  }
+  function stopTyping() {
+    if (S.typingOn && S.open) send({ type: "typing", conversation_id: S.open.id, on: false });
+    S.typingOn = false;
+    S.typingSentAt = 0;
+  }
+
+  // -------------------------------------------------------------- actions
+  async function act(path, body) {
+    const open = S.open;
+    if (!open) return null;
+    convError(null);
+    try {
+      const conv = await api("POST", "/conversations/" + encodeURIComponent(open.id) + path, body);
+      if (S.open === open && conv && conv.id === open.id) { open.conv = { ...conv, _at: Date.now() }; renderHead(); }
+      return conv;
+    } catch (e) {
+      convError(e);
+      return null;
+    }
+  }
+
+  async function submitReply(e) {
+    e.preventDefault();
+    const open = S.open;
+    const box = $("reply");
+    const text = box.value.trim();
+    if (!open || !text) return;
+    const note = $("note-toggle").checked;
+    const button = $("send");
+    button.disabled = true;
+    convError(null);
+    try {
+      let item;
+      if (note) {
+        item = await api("POST", "/conversations/" + encodeURIComponent(open.id) + "/notes", { text });
+      } else {
+        stopTyping();
+        const body = { text };
+        const channel = $("reply-channel").value;
+        if (channel && open.conv && channel !== (open.conv.reply_channel || open.conv.channel)) body.channel = channel;
+        item = await api("POST", "/conversations/" + encodeURIComponent(open.id) + "/messages", body);
+      }
+      box.value = "";
+      show($("canned-missing"), false);
+      if (item && S.open === open && open.loaded) appendItem(open, item);
+      scrollToBottom();
+      if (!note) refreshConversation(open);  // the SLA timers moved on (first response met)
+    } catch (err) {
+      convError(err);
+    } finally {
+      updateComposer();
+    }
+  }
+
+  async function refreshConversation(open) {
+    try {
+      const conv = await api("GET", "/conversations/" + encodeURIComponent(open.id));
+      const c = { ...conv, _at: Date.now() };
+      if (S.mine.has(c.id)) S.mine.set(c.id, c);
+      if (S.queue.has(c.id)) S.queue.set(c.id, c);
+      if (S.open === open) { open.conv = c; renderHead(); }
+      renderLists();
+    } catch (e) { /* the next live frame brings it */ }
+  }
+
+  async function loadCanned() {
+    try {
+      const out = await api("GET", "/canned");
+      S.canned = out.items || [];
+    } catch (e) { S.canned = []; }
+    const sel = $("canned");
+    clear(sel);
+    sel.append(h("option", { value: "", text: S.canned.length ? "—" : "(none)" }));
+    for (const c of S.canned) sel.append(h("option", { value: c.id, text: "/" + c.shortcode + (c.title ? " " + c.title : "") }));
+  }
+
+  async function useCanned() {
+    const sel = $("canned");
+    const id = sel.value;
+    sel.value = "";
+    if (!id || !S.open) return;
+    try {
+      const out = await api("GET", "/canned/" + encodeURIComponent(id) + "/render?conversation_id=" + encodeURIComponent(S.open.id));
+      const box = $("reply");
+      box.value = box.value ? box.value.replace(/\s*$/, " ") + out.text : out.text;
+      const hint = $("canned-missing");
+      hint.textContent = out.missing && out.missing.length ? "No value for " + out.missing.join(", ") + ": fill it in." : "";
+      show(hint, Boolean(out.missing && out.missing.length));
+      box.focus();
+      typed();
+    } catch (e) { convError(e); }
+  }
+
+  async function transfer(e) {
+    e.preventDefault();
+    const agentId = $("transfer-agent").value;
+    const team = $("transfer-team").value.trim();
+    if (!agentId && !team) { convError(new Error("Choose an agent or type a team.")); return; }
+    const conv = await act("/transfer", agentId ? { agent_id: agentId } : { team });
+    if (conv) {
+      $("transfer").open = false;
+      $("transfer-team").value = "";
+      $("transfer-agent").value = "";
+      toast("Transferred", "info");
+    }
+  }
+
+  // ---------------------------------------------------------------- wiring
+  function wire() {
+    $("login-form").addEventListener("submit", signIn);
+    $("sign-out").addEventListener("click", signOut);
+    $("presence").addEventListener("change", changePresence);
+    $("notify-perm").addEventListener("click", async () => {
+      try { await Notification.requestPermission(); } catch (e) { /* ignore */ }
+      show($("notify-perm"), Notification.permission === "default");
+    });
+    $("close-conv").addEventListener("click", () => {
+      if (S.open) send({ type: "unsubscribe", conversation_id: S.open.id });
+      stopTyping();
+      S.open = null;
+      closeConversationView();
+      renderLists();
+    });
+    $("claim").addEventListener("click", () => act("/claim"));
+    $("resolve").addEventListener("click", () => act("/resolve"));
+    $("handback").addEventListener("click", () => act("/handback"));
+    $("transfer-form").addEventListener("submit", transfer);
+    $("composer").addEventListener("submit", submitReply);
+    $("note-toggle").addEventListener("change", () => { stopTyping(); updateComposer(); });
+    $("canned").addEventListener("change", useCanned);
+    const reply = $("reply");
+    reply.addEventListener("input", typed);
+    reply.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
+    });
+    timelineBox().addEventListener("scroll", () => { if (timelineBox().scrollTop < 60) loadOlder(); });
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && S.open) { S.unread.delete(S.open.id); renderLists(); }
+    });
+    setInterval(() => {  // waiting times and SLA timers move on (in place: no re-render)
+      if (!S.me) return;
+      tickLists();
+      if (S.open && S.open.conv) {
+        const el = $("conv-sla");
+        if (el) { const s = slaText(S.open.conv); el.textContent = s.text; el.dataset.state = s.state; }
+      }
+    }, 1000);
+  }
+
+  async function boot() {
+    wire();
+    try {
+      const session = await api("GET", "/session");
+      if (session.via === "session") { start(session); return; }
+    } catch (e) { /* not signed in */ }
+    showLogin("");
+  }
+
+  boot();
+})();
