@@ -337,6 +337,24 @@ async def test_a_deactivated_agent_hands_their_conversations_back_at_once(
     await assert_loads_true(gateway)
 
 
+async def test_colleagues_lists_active_agents_for_the_transfer_picker(
+    gateway: Gateway,
+) -> None:
+    bob_id, bob = await make_agent(gateway, "bob", teams=("sales",), online=False)
+    ann_id, _ = await make_agent(gateway, "Ann", skills=("billing",))
+    gone_id, _ = await make_agent(gateway, "Gone", online=False)
+    await gateway.store.agents.update_one({"_id": gone_id}, {"$set": {"active": False}})
+    status, body = await call(gateway, "GET", "/colleagues", bob)
+    assert status == 200, body
+    assert [(a["id"], a["presence"], a["teams"], a["skills"]) for a in body["items"]] == [
+        (ann_id, "online", [], ["billing"]), (bob_id, "offline", ["sales"], [])]
+    assert all("email" not in a for a in body["items"])
+    _, designer_token = await gateway.app[AGENTS].add("Dee", role=AgentRole.DESIGNER)
+    status, _ = await call(gateway, "GET", "/colleagues",
+                           {"Authorization": f"Bearer {designer_token}"})
+    assert status == 403
+
+
 async def test_presence_body_is_validated(gateway: Gateway) -> None:
     _, alice = await make_agent(gateway, "Alice", online=False)
     for body in [{"presence": "busy"}, {}, {"presence": "online", "x": 1}, ["online"]]:

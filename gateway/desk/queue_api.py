@@ -64,7 +64,19 @@ class TransferIn(BaseModel):
         return self
 
 
-QUEUE_MODELS: list[type[BaseModel]] = [PresenceIn, AgentStatus, TransferIn]
+class Colleagues(BaseModel):
+    items: list[AgentStatus] = Field(description="active agents, by name")
+
+
+QUEUE_MODELS: list[type[BaseModel]] = [PresenceIn, AgentStatus, TransferIn, Colleagues]
+
+
+async def colleagues(request: web.Request) -> web.Response:
+    from gateway.desk.api import _json  # noqa: PLC0415
+
+    agents = await request.config_dict[ROUTING].queue.all_agents()
+    active = sorted((a for a in agents if a.active), key=lambda a: (a.name.casefold(), a.id))
+    return _json(Colleagues(items=[AgentStatus.of(a) for a in active]))
 
 
 async def set_presence(request: web.Request) -> web.Response:
@@ -101,6 +113,11 @@ def queue_endpoints() -> list[Endpoint]:
             AgentStatus, body=PresenceIn, errors=(401, 503), tag="agents",
             description="Offline longer than the grace period "
             "(OMNIGATE_AGENT_OFFLINE_GRACE_SECONDS) puts my conversations back in the queue.",
+        ),
+        Endpoint(
+            "GET", "/v1/colleagues", colleagues,
+            "Active agents with their presence, load, teams and skills (to pick whom to "
+            "transfer to)", Colleagues, errors=(401, 503), tag="agents",
         ),
         Endpoint(
             "POST", "/v1/conversations/{id}/transfer", transfer,

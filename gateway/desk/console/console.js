@@ -289,10 +289,10 @@
   }
 
   async function loadAgents() {
-    if (!S.me || S.me.role !== "admin") return;  // the agent directory is for admins
+    if (!S.me) return;
     try {
-      const out = await api("GET", "/agents");
-      for (const a of out.items) if (a.active) S.agents.set(a.id, { ...(S.agents.get(a.id) || {}), id: a.id, name: a.name });
+      const out = await api("GET", "/colleagues");  // active agents, for the transfer picker
+      for (const a of out.items) S.agents.set(a.id, { ...(S.agents.get(a.id) || {}), id: a.id, name: a.name, presence: a.presence });
       renderAgentPicker();
     } catch (e) { /* transfer by team still works */ }
   }
