@@ -27,6 +27,7 @@ class HandoffRequest:
     skill: str | None = None
     priority: str = "normal"  # low, normal, high, urgent
     team: str | None = None
+    flow: str | None = None  # the flow that handed off (analytics' topic); None: none ran
 
 
 @dataclass(frozen=True, slots=True)

@@ -286,7 +286,8 @@ class _Turn:
                  team: str | None = None) -> None:
         if say:
             self._say(say)
-        self.out.handoff = HandoffRequest(self._render(reason) or reason, skill, priority, team)
+        self.out.handoff = HandoffRequest(self._render(reason) or reason, skill, priority, team,
+                                          self.state.flow)
         self.state.end_flow()
 
     # --------------------------------------------------------------------- menu

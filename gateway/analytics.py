@@ -11,8 +11,10 @@ Definitions (the API documents them too):
 - **bot containment**: outcomes resolved by the bot with no handoff to a human since the
   conversation (re)opened, divided by all outcomes.
 - **handoff reasons**: the handoff's reason, counted over outcomes that were handed off.
-- **topic**: the bot flow that was running when the bot handed off (or resolved); if no
-  flow was running (the customer asked for a human from the menu), the handoff reason.
+- **topic**: the bot flow that was running when the bot handed off (or resolved), also
+  one started and handed off in the same turn (the menu's "Talk to a human" runs the
+  flow ``human``); if no flow was running (a global intent such as "talk to a human"
+  typed outside a flow, or the fallback), the handoff reason.
 - **team**: the handoff's team; if the handoff named none, the first team (by name) of the
   agent who resolved it; else none.
 - **first response**: from the handoff to the first agent reply (``Conversation.sla.

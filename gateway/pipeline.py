@@ -256,7 +256,8 @@ class Pipeline:
                 team=turn.handoff.team,
                 priority=turn.handoff.priority,
                 dedupe_key=f"{item.id}:handoff",
-                topic=_flow(conversation.bot_state) or _flow(turn.state),
+                # a flow begun and handed off in this turn has ended: the handoff names it
+                topic=_flow(conversation.bot_state) or turn.handoff.flow or _flow(turn.state),
             )
         elif turn.resolve:
             await self.routing.bot_resolve(

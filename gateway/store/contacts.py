@@ -242,6 +242,13 @@ class ContactStore:
         since = utcnow() - SWITCH_WINDOW
         others = [c for c in [from_doc(Conversation, d) async for d in docs]
                   if c.owner is not OwnerState.BOT or _activity(c) >= since]
+        # resolved, with its CSAT question sent to this very thread and unanswered: the
+        # answer goes there (anything else reopens it), as in the conversation's own thread
+        asked = self.store.conversations.find({
+            "contact_id": contact_id, "owner": OwnerState.RESOLVED.value,
+            "reply_channel": channel, "csat.score": None, "csat.asked_at": {"$gte": since}})
+        others += [c for c in [from_doc(Conversation, d) async for d in asked]
+                   if c.routes.get(channel) == thread_key]
         if not others:
             return None
         own_threads = await self._own_threads(contact_id)

@@ -332,7 +332,7 @@
     if (mine) S.mine.set(c.id, c); else S.mine.delete(c.id);
     if (!mine) S.unread.delete(c.id);
     renderLists();
-    if (S.open && S.open.id === c.id) { S.open.conv = c; renderHead(); }
+    if (S.open && S.open.id === c.id) setOpenConv(S.open, c);
   }
 
   function serverOffset(conv) {
@@ -639,7 +639,11 @@
     if (!open || open.id !== conversationId || !item) return;
     if (!open.loaded) { open.pending.push(item); return; }
     appendItem(open, item);
-    if (item.sender && item.sender.role === "customer") hideTyping();
+    if (item.sender && item.sender.role === "customer") {
+      hideTyping();
+      // written on another channel (a channel switch): replies go there now
+      if (open.conv && item.channel && item.channel !== (open.conv.reply_channel || open.conv.channel)) refreshConversation(open);
+    }
   }
   function appendItem(open, item) {
     if (open.seen.has(item.id)) return;
@@ -777,9 +781,22 @@
       const c = { ...conv, _at: Date.now() };
       if (S.mine.has(c.id)) S.mine.set(c.id, c);
       if (S.queue.has(c.id)) S.queue.set(c.id, c);
-      if (S.open === open) { open.conv = c; renderHead(); }
+      if (S.open === open) setOpenConv(open, c);
       renderLists();
     } catch (e) { /* the next live frame brings it */ }
+  }
+  // The open conversation, newer. If where replies go (the channel the customer used
+  // last, the contact's channels) changed, the picker and the profile follow: a picker
+  // left on the old default would send the next reply there.
+  function setOpenConv(open, c) {
+    const was = open.conv;
+    open.conv = c;
+    renderHead();
+    if (!was || channelsOf(was) !== channelsOf(c)) { renderChannels(c); if (c.contact) renderProfile(c.contact); }
+  }
+  function channelsOf(conv) {
+    const ids = ((conv.contact && conv.contact.identities) || []).filter((i) => i.reachable).map((i) => i.channel);
+    return (conv.reply_channel || conv.channel) + "|" + ids.sort().join(",");
   }
 
   async function loadCanned() {
