@@ -256,3 +256,26 @@ async def test_which_open_conversation_a_message_continues(store: Store) -> None
     await store.transition(mine.id, {OwnerState.QUEUED}, OwnerState.RESOLVED)
     await store.transition(own.id, {OwnerState.QUEUED}, OwnerState.RESOLVED)
     assert await continued() is None  # nothing open: as before
+
+
+async def test_the_agents_typing_shows_on_telegram_after_a_switch(
+    gateway: Gateway, visitor: Visitor, telegram: FakeTelegram, people: People
+) -> None:
+    from tests.test_live import open_console
+
+    conversation_id, auth = await agent_owns_web_chat(gateway, visitor)
+    ann = TelegramUser(gateway, telegram, people, 7005)
+    await linked_on_telegram(gateway, visitor, ann)
+    await ann.say("Writing from my phone now.")
+    await gateway.settle()
+    console = await open_console(gateway, auth)
+    try:
+        await console.ask({"type": "subscribe", "conversation_id": conversation_id},
+                          "subscribed")
+        await console.ws.send_json({"type": "typing", "conversation_id": conversation_id,
+                                    "on": True})
+        await telegram.wait_for(lambda: telegram.of("sendChatAction"))
+        [action] = telegram.of("sendChatAction")
+        assert (action.params["chat_id"], action.params["action"]) == (ann.id, "typing")
+    finally:
+        await console.close()

@@ -37,7 +37,7 @@ from aiogram.types import (
     ReplyParameters,
     Update,
 )
-from aiohttp import web
+from aiohttp import ClientError, web
 from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
@@ -472,6 +472,19 @@ class TelegramConnector(Connector):
         return "reachability"
 
     # ------------------------------------------------------------------ outbound
+
+    async def show_typing(self, thread_key: str, on: bool, name: str | None) -> int:
+        """An agent is typing: Telegram shows "typing…" for 5 s or until our next message
+        (there is no "stopped typing"). Returns how many chats were told (0 or 1)."""
+        if not on or self._stopped:
+            return 0
+        try:
+            await self.bot.send_chat_action(chat_id=chat_of(thread_key), action="typing",
+                                            request_timeout=5)
+        except (AiogramError, ClientError, TimeoutError) as exc:
+            log.info("telegram: typing to %s not shown: %s", thread_key, exc)
+            return 0
+        return 1
 
     async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
         if self._stopped or self._context is None:

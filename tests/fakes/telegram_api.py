@@ -34,6 +34,10 @@ MAX_DOWNLOAD = 20 * 1024 * 1024
 SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 
+CHAT_ACTIONS = {"typing", "upload_photo", "record_video", "upload_video", "record_voice",
+                "upload_voice", "upload_document", "choose_sticker", "find_location",
+                "record_video_note", "upload_video_note"}
+
 @dataclass
 class Call:
     method: str
@@ -342,6 +346,13 @@ class FakeTelegram:
         if markup is not None:
             message["reply_markup"] = markup
         return 200, message
+
+    async def _m_sendchataction(self, params: dict[str, Any]) -> tuple[int, Any]:
+        if (problem := self._chat_error(params.get("chat_id"))) is not None:
+            return problem
+        if params.get("action") not in CHAT_ACTIONS:
+            return 400, "Bad Request: wrong parameter action in request"
+        return 200, True
 
     async def _m_getfile(self, params: dict[str, Any]) -> tuple[int, Any]:
         file = self.files.get(str(params.get("file_id")))
