@@ -42,6 +42,7 @@ from gateway.settings import Settings
 from gateway.sla import ServiceLevels
 from gateway.store import Store
 from gateway.store.access import ensure_indexes as ensure_access_indexes
+from gateway.store.email_link import ensure_indexes as ensure_link_indexes
 from gateway.store.embedded import EmbeddedStore
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ async def _ensure_indexes(store: Store, ready: dict[str, bool]) -> None:
         try:
             await store.ensure_indexes()
             await ensure_access_indexes(store)
+            await ensure_link_indexes(store)
         except PyMongoError as exc:
             raise_if_cancelled()
             log.error("store unreachable (%s); retrying in %.0f s", exc, delay)

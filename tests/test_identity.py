@@ -389,3 +389,23 @@ async def test_undo_is_refused_when_the_survivor_was_merged_on(store: Store) -> 
         LinkState.LINKED, c.contact_id)
     with pytest.raises(Exception, match="was itself merged into"):
         await contacts.undo(first.id)
+
+
+async def test_expired_link_codes_tokens_and_counters_have_ttl_indexes(gateway: Gateway) -> None:
+    async def ttl_of(collection: str) -> dict[str, Any]:
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # the gateway creates indexes in the background at start
+            indexes = {i["name"]: i async for i in await gateway.store.db[collection]
+                       .list_indexes()}
+            ttl = {n: i for n, i in indexes.items() if "expireAfterSeconds" in i}
+            if ttl or asyncio.get_running_loop().time() > deadline:
+                return ttl
+            await asyncio.sleep(0.05)
+
+    for collection, field in [("email_codes", "expires_at"), ("email_code_limits", "created_at"),
+                              ("link_tokens", "expires_at")]:
+        ttl = await ttl_of(collection)
+        assert len(ttl) == 1, (collection, ttl)
+        [index] = ttl.values()
+        assert dict(index["key"]) == {field: 1}
+        assert index["expireAfterSeconds"] == 24 * 3600

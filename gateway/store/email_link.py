@@ -6,7 +6,8 @@ customer sends it back. The code is random (``secrets``), stored only as a salte
 it lives 15 minutes and allows 5 tries), and bound to the requester (the web chat visitor)
 and the address.
 
-Every document is found by its ``_id`` (no extra indexes; SecantusDB scans less):
+Every document is found by its ``_id``; the only other indexes are TTL ones that let the
+server drop expired documents a day later (``ensure_indexes``):
 
 - ``email_codes``: ``_id`` = the requester (``webchat:<visitor id>``): one live challenge
   per requester; asking again replaces it (and its attempt count starts again, which the
@@ -28,6 +29,7 @@ import secrets
 from datetime import datetime, timedelta
 from enum import StrEnum
 
+from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 
 from gateway.model import utcnow
@@ -115,3 +117,15 @@ class EmailCodes:
         if won.matched_count != 1:  # a concurrent try with the same code won: fine, once
             return CodeState.NONE, doc, 0
         return CodeState.RIGHT, doc, left
+
+
+async def ensure_indexes(store: Store) -> None:
+    """Expired link codes, tokens and rate counters are removed by the server a day after
+    they stop mattering (TTL indexes; lookups stay by ``_id``)."""
+    day = 24 * 3600
+    await store.db["email_codes"].create_indexes(
+        [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=day, name="codes_ttl")])
+    await store.db["email_code_limits"].create_indexes(
+        [IndexModel([("created_at", ASCENDING)], expireAfterSeconds=day, name="limits_ttl")])
+    await store.db["link_tokens"].create_indexes(
+        [IndexModel([("expires_at", ASCENDING)], expireAfterSeconds=day, name="tokens_ttl")])
