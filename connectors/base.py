@@ -31,10 +31,12 @@ Ingest = Callable[[InboundMessage], Awaitable[IngestResult]]
 
 @dataclass(frozen=True, slots=True)
 class ConnectorContext:
-    """What the core lends a connector: the way in, and the store for its own state."""
+    """What the core lends a connector: the way in, the store for its own state, and
+    which channels this gateway runs (e.g. for the web chat to offer linking them)."""
 
     ingest: Ingest
     store: Store
+    channels: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,7 +176,8 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     routing.levels.start()  # the SLA breach checker
     if settings.flows_hot_reload:
         await parts.flows.start()
-    context = ConnectorContext(ingest=pipeline.ingest, store=store)
+    context = ConnectorContext(ingest=pipeline.ingest, store=store,
+                               channels=frozenset(connectors))
     for connector in connectors.values():
         await connector.start(context)
         log.info("channel %s: on", connector.channel)

@@ -281,9 +281,9 @@ def test_typing_both_ways_and_a_private_note_is_skipped(
     cid = assigned["conversation"]["id"]
     alice.send({"type": "subscribe", "conversation_id": cid, "ref": "s"})
     alice.until(lambda f: f["type"] == "subscribed", "subscribed")
-    # no Telegram on this gateway: the server said so, and no button shows
-    expect(page.locator(TELEGRAM)).to_have_attribute("data-offer", "none", timeout=WAIT)
+    # no Telegram on this gateway: the welcome frame said so; the widget never asks
     expect(page.locator(TELEGRAM)).to_be_hidden()
+    expect(page.locator(TELEGRAM)).not_to_have_attribute("data-offer", "asked")
 
     # the visitor types: the agent's console hears it; clearing the box stops it
     mark = len(alice.frames)
@@ -378,18 +378,17 @@ def test_email_linking_by_a_mailed_code(mail_gateway: MailGateway, page: Page) -
     problems.check()
 
 
-def test_email_not_configured_is_said_clearly(live_gateway: ThreadedGateway,
-                                              page: Page) -> None:
+def test_linking_is_offered_only_for_the_channels_the_gateway_runs(
+        live_gateway: ThreadedGateway, page: Page) -> None:
+    # this gateway runs neither email nor Telegram: the welcome frame lists no channel to
+    # link, so the widget offers neither (the server's refusal is tested in
+    # tests/test_email_link.py)
     problems = Problems(page)
     open_chat(page, live_gateway)
-    page.get_by_role("button", name="Link your email").click()
-    page.get_by_role("textbox", name="Your email address").fill(ADA)
-    page.get_by_role("button", name="Send code").click()
-    note = page.locator('[data-og="email-msg"]')
-    expect(note).to_have_text("email is not configured on this gateway", timeout=WAIT)
-    expect(note).to_have_attribute("data-kind", "error")
-    expect(page.get_by_role("button", name="Send code")).to_be_enabled()
-    expect(page.locator('[data-og="code-form"]')).to_be_hidden()
+    say(page, "hello")
+    expect(message(page, "bot", "What can I help you with?")).to_be_visible(timeout=WAIT)
+    expect(page.locator('[data-og="email-toggle"]')).to_be_hidden()
+    expect(page.locator(TELEGRAM)).to_be_hidden()
     problems.check()
 
 

@@ -42,6 +42,7 @@ from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+LINKABLE = frozenset({"email", "telegram"})  # channels a visitor can link by a code or link
 HARD_FRAME_LIMIT = 1024 * 1024  # aiohttp closes the socket with 1009 above this
 HELLO_TIMEOUT = 10.0
 CLOSE_INVALID_TOKEN = 4401
@@ -276,6 +277,8 @@ class WebchatConnector(Connector):
                 "visitor_id": visitor_id,
                 "conversation_id": conversation_id,
                 "new": hello.token is None,
+                # the channels this visitor can link to (the widget offers only these)
+                "links": sorted(LINKABLE & self.context.channels),
             }
         )
         await socket.send(await socket.replay(hello.watermark))

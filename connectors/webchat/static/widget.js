@@ -25,6 +25,7 @@
   const PREFIX = SCRIPT.dataset.storageKey || "omnigate";
   const START_OPEN = SCRIPT.dataset.open === "true";
   const LINKS = SCRIPT.dataset.links !== "false";
+  let linkable = ["email", "telegram"]; // until the server's welcome says which it runs
 
   const PING_MS = 25000;          // keep-alive while open
   const STALE_MS = 70000;         // nothing heard for this long: the socket is dead
@@ -568,7 +569,8 @@
   // Telegram: ask for a deep link once there is a conversation to continue; the button
   // shows only while the server has given one.
   function requestLink(force) {
-    if (!LINKS || !hasConversation || state !== "online" || requests.includes("link")) return;
+    if (!LINKS || !linkable.includes("telegram") || !hasConversation || state !== "online" ||
+        requests.includes("link")) return;
     if (!force && !telegramBtn.hidden && Date.now() < linkExpires - LINK_REFRESH_MS) return;
     if (request("link", { type: "link", channel: "telegram" })) telegramBtn.dataset.offer = "asked";
   }
@@ -739,6 +741,11 @@
       case "welcome":
         if (typeof f.token === "string") store.set("token", f.token);
         if (f.conversation_id) hasConversation = true;
+        if (Array.isArray(f.links)) { // what this gateway can link: offer only that
+          linkable = f.links;
+          emailToggle.hidden = !LINKS || !linkable.includes("email");
+          if (emailToggle.hidden && !emailBox.hidden) showEmail(false);
+        }
         break;
       case "message":
       case "event":
