@@ -26,19 +26,24 @@ import pytest
 from playwright.sync_api import (
     Browser,
     BrowserContext,
-    BrowserType,
     ConsoleMessage,
     Page,
-    Playwright,
     expect,
-    sync_playwright,
 )
 
 from gateway.keys import AGENTS
 from gateway.model import AgentRole
 from gateway.settings import Settings
-from tests.conftest import need
-from tests.test_browser import CHROMIUM, WAIT, ThreadedGateway
+from tests.test_browser import (  # noqa: F401 - fixtures, collected from this module
+    WAIT,
+    ThreadedGateway,
+    browser,
+    browser_context_args,
+    browser_type,
+    browser_type_launch_args,
+    launch_browser,
+    playwright,
+)
 
 PASSWORD = "correct horse battery"
 ARTIFACTS = Path(os.environ.get("OMNIGATE_TEST_ARTIFACTS")
@@ -47,40 +52,6 @@ ARTIFACTS = Path(os.environ.get("OMNIGATE_TEST_ARTIFACTS")
 # (nobody signed in yet), and a wrong password is a 401 too. Chromium logs each as an
 # error; nothing else may be logged.
 EXPECTED_401 = "Failed to load resource: the server responded with a status of 401"
-
-
-# ------------------------------------------------------------------ browser fixtures
-
-
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
-    if not Path(CHROMIUM).exists():
-        need("Chromium", "apt-get install -y chromium")
-    return {
-        **browser_type_launch_args,
-        "executable_path": CHROMIUM,
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"],
-    }
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    with sync_playwright() as pw:
-        yield pw
-
-
-@pytest.fixture(scope="module")
-def browser_type(playwright: Playwright) -> BrowserType:
-    return playwright.chromium
-
-
-@pytest.fixture(scope="module")
-def browser(browser_type_launch_args: dict[str, Any],
-            browser_type: BrowserType) -> Iterator[Browser]:
-    browser = browser_type.launch(**browser_type_launch_args)
-    yield browser
-    browser.close()
 
 
 @pytest.fixture(name="console_gateway")
@@ -99,7 +70,7 @@ def console_gateway_fixture(mongo_uri: str, tmp_path: Path) -> Iterator[Threaded
 
 
 @pytest.fixture(name="new_page")
-def new_page_fixture(browser: Browser) -> Iterator[Callable[[], Page]]:
+def new_page_fixture(browser: Browser) -> Iterator[Callable[[], Page]]:  # noqa: F811
     """Pages in contexts of their own (own cookies and storage: an agent, a visitor)."""
     contexts: list[BrowserContext] = []
     expect.set_options(timeout=WAIT)  # every expectation of these tests (reset after)
@@ -116,7 +87,6 @@ def new_page_fixture(browser: Browser) -> Iterator[Callable[[], Page]]:
         expect.set_options(timeout=None)
         for context in contexts:
             context.close()
-
 
 # ------------------------------------------------------------------ helpers
 

@@ -10,81 +10,49 @@ pytest-playwright's fixtures are synchronous; Playwright lives for this module o
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlencode
 
 import pytest
 from playwright.sync_api import (
     Browser,
     BrowserContext,
-    BrowserType,
     ConsoleMessage,
     Locator,
     Page,
-    Playwright,
     expect,
-    sync_playwright,
 )
 
 from gateway.keys import AGENTS, STORE
 from gateway.settings import Settings
 from gateway.store import Store
-from tests.conftest import Gateway, need
+from tests.conftest import Gateway
+from tests.console_rig import ARTIFACTS, PASSWORD
 from tests.test_analytics import HUMAN, REFUND, Day
-from tests.test_browser import CHROMIUM, WAIT, ThreadedGateway
+from tests.test_browser import (  # noqa: F401 - fixtures, collected from this module
+    WAIT,
+    ThreadedGateway,
+    browser,
+    browser_context_args,
+    browser_type,
+    browser_type_launch_args,
+    launch_browser,
+    playwright,
+)
 
 pytestmark = pytest.mark.browser
 
-PASSWORD = "correct horse battery"
 PAGE = "/console/analytics.html"
-ARTIFACTS = Path(os.environ.get("OMNIGATE_TEST_ARTIFACTS")
-                 or Path(__file__).resolve().parent / "artifacts")
 # Refusals the page asks for and explains (401 before signing in, 403 for a designer or a
 # team that is not the agent's): Chromium logs each failed load; nothing else may be.
 EXPECTED = "Failed to load resource: the server responded with a status of 40"
 
 
-# ------------------------------------------------------------------ browser fixtures
-
-
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
-    if not Path(CHROMIUM).exists():
-        need("Chromium", "apt-get install -y chromium")
-    return {
-        **browser_type_launch_args,
-        "executable_path": CHROMIUM,
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"],
-    }
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    with sync_playwright() as pw:
-        yield pw
-
-
-@pytest.fixture(scope="module")
-def browser_type(playwright: Playwright) -> BrowserType:
-    return playwright.chromium
-
-
-@pytest.fixture(scope="module")
-def browser(browser_type_launch_args: dict[str, Any],
-            browser_type: BrowserType) -> Iterator[Browser]:
-    browser = browser_type.launch(**browser_type_launch_args)
-    yield browser
-    browser.close()
-
-
 @pytest.fixture
-def new_page(browser: Browser) -> Iterator[Callable[[], Page]]:
+def new_page(browser: Browser) -> Iterator[Callable[[], Page]]:  # noqa: F811
     """A page in a context of its own (its own cookies), in UTC, so the period inputs
     (local time) are predictable."""
     contexts: list[BrowserContext] = []
@@ -99,7 +67,6 @@ def new_page(browser: Browser) -> Iterator[Callable[[], Page]]:
     yield make
     for context in contexts:
         context.close()
-
 
 # ------------------------------------------------------------------ the data set
 

@@ -26,6 +26,7 @@ from tests.console_rig import (  # noqa: F401 - fixtures, collected from this mo
     browser_type,
     browser_type_launch_args,
     console_gateway_fixture,
+    launch_browser,
     new_page_fixture,
     playwright,
     screenshot,

@@ -35,6 +35,7 @@ from tests.console_rig import (  # noqa: F401 - fixtures, collected from this mo
     browser,
     browser_type,
     browser_type_launch_args,
+    launch_browser,
     new_page_fixture,
     playwright,
     screenshot,

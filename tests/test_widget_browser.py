@@ -11,7 +11,6 @@ pytest-playwright's fixtures are synchronous; Playwright lives for this module o
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,22 +20,28 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
-from playwright.sync_api import Browser, BrowserType, Page, Playwright, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from gateway.keys import STORE
 from gateway.settings import Settings
 from gateway.store import Store
-from tests.conftest import free_port, need
+from tests.conftest import free_port
+from tests.console_rig import ARTIFACTS
 from tests.fakes.telegram_api import FakeTelegram, People
 from tests.mailservers import SmtpSink, email_settings, start_sink, stop_sink, text_part
-from tests.test_browser import (
-    CHROMIUM,
+from tests.test_browser import (  # noqa: F401 - fixtures, collected from this module
     MSG,
     WAIT,
     Problems,
     ThreadedGateway,
+    browser,
+    browser_context_args,
+    browser_type,
+    browser_type_launch_args,
+    launch_browser,
     message,
     open_chat,
+    playwright,
     say,
     wait_for,
 )
@@ -49,47 +54,6 @@ TELEGRAM = '[data-og="telegram"]'
 ADA = "ada@customer.test"
 TOKEN = "123456:TEST-token_abc"
 SECRET = "s3cret_Secret-42"
-ARTIFACTS = Path(os.environ.get("OMNIGATE_TEST_ARTIFACTS")
-                 or Path(__file__).resolve().parent / "artifacts")
-
-
-# ------------------------------------------------------------------ browser fixtures
-
-
-@pytest.fixture(scope="session")
-def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
-    if not Path(CHROMIUM).exists():
-        need("Chromium", "apt-get install -y chromium")
-    return {
-        **browser_type_launch_args,
-        "executable_path": CHROMIUM,
-        "args": ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"],
-    }
-
-
-@pytest.fixture(scope="module")
-def playwright() -> Iterator[Playwright]:
-    with sync_playwright() as pw:
-        yield pw
-
-
-@pytest.fixture(scope="module")
-def browser_type(playwright: Playwright) -> BrowserType:
-    return playwright.chromium
-
-
-@pytest.fixture(scope="module")
-def browser_context_args() -> dict[str, Any]:
-    return {}
-
-
-@pytest.fixture(scope="module")
-def browser(browser_type_launch_args: dict[str, Any],
-            browser_type: BrowserType) -> Iterator[Browser]:
-    browser = browser_type.launch(**browser_type_launch_args)
-    yield browser
-    browser.close()
 
 
 # ------------------------------------------------------------------ gateways
