@@ -28,7 +28,7 @@ from gateway.desk.auth import (
     login,
     set_cookie,
 )
-from gateway.desk.http import read_body
+from gateway.desk.http import json_response, read_body
 from gateway.desk.openapi import Endpoint
 from gateway.keys import AGENTS, ROUTING
 from gateway.model import Agent, AgentRole
@@ -112,8 +112,6 @@ def principal(request: web.Request) -> Principal:
     return request[PRINCIPAL]
 
 
-def _json(model: BaseModel, status: int = 200) -> web.Response:
-    return web.json_response(text=model.model_dump_json(), status=status)
 
 
 def _session_out(who: Principal) -> SessionOut:
@@ -138,12 +136,12 @@ class AccessApi:
         agent, session = await login(agents, body.email, body.password, request.remote)
         if previous := request.cookies.get(COOKIE):
             await agents.sessions.end(previous)  # one browser, one session
-        response = _json(_session_out(Principal(agent, session.record)))
+        response = json_response(_session_out(Principal(agent, session.record)))
         set_cookie(request, response, session)
         return response
 
     async def session(self, request: web.Request) -> web.Response:
-        return _json(_session_out(principal(request)))
+        return json_response(_session_out(principal(request)))
 
     async def sign_out(self, request: web.Request) -> web.Response:
         record = principal(request).session
@@ -155,7 +153,7 @@ class AccessApi:
 
     async def list_agents(self, request: web.Request) -> web.Response:
         agents = await request.config_dict[AGENTS].list()
-        return _json(AgentList(items=[AgentOut.of(a) for a in agents]))
+        return json_response(AgentList(items=[AgentOut.of(a) for a in agents]))
 
     async def create_agent(self, request: web.Request) -> web.Response:
         body = await read_body(request, AgentCreate)
@@ -163,7 +161,7 @@ class AccessApi:
             body.name, body.email, role=body.role, teams=body.teams, skills=body.skills,
             capacity=body.capacity, password=body.password,
         )
-        return _json(AgentCreated(agent=AgentOut.of(agent), token=token), status=201)
+        return json_response(AgentCreated(agent=AgentOut.of(agent), token=token), status=201)
 
     async def update_agent(self, request: web.Request) -> web.Response:
         body = await read_body(request, AgentUpdate)
@@ -184,7 +182,7 @@ class AccessApi:
             await routing.requeue_agent(agent.id)
         if changes.keys() & {"capacity", "teams", "skills", "active", "role"}:
             routing.wake()  # waiting conversations may fit now
-        return _json(AgentOut.of(agent))
+        return json_response(AgentOut.of(agent))
 
     def endpoints(self) -> list[Endpoint]:
         return [

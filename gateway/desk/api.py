@@ -19,7 +19,7 @@ from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
 from gateway.desk.analytics_api import analytics_endpoints
 from gateway.desk.auth import ALL_ROLES, AccessError, BadInput, authenticate, authorize
 from gateway.desk.contacts_api import contact_endpoints
-from gateway.desk.http import read_body
+from gateway.desk.http import json_response, read_body
 from gateway.desk.live import live_endpoints
 from gateway.desk.notes_api import notes_endpoints
 from gateway.desk.openapi import (
@@ -166,7 +166,7 @@ class DeskApi:
     # ----------------------------------------------------------------- handlers
 
     async def me(self, request: web.Request) -> web.Response:
-        return _json(AgentOut.of(request[AGENT]))
+        return json_response(AgentOut.of(request[AGENT]))
 
     async def list_conversations(self, request: web.Request) -> web.Response:
         owner = request.query.get("owner", "queued")
@@ -183,10 +183,10 @@ class DeskApi:
                 owners, assignee_id=assignee, limit=limit
             )
         items = [await _conversation_out(request, c) for c in conversations]
-        return _json(ConversationList(items=items))
+        return json_response(ConversationList(items=items))
 
     async def get_conversation(self, request: web.Request) -> web.Response:
-        return _json(await _conversation_out(request, await _load(request)))
+        return json_response(await _conversation_out(request, await _load(request)))
 
     async def messages(self, request: web.Request) -> web.Response:
         conversation = await _load(request)
@@ -194,7 +194,7 @@ class DeskApi:
         items, has_more = await _store(request).history(
             conversation.id, before=before, limit=_int(request, "limit", 50, 1, 200)
         )
-        return _json(
+        return json_response(
             Page(
                 items=items,
                 has_more=has_more,
@@ -205,29 +205,29 @@ class DeskApi:
     async def claim(self, request: web.Request) -> web.Response:
         await _load(request)
         conversation = await _routing(request).claim(request.match_info["id"], request[AGENT])
-        return _json(await _conversation_out(request, conversation))
+        return json_response(await _conversation_out(request, conversation))
 
     async def reply(self, request: web.Request) -> web.Response:
         body = await read_body(request, ReplyIn)
         item = await _routing(request).reply(request.match_info["id"], request[AGENT], body.text,
                                              channel=body.channel)
-        return _json(item, status=201)
+        return json_response(item, status=201)
 
     async def resolve(self, request: web.Request) -> web.Response:
         await _load(request)
         conversation = await _routing(request).resolve(request.match_info["id"], request[AGENT])
-        return _json(await _conversation_out(request, conversation))
+        return json_response(await _conversation_out(request, conversation))
 
     async def handback(self, request: web.Request) -> web.Response:
         await _load(request)
         conversation = await _routing(request).handback(request.match_info["id"], request[AGENT])
-        return _json(await _conversation_out(request, conversation))
+        return json_response(await _conversation_out(request, conversation))
 
     async def contact(self, request: web.Request) -> web.Response:
         contact = await _store(request).get_contact(request.match_info["id"])
         if contact is None:
             raise NotFound("no such contact")
-        return _json(ContactOut.of(contact))
+        return json_response(ContactOut.of(contact))
 
     async def timeline(self, request: web.Request) -> web.Response:
         try:
@@ -236,7 +236,7 @@ class DeskApi:
                 limit=_int(request, "limit", 50, 1, 200))
         except BadCursor as exc:
             raise _Bad(f"cursor: {exc}") from None
-        return _json(page)
+        return json_response(page)
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(request.app[SPEC])
@@ -458,8 +458,6 @@ def _error(
     return web.json_response(body, status=status, headers=headers)
 
 
-def _json(model: BaseModel, status: int = 200) -> web.Response:
-    return web.json_response(text=model.model_dump_json(), status=status)
 
 
 def _int(request: web.Request, name: str, default: int | None, low: int, high: int | None) -> Any:

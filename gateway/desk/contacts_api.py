@@ -9,8 +9,9 @@ moved, or answers 409 saying what changed since (then it could no longer be exac
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.desk.http import json_response, read_body
 from gateway.desk.openapi import Endpoint
 from gateway.identity import Identity
 from gateway.keys import OUTBOX, STORE
@@ -44,23 +45,6 @@ def _agent(request: web.Request) -> Agent:
     return request[AGENT]
 
 
-def _json(model: BaseModel, status: int = 200) -> web.Response:
-    return web.json_response(text=model.model_dump_json(), status=status)
-
-
-async def _merge_in(request: web.Request) -> MergeIn:
-    from gateway.desk.api import _Bad  # noqa: PLC0415 - api imports this module
-
-    try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise _Bad("the body must be JSON") from None
-    try:
-        return MergeIn.model_validate(data)
-    except ValidationError as exc:
-        raise _Bad("; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
-        ) from None
 
 
 def _conflict(exc: MergeConflict) -> Exception:
@@ -70,22 +54,22 @@ def _conflict(exc: MergeConflict) -> Exception:
 
 
 async def merge(request: web.Request) -> web.Response:
-    body = await _merge_in(request)
+    body = await read_body(request, MergeIn)
     try:
         record = await _identity(request).merge(
             request.match_info["id"], body.contact_id, _agent(request).id)
     except MergeConflict as exc:
         raise _conflict(exc) from None
-    return _json(record, status=201)
+    return json_response(record, status=201)
 
 
 async def merges(request: web.Request) -> web.Response:
     found = await _identity(request).contacts.merges_of(request.match_info["id"])
-    return _json(MergeList(items=found))
+    return json_response(MergeList(items=found))
 
 
 async def get_merge(request: web.Request) -> web.Response:
-    return _json(await _identity(request).contacts.get_merge(request.match_info["id"]))
+    return json_response(await _identity(request).contacts.get_merge(request.match_info["id"]))
 
 
 async def undo_merge(request: web.Request) -> web.Response:
@@ -94,7 +78,7 @@ async def undo_merge(request: web.Request) -> web.Response:
                                                      _agent(request).id)
     except MergeConflict as exc:
         raise _conflict(exc) from None
-    return _json(record)
+    return json_response(record)
 
 
 def contact_endpoints() -> list[Endpoint]:

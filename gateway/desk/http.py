@@ -1,6 +1,6 @@
-"""Reading request bodies for the agent API: JSON validated by a pydantic model, or a 400
-that says which field is wrong (``BadInput``, turned into the error response by the API's
-middleware)."""
+"""Request bodies and responses of the agent API: JSON read into a pydantic model (or a
+400 that says which field is wrong: ``BadInput``, turned into the error response by the
+API's middleware), and a model written as the JSON answer."""
 
 from __future__ import annotations
 
@@ -25,3 +25,7 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         raise BadInput(
             "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         ) from None
+
+
+def json_response(model: BaseModel, status: int = 200) -> web.Response:
+    return web.json_response(text=model.model_dump_json(), status=status)

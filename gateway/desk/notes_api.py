@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.desk.auth import ADMIN_ONLY, STAFF
-from gateway.desk.http import read_body
+from gateway.desk.http import json_response, read_body
 from gateway.desk.openapi import Endpoint, Query
 from gateway.keys import STORE
 from gateway.model import Activity
@@ -67,23 +67,21 @@ def _canned_store(request: web.Request) -> CannedStore:
 
 
 async def add_note(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT, _json, _load  # noqa: PLC0415
+    from gateway.desk.api import AGENT, _load  # noqa: PLC0415
 
     body = await read_body(request, NoteIn)
     conversation = await _load(request)
     note = await append_note(request.config_dict[STORE], conversation, request[AGENT], body.text)
-    return _json(note, status=201)
+    return json_response(note, status=201)
 
 
 async def list_canned(request: web.Request) -> web.Response:
-    from gateway.desk.api import _json  # noqa: PLC0415
-
     prefix = request.query.get("prefix", "")[:32] or None
-    return _json(CannedList(items=await _canned_store(request).list(prefix)))
+    return json_response(CannedList(items=await _canned_store(request).list(prefix)))
 
 
 async def create_canned(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT, _json  # noqa: PLC0415
+    from gateway.desk.api import AGENT  # noqa: PLC0415
 
     body = await read_body(request, CannedIn)
     try:
@@ -91,12 +89,10 @@ async def create_canned(request: web.Request) -> web.Response:
             body.shortcode, body.title, body.text, request[AGENT].id)
     except ShortcodeTaken as exc:
         raise Conflict(str(exc)) from None
-    return _json(canned, status=201)
+    return json_response(canned, status=201)
 
 
 async def update_canned(request: web.Request) -> web.Response:
-    from gateway.desk.api import _json  # noqa: PLC0415
-
     body = await read_body(request, CannedPatch)
     changes = body.model_dump(exclude_none=True)
     try:
@@ -105,7 +101,7 @@ async def update_canned(request: web.Request) -> web.Response:
         raise Conflict(str(exc)) from None
     if canned is None:
         raise NotFound("no such canned response")
-    return _json(canned)
+    return json_response(canned)
 
 
 async def delete_canned(request: web.Request) -> web.Response:
@@ -115,7 +111,7 @@ async def delete_canned(request: web.Request) -> web.Response:
 
 
 async def render_canned(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT, _Bad, _json  # noqa: PLC0415
+    from gateway.desk.api import AGENT, _Bad  # noqa: PLC0415
 
     canned = await _canned_store(request).get(request.match_info["id"])
     if canned is None:
@@ -129,7 +125,8 @@ async def render_canned(request: web.Request) -> web.Response:
         raise NotFound("no such conversation")
     contact = await store.get_contact(conversation.contact_id, with_identities=False)
     text, missing = render(canned.text, contact, request[AGENT])
-    return _json(Rendered(id=canned.id, shortcode=canned.shortcode, text=text, missing=missing))
+    return json_response(
+        Rendered(id=canned.id, shortcode=canned.shortcode, text=text, missing=missing))
 
 
 def notes_endpoints() -> list[Endpoint]:

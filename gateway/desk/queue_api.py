@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.desk.http import read_body
+from gateway.desk.http import json_response, read_body
 from gateway.desk.openapi import Endpoint
 from gateway.keys import ROUTING, SETTINGS
 from gateway.model import Agent, Presence
@@ -72,24 +72,22 @@ QUEUE_MODELS: list[type[BaseModel]] = [PresenceIn, AgentStatus, TransferIn, Coll
 
 
 async def colleagues(request: web.Request) -> web.Response:
-    from gateway.desk.api import _json  # noqa: PLC0415
-
     agents = await request.config_dict[ROUTING].queue.all_agents()
     active = sorted((a for a in agents if a.active), key=lambda a: (a.name.casefold(), a.id))
-    return _json(Colleagues(items=[AgentStatus.of(a) for a in active]))
+    return json_response(Colleagues(items=[AgentStatus.of(a) for a in active]))
 
 
 async def set_presence(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT, _json  # noqa: PLC0415
+    from gateway.desk.api import AGENT  # noqa: PLC0415
 
     body = await read_body(request, PresenceIn)
     grace = timedelta(seconds=request.config_dict[SETTINGS].agent_offline_grace_seconds)
     agent = await request.config_dict[ROUTING].set_presence(request[AGENT], body.presence, grace)
-    return _json(AgentStatus.of(agent))
+    return json_response(AgentStatus.of(agent))
 
 
 async def transfer(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT, _conversation_out, _json, _load  # noqa: PLC0415
+    from gateway.desk.api import AGENT, _conversation_out, _load  # noqa: PLC0415
 
     body = await read_body(request, TransferIn)
     await _load(request)
@@ -100,7 +98,7 @@ async def transfer(request: web.Request) -> web.Response:
     else:
         assert body.team is not None
         conversation = await routing.transfer_to_team(conversation_id, agent, body.team)
-    return _json(await _conversation_out(request, conversation))
+    return json_response(await _conversation_out(request, conversation))
 
 
 def queue_endpoints() -> list[Endpoint]:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from aiohttp import web
 from pydantic import BaseModel, Field
 
+from gateway.desk.http import json_response
 from gateway.desk.openapi import Endpoint, Query
 from gateway.hours import is_open, next_opening
 from gateway.keys import ROUTING
@@ -79,18 +80,18 @@ def _when(request: web.Request, name: str, default: datetime) -> datetime:
 
 
 async def conversation_sla(request: web.Request) -> web.Response:
-    from gateway.desk.api import _json, _load  # noqa: PLC0415
+    from gateway.desk.api import _load  # noqa: PLC0415
 
     conversation = await _load(request)
     levels = request.config_dict[ROUTING].levels
     out = timers(conversation, levels.clock())
     if out is None:
         raise NotFound("this conversation was never handed off: it has no SLA timers")
-    return _json(out)
+    return json_response(out)
 
 
 async def breaches(request: web.Request) -> web.Response:
-    from gateway.desk.api import _Bad, _json  # noqa: PLC0415
+    from gateway.desk.api import _Bad  # noqa: PLC0415
 
     levels = request.config_dict[ROUTING].levels
     until = _when(request, "until", levels.clock())
@@ -102,7 +103,7 @@ async def breaches(request: web.Request) -> web.Response:
     if set(by) - set(GROUPS):
         raise _Bad(f"by: a comma-separated subset of {', '.join(GROUPS)}")
     rows = await levels.sla.counts(since, until, by)
-    return _json(BreachesOut(
+    return json_response(BreachesOut(
         since=since, until=until, by=list(by), total=sum(r.count for r in rows),
         items=[BreachRow(kind=r.kind, priority=r.priority, team=r.team, channel=r.channel,
                          count=r.count) for r in rows],
@@ -110,12 +111,10 @@ async def breaches(request: web.Request) -> web.Response:
 
 
 async def hours(request: web.Request) -> web.Response:
-    from gateway.desk.api import _json  # noqa: PLC0415
-
     levels = request.config_dict[ROUTING].levels
     now = levels.clock()
     teams = [(None, levels.hours.default), *sorted(levels.hours.teams.items())]
-    return _json(HoursOut(
+    return json_response(HoursOut(
         targets=[TargetOut(priority=p, first_response_seconds=t.first_response.total_seconds(),
                            resolution_seconds=t.resolution.total_seconds())
                  for p, t in levels.targets.items()],
