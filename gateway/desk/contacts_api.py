@@ -45,8 +45,6 @@ def _agent(request: web.Request) -> Agent:
     return request[AGENT]
 
 
-
-
 def _conflict(exc: MergeConflict) -> Exception:
     from gateway.routing import Conflict  # noqa: PLC0415 - keeps this module's imports light
 
