@@ -31,7 +31,8 @@ from gateway.analytics import (
     ResponseTimesReport,
     SlaReport,
 )
-from gateway.desk.auth import Forbidden
+from gateway.desk.auth import BadInput, Forbidden
+from gateway.desk.http import json_response, query_time
 from gateway.desk.openapi import STAFF, Endpoint, Query
 from gateway.keys import ROUTING
 from gateway.model import AgentRole
@@ -41,43 +42,24 @@ MAX_DAYS = 366
 MAX_FILTER = 200
 
 
-def _time(request: web.Request, name: str, default: datetime) -> datetime:
-    from gateway.desk.api import _Bad  # noqa: PLC0415 - api imports this module
-
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    for text in (raw.strip(), raw.strip().replace(" ", "+")):  # "+01:00" unescaped is " 01:00"
-        try:
-            value = datetime.fromisoformat(text)
-            break
-        except ValueError:
-            continue
-    else:
-        raise _Bad(f"{name} must be an ISO 8601 date or time, e.g. 2025-01-31T00:00:00Z")
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _text(request: web.Request, name: str) -> str | None:
-    from gateway.desk.api import _Bad  # noqa: PLC0415
-
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
     if len(raw) > MAX_FILTER:
-        raise _Bad(f"{name} is longer than {MAX_FILTER} characters")
+        raise BadInput(f"{name} is longer than {MAX_FILTER} characters")
     return raw
 
 
 async def _report(request: web.Request) -> AnalyticsReport:
-    from gateway.desk.api import AGENT, _Bad  # noqa: PLC0415
+    from gateway.desk.api import AGENT  # noqa: PLC0415
 
-    end = _time(request, "to", datetime.now(UTC))
-    start = _time(request, "from", end - timedelta(days=DEFAULT_DAYS))
+    end = query_time(request, "to", datetime.now(UTC))
+    start = query_time(request, "from", end - timedelta(days=DEFAULT_DAYS))
     if start >= end:
-        raise _Bad("from must be before to")
+        raise BadInput("from must be before to")
     if end - start > timedelta(days=MAX_DAYS):
-        raise _Bad(f"the period may be at most {MAX_DAYS} days")
+        raise BadInput(f"the period may be at most {MAX_DAYS} days")
     filters = Filters(channel=_text(request, "channel"), team=_text(request, "team"),
                       topic=_text(request, "topic"))
     agent = request[AGENT]
@@ -100,7 +82,7 @@ def _handler(
         else:
             extra = {"started": report.started} if "started" in model.model_fields else {}
             body = model.model_validate({**report.parts(pick), **extra})
-        return web.json_response(text=body.model_dump_json())
+        return json_response(body)
 
     handler.__name__ = name
     return handler

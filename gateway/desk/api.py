@@ -173,7 +173,8 @@ class DeskApi:
         try:
             owners = [OwnerState(o) for o in owner.split(",")]
         except ValueError:
-            raise _Bad("owner must be bot, queued, agent or resolved (comma separated)") from None
+            raise BadInput(
+                "owner must be bot, queued, agent or resolved (comma separated)") from None
         assignee = request[AGENT].id if request.query.get("mine") in ("1", "true") else None
         limit = _int(request, "limit", 50, 1, 200)
         if owners == [OwnerState.QUEUED] and assignee is None:  # priority, then waiting time
@@ -235,7 +236,7 @@ class DeskApi:
                 request.match_info["id"], request.query.get("cursor"),
                 limit=_int(request, "limit", 50, 1, 200))
         except BadCursor as exc:
-            raise _Bad(f"cursor: {exc}") from None
+            raise BadInput(f"cursor: {exc}") from None
         return json_response(page)
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -427,8 +428,6 @@ class DeskApi:
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
             return await handler(request)  # type: ignore[no-any-return]
-        except _Bad as exc:
-            return _error(400, "bad_request", str(exc))
         except NotFound as exc:
             return _error(404, "not_found", str(exc))
         except Conflict as exc:
@@ -443,7 +442,6 @@ class DeskApi:
             return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
 
 
-_Bad = BadInput  # a 400 (the modules that import it from here keep working)
 
 
 def _error(
@@ -468,7 +466,7 @@ def _int(request: web.Request, name: str, default: int | None, low: int, high: i
     try:
         value = int(raw)
     except ValueError:
-        raise _Bad(f"{name} must be an integer") from None
+        raise BadInput(f"{name} must be an integer") from None
     if value < low or value > high:
-        raise _Bad(f"{name} must be between {low} and {high}")
+        raise BadInput(f"{name} must be between {low} and {high}")
     return value

@@ -4,6 +4,7 @@ API's middleware), and a model written as the JSON answer."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from aiohttp import web
@@ -29,3 +30,20 @@ async def read_body(request: web.Request, model: type[M]) -> M:
 
 def json_response(model: BaseModel, status: int = 200) -> web.Response:
     return web.json_response(text=model.model_dump_json(), status=status)
+
+
+def query_time(request: web.Request, name: str, default: datetime) -> datetime:
+    """An ISO 8601 date or time from the query (UTC if it names no zone), in UTC."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    for text in (raw.strip(), raw.strip().replace(" ", "+")):  # "+01:00" unescaped is " 01:00"
+        try:
+            value = datetime.fromisoformat(text)
+            break
+        except ValueError:
+            continue
+    else:
+        raise BadInput(f"{name} must be an ISO 8601 date or time, e.g. 2025-03-01 or "
+                       "2025-03-01T09:00:00+01:00")
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.desk.auth import ADMIN_ONLY, STAFF
+from gateway.desk.auth import ADMIN_ONLY, STAFF, BadInput
 from gateway.desk.http import json_response, read_body
 from gateway.desk.openapi import Endpoint, Query
 from gateway.keys import STORE
@@ -111,7 +111,7 @@ async def delete_canned(request: web.Request) -> web.Response:
 
 
 async def render_canned(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT, _Bad  # noqa: PLC0415
+    from gateway.desk.api import AGENT  # noqa: PLC0415
 
     canned = await _canned_store(request).get(request.match_info["id"])
     if canned is None:
@@ -119,7 +119,7 @@ async def render_canned(request: web.Request) -> web.Response:
     store = request.config_dict[STORE]
     conversation_id = request.query.get("conversation_id")
     if not conversation_id:
-        raise _Bad("conversation_id is required")
+        raise BadInput("conversation_id is required")
     conversation = await store.get_conversation(conversation_id)
     if conversation is None:
         raise NotFound("no such conversation")

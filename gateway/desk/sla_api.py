@@ -8,12 +8,13 @@ targets and every team's business hours (open now? next opening).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from aiohttp import web
 from pydantic import BaseModel, Field
 
-from gateway.desk.http import json_response
+from gateway.desk.auth import BadInput
+from gateway.desk.http import json_response, query_time
 from gateway.desk.openapi import Endpoint, Query
 from gateway.hours import is_open, next_opening
 from gateway.keys import ROUTING
@@ -65,20 +66,6 @@ class HoursOut(BaseModel):
 SLA_MODELS: list[type[BaseModel]] = [SlaOut, BreachesOut, BreachRow, HoursOut]
 
 
-def _when(request: web.Request, name: str, default: datetime) -> datetime:
-    from gateway.desk.api import _Bad  # noqa: PLC0415 - api imports this module
-
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        moment = datetime.fromisoformat(raw)
-    except ValueError:
-        raise _Bad(f"{name} must be an ISO 8601 date or time, e.g. 2025-03-01 or "
-                   "2025-03-01T09:00:00+01:00") from None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 async def conversation_sla(request: web.Request) -> web.Response:
     from gateway.desk.api import _load  # noqa: PLC0415
 
@@ -91,17 +78,15 @@ async def conversation_sla(request: web.Request) -> web.Response:
 
 
 async def breaches(request: web.Request) -> web.Response:
-    from gateway.desk.api import _Bad  # noqa: PLC0415
-
     levels = request.config_dict[ROUTING].levels
-    until = _when(request, "until", levels.clock())
-    since = _when(request, "since", until - DEFAULT_PERIOD)
+    until = query_time(request, "until", levels.clock())
+    since = query_time(request, "since", until - DEFAULT_PERIOD)
     if since >= until:
-        raise _Bad("since must be before until")
+        raise BadInput("since must be before until")
     by = tuple(b.strip() for b in request.query.get("by", "priority,team,kind").split(",")
                if b.strip())
     if set(by) - set(GROUPS):
-        raise _Bad(f"by: a comma-separated subset of {', '.join(GROUPS)}")
+        raise BadInput(f"by: a comma-separated subset of {', '.join(GROUPS)}")
     rows = await levels.sla.counts(since, until, by)
     return json_response(BreachesOut(
         since=since, until=until, by=list(by), total=sum(r.count for r in rows),
