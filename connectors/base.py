@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from gateway.feed import Change
 from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage
 from gateway.store import Store
 
@@ -27,16 +28,31 @@ class IngestResult:
 
 
 Ingest = Callable[[InboundMessage], Awaitable[IngestResult]]
+ChangeListener = Callable[[Change], Awaitable[None]]
+Watch = Callable[[ChangeListener], Callable[[], None]]
+
+
+def _nothing_watched(_listener: ChangeListener) -> Callable[[], None]:
+    return lambda: None
+
+
+def _not_recorded(_conversation_id: str, _seq: int) -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
 class ConnectorContext:
-    """What the core lends a connector: the way in, the store for its own state, and
-    which channels this gateway runs (e.g. for the web chat to offer linking them)."""
+    """What the core lends a connector: the way in, the store for its own state, which
+    channels this gateway runs (e.g. for the web chat to offer linking them), the store's
+    change feed (``watch(listener)`` returns the unsubscribe: every item stored by any
+    gateway process, gateway/feed.py), and ``delivered(conversation_id, seq)`` for a
+    store-backed connector to record how far a live client got."""
 
     ingest: Ingest
     store: Store
     channels: frozenset[str] = frozenset()
+    watch: Watch = _nothing_watched
+    delivered: Callable[[str, int], None] = _not_recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +75,11 @@ class DeliveryError(Exception):
 class Connector(ABC):
     #: the channel name stored on every message and conversation ("webchat", ...)
     channel: str
+    #: True when clients read the conversation from the store themselves (web chat: the
+    #: socket catches up by seq, live through the change feed): the outbox stores such
+    #: items as ``stored`` and calls ``send`` only to show them on this process's open
+    #: clients, never retrying it.
+    store_backed: bool = False
 
     @abstractmethod
     def setup(self, app: web.Application) -> None:

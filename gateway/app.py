@@ -25,9 +25,11 @@ from gateway.desk.agents import Agents
 from gateway.desk.api import DeskApi
 from gateway.desk.console import setup_console
 from gateway.desk.live import setup_live
+from gateway.feed import Feed
 from gateway.keys import (
     AGENTS,
     CONNECTORS,
+    FEED,
     OUTBOX,
     PIPELINE,
     ROUTING,
@@ -166,10 +168,15 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     routing.configure_csat(csat_config(settings))
     bot_name = parts.flows.current().domain.bot_name
     pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot_name)
-    app[OUTBOX], app[ROUTING], app[PIPELINE] = outbox, routing, pipeline
+    # The store's change feed: what another process stored or changed reaches this one
+    # (the pipeline's held conversations, web chat sockets, the console).
+    feed = Feed(store)
+    feed.subscribe(pipeline.on_change)
+    app[OUTBOX], app[ROUTING], app[PIPELINE], app[FEED] = outbox, routing, pipeline, feed
     app[AGENTS] = Agents(store)
     assigner = Assigner(routing, grace=timedelta(seconds=settings.agent_offline_grace_seconds),
                         sweep_seconds=settings.routing_sweep_seconds)
+    feed.start()
     outbox.start()
     pipeline.start()
     assigner.start()
@@ -177,7 +184,8 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.flows_hot_reload:
         await parts.flows.start()
     context = ConnectorContext(ingest=pipeline.ingest, store=store,
-                               channels=frozenset(connectors))
+                               channels=frozenset(connectors), watch=feed.subscribe,
+                               delivered=outbox.marks.seen)
     for connector in connectors.values():
         await connector.start(context)
         log.info("channel %s: on", connector.channel)
@@ -190,6 +198,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         await assigner.stop()
         await routing.levels.stop()
         await outbox.stop()
+        await feed.stop()
         await parts.flows.stop()
         if parts.actions is not None:
             await parts.actions.close()

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from connectors.base import Connector
 from gateway.desk.agents import Agents
-from gateway.desk.feed import Feed
+from gateway.feed import Feed
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
@@ -23,5 +23,5 @@ OUTBOX = web.AppKey("outbox", Outbox)
 ROUTING = web.AppKey("routing", Routing)
 PIPELINE = web.AppKey("pipeline", Pipeline)
 AGENTS = web.AppKey("agents", Agents)
-FEED = web.AppKey("feed", Feed)  # the change stream (gateway/desk/feed.py)
+FEED = web.AppKey("feed", Feed)  # the change stream (gateway/feed.py)
 CONNECTORS = web.AppKey("connectors", dict[str, Connector])

@@ -103,6 +103,7 @@ class Delivery(_Model):
     external_id: str | None = None  # the channel's id of the sent message
     parts_sent: int = 0  # a message sent in parts (long texts): how many went out already
     updated_at: datetime | None = None
+    owner: str | None = None  # the gateway process whose claim (status sending) this is
 
 
 class Edit(_Model):
@@ -138,7 +139,9 @@ class Activity(_Model):
     reply_to_id: str | None = None
     channel_data: dict[str, Any] = Field(default_factory=dict)
     edits: list[Edit] = Field(default_factory=list)  # earlier versions, oldest first
-    processed: bool | None = None  # inbound: has the owner (bot) seen it
+    # Before 2026-12 an inbound item carried its own processed flag; now the conversation's
+    # ``processed_seq`` says how far its inbound items are processed.
+    processed: bool | None = None
     delivery: Delivery | None = None  # outbound only
     dedupe_key: str | None = None  # outbound: makes re-processing idempotent
     idem_key: str | None = None  # stored items: "in:<channel>:<external id>" or "out:<key>"
@@ -198,8 +201,9 @@ class Contact(_Model):
     name: str | None = None
     profile: dict[str, Any] = Field(default_factory=dict)
     identities: list[Identity] = Field(default_factory=list)
-    seq: int = 0
+    seq: int = 0  # a lower bound of the last contact_seq (the writer keeps it close)
     created_at: datetime
+    profile_at: datetime | None = None  # when the profile last changed (the change feed)
     merged_into: str | None = None  # merged by an agent: this contact lives on there
     merged_from: list[str] = Field(default_factory=list)  # contacts merged into this one
 
@@ -249,7 +253,11 @@ class Conversation(_Model):
     assignee_id: str | None = None
     handoff: Handoff | None = None
     bot_state: dict[str, Any] = Field(default_factory=dict)
-    seq: int = 0  # the last item's seq
+    seq: int = 0  # a lower bound of the last item's seq (Store.top_seq: the exact one)
+    # Every inbound item with a seq up to this one is processed (its turn is done).
+    processed_seq: int = 0
+    # Web chat: the highest seq a visitor's open socket received (delivery, recorded).
+    delivered_seq: int = 0
     created_at: datetime
     updated_at: datetime
     last_activity_at: datetime | None = None

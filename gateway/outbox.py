@@ -1,17 +1,34 @@
 """Durable delivery of outbound items: stored first, then sent, with status recorded.
 
-Every outbound item (bot reply, agent reply, event) is appended to the store with
-``delivery.status = pending``. Delivery then runs per conversation, in ``seq`` order (a
-failed item blocks the ones after it until it is delivered or given up, so customers never
-see replies out of order). A worker claims an item with a lease in the store, so several
-gateway processes can share the outbox; a crashed worker's lease expires and the sweeper
-picks the item up again. Transient errors retry with exponential backoff (or the channel's
-``retry_after``); permanent ones and exhausted retries mark the item ``failed``.
+Every outbound item (bot reply, agent reply, event) is stored before anything is sent,
+with the write that produced it (a bot turn's replies in the turn's own transaction).
+
+Network channels (Telegram, Slack, email): the item is stored *claimed* by this process
+(``delivery.status = sending``, a lease, ``owner`` = this process), so the process that
+stored it sends it right away without another round trip; its outcome is recorded
+after the send (group-committed). Delivery runs per conversation in ``seq`` order: a
+failed item blocks the ones after it until it is delivered or given up, so customers
+never see replies out of order. Transient errors retry with exponential backoff (or the
+channel's ``retry_after``); permanent ones and exhausted retries mark the item
+``failed``. A crashed worker's claim expires and the sweeper of any process sends the
+item again: at least once, never lost (docs/delivery.md says what each channel then
+gets twice, and how rarely).
+
+Store-backed channels (web chat, ``Connector.store_backed``): the item is stored as
+``stored``; the visitor's sockets read the conversation from the store by ``seq``, live
+through the change feed of whichever process holds them, so there is nothing to send
+and nothing to retry. What a live socket received is recorded per conversation
+(``Conversation.delivered_seq``, ``DeliveredMarks``), written with the conversation's
+next turn or within a second.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 
@@ -29,12 +46,16 @@ from gateway.model import (
 )
 from gateway.store import Store
 from gateway.store.contacts import ContactStore
-from gateway.store.mongo import from_doc
+from gateway.store.items import delivery, outbound_doc
+from gateway.store.mongo import Doc, Op, from_doc
+from gateway.store.writer import Duplicate
 
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=60)
 MAX_BACKOFF = 300.0
+MARK_EVERY = 1.0  # seconds: delivered marks not carried by a turn are written this often
+ACTIVE = [DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]
 
 
 def _addressed(conversation: Conversation, ref: ConversationRef) -> Conversation:
@@ -45,6 +66,53 @@ def _addressed(conversation: Conversation, ref: ConversationRef) -> Conversation
     return conversation.model_copy(update={"channel": ref.channel, "thread_key": ref.thread_key})
 
 
+def store_backed(connector: Connector | None) -> bool:
+    return bool(getattr(connector, "store_backed", False))
+
+
+class DeliveredMarks:
+    """How far live sockets got, per conversation, written in few commands: a turn's
+    commit carries its conversation's mark (``take``), the rest go every second."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._marks: dict[str, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def seen(self, conversation_id: str, seq: int) -> None:
+        if seq > self._marks.get(conversation_id, 0):
+            self._marks[conversation_id] = seq
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    def take(self, conversation_id: str) -> int | None:
+        return self._marks.pop(conversation_id, None)
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(MARK_EVERY)
+        await self.flush()
+
+    async def flush(self) -> None:
+        marks, self._marks = self._marks, {}
+        ops = [Op("conversations", {"_id": cid}, {"$max": {"delivered_seq": seq}})
+               for cid, seq in marks.items()]
+        try:
+            await self.store.apply(ops)
+        except PyMongoError as exc:  # informational: the next one carries it
+            log.info("outbox: delivered marks not written (%s)", exc)
+            for cid, seq in marks.items():
+                self._marks[cid] = max(seq, self._marks.get(cid, 0))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._marks:
+            with contextlib.suppress(PyMongoError):
+                await self.flush()
+
+
 class Outbox:
     def __init__(
         self,
@@ -53,28 +121,68 @@ class Outbox:
         *,
         max_attempts: int = 8,
         sweep_seconds: float = 2.0,
+        instance: str | None = None,
     ) -> None:
         self.store = store
         self.connectors = connectors
         self.max_attempts = max_attempts
         self.sweep_seconds = sweep_seconds
+        self.instance = instance or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.marks = DeliveredMarks(store)
         self._locks = KeyedLocks()
         self._background = Background("outbox")
         self._dirty: set[str] = set()
         self._known: dict[str, Conversation] = {}
 
+    # ------------------------------------------------------------------ storing
+
+    async def prepare(
+        self, conversation: Conversation, drafts: Sequence[OutboundDraft]
+    ) -> list[Doc]:
+        """The stored form of the drafts: each addressed where it goes (where the customer
+        wrote last, or the channel the draft names: ``ContactStore.route``), claimed by
+        this process for sending, or ``stored`` on a store-backed channel."""
+        now = utcnow()
+        docs: list[Doc] = []
+        for draft in drafts:
+            addressed = await self._to(conversation, draft)
+            if store_backed(self.connectors.get(addressed.channel)):
+                state = delivery(DeliveryStatus.STORED, now)
+            else:
+                # claimed, not yet attempted (attempts counts sends: the first makes it 1)
+                state = delivery(DeliveryStatus.SENDING, now, attempts=0,
+                                 lease_until=now + LEASE, owner=self.instance)
+            docs.append(outbound_doc(addressed, draft, now, state))
+        return docs
+
     async def enqueue(
         self, conversation: Conversation, drafts: Sequence[OutboundDraft]
     ) -> list[Activity]:
-        """Store the drafts (idempotent per ``dedupe_key``) and start delivering them.
-
-        Each goes where the customer wrote last, or on the channel the draft names
-        (``ContactStore.route``); the item records that channel and thread.
-        """
-        items = [(await self.store.append_outbound(await self._to(conversation, d), d))[0]
-                 for d in drafts]
-        if items:
-            self.kick(conversation.id, conversation)
+        """Store the drafts (idempotent per ``dedupe_key``) and start delivering them."""
+        docs = await self.prepare(conversation, drafts)
+        if not docs:
+            return []
+        now = utcnow()
+        touch = Op("conversations", {"_id": conversation.id},
+                   {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}})
+        try:
+            items = await self.store.append(conversation.id, docs, [touch])
+        except Duplicate:  # a re-run: store what is new, one by one; keep what exists
+            items = []
+            fresh: list[Activity] = []
+            for doc in docs:
+                try:
+                    [item] = await self.store.append(conversation.id, [doc])
+                    fresh.append(item)
+                except Duplicate:
+                    existing = await self.store.get_message(str(doc["_id"]))
+                    if existing is None:  # pragma: no cover - it collided, so it exists
+                        raise
+                    item = existing
+                items.append(item)
+            self.deliver(conversation, fresh)
+            return items
+        self.deliver(conversation, items)
         return items
 
     async def _to(self, conversation: Conversation, draft: OutboundDraft) -> Conversation:
@@ -83,6 +191,50 @@ class Outbox:
             return conversation  # the common case: no lookup
         ref = await ContactStore(self.store).route(conversation, draft.channel)
         return _addressed(conversation, ref)
+
+    # --------------------------------------------------------------- delivering
+
+    def deliver(self, conversation: Conversation, items: Sequence[Activity]) -> None:
+        """Hand just-stored items to their connectors, in order, in the background."""
+        if items:
+            self._background.spawn(self._deliver(conversation, list(items)),
+                                   f"outbox:{conversation.id}")
+
+    async def _deliver(self, conversation: Conversation, items: list[Activity]) -> None:
+        async with self._locks.hold(conversation.id):
+            try:
+                sent = False
+                for item in items:
+                    connector = self.connectors.get(item.channel)
+                    if store_backed(connector):
+                        await self._push(conversation, item, connector)
+                    elif not sent:
+                        # in seq order with whatever else of the conversation is
+                        # undelivered (written by any process): one indexed read
+                        born = {i.id: i for i in items
+                                if i.delivery is not None and i.delivery.owner == self.instance
+                                and i.delivery.status is DeliveryStatus.SENDING}
+                        await self.deliver_conversation(conversation.id, born, conversation)
+                        sent = True
+            except PyMongoError as exc:
+                log.warning("outbox: store error on %s, sweeper will retry: %s",
+                            conversation.id, exc)
+            except Exception:
+                log.exception("outbox: unexpected error on conversation %s", conversation.id)
+
+    async def _push(self, conversation: Conversation, item: Activity,
+                    connector: Connector | None) -> None:
+        """A store-backed channel: show it on the sockets open here (others see it
+        through their change feed); record how far they got."""
+        if connector is None:
+            return
+        try:
+            result = await connector.send(_addressed(conversation, item.conversation_ref), item)
+        except Exception:  # stored: the visitor gets it on the next catch-up
+            log.exception("outbox: %s could not show %s live", item.channel, item.id)
+            return
+        if result.status is DeliveryStatus.DELIVERED:
+            self.marks.seen(item.conversation_id, item.seq)
 
     def kick(self, conversation_id: str, conversation: Conversation | None = None) -> None:
         """Deliver whatever is pending in this conversation, in the background.
@@ -112,60 +264,85 @@ class Outbox:
                 if conversation_id not in self._dirty:
                     self._known.pop(conversation_id, None)
 
-    async def deliver_conversation(self, conversation_id: str) -> None:
+    async def deliver_conversation(
+        self, conversation_id: str, born: Mapping[str, Activity] | None = None,
+        conversation: Conversation | None = None,
+    ) -> None:
+        """Send the conversation's undelivered items in seq order (retries, claims that
+        expired, items a crashed process left). ``born``: items this process just stored
+        claimed for itself (sent without claiming them again)."""
+        born = dict(born or {})
+        try:
+            await self._in_order(conversation_id, born, conversation)
+        finally:
+            if born:  # waiting behind an earlier item: whoever sends that sends these
+                await self.store.apply([Op(
+                    "messages", self._still_mine(item, 0),
+                    {"$set": {"delivery.status": DeliveryStatus.PENDING.value,
+                              "delivery.owner": None, "delivery.lease_until": None,
+                              "delivery.next_attempt_at": utcnow()}})
+                    for item in born.values()])
+
+    async def _in_order(self, conversation_id: str, born: dict[str, Activity],
+                        conversation: Conversation | None) -> None:
         while True:
             now = utcnow()
-            doc = await self.store.messages.find_one(
-                {  # only outbound items have a delivery
-                    "conversation_id": conversation_id,
-                    "delivery.status": {
-                        "$in": [DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]
-                    },
-                },
-                sort=[("seq", 1)],
-            )
-            if doc is None:
+            # The few undelivered items of every conversation, by the outbox index (a sort
+            # on seq inside the conversation would not use an index on every server).
+            docs = await self.store.messages.find(
+                {"delivery.status": {"$in": ACTIVE}, "conversation_id": conversation_id}
+            ).to_list()
+            if not docs:
                 return
-            item = from_doc(Activity, doc)
-            delivery = item.delivery
-            assert delivery is not None
-            if delivery.next_attempt_at and delivery.next_attempt_at > now:
+            item = from_doc(Activity, min(docs, key=lambda d: int(d["seq"])))
+            state = item.delivery
+            assert state is not None
+            if state.status is DeliveryStatus.PENDING and (
+                    state.next_attempt_at and state.next_attempt_at > now):
                 return  # backing off; the sweeper comes back when it is due
-            if delivery.status is DeliveryStatus.SENDING and (
-                delivery.lease_until and delivery.lease_until > now
-            ):
+            if item.id in born and state.status is DeliveryStatus.SENDING:
+                mine = born.pop(item.id)
+                assert mine.delivery is not None
+                first = mine.model_copy(update={"delivery": mine.delivery.model_copy(
+                    update={"attempts": mine.delivery.attempts + 1})})
+                if not await self._attempt(first, conversation, claim=mine.delivery.attempts):
+                    return
+                continue
+            if state.status is DeliveryStatus.SENDING and state.owner != self.instance and (
+                    state.lease_until and state.lease_until > now):
                 return  # another worker holds it
             lease_until = now + LEASE
             claimed = await self.store.messages.update_one(
-                {
-                    "_id": item.id,
-                    "delivery.status": delivery.status.value,
-                    "delivery.attempts": delivery.attempts,
-                },
-                {
-                    "$set": {
-                        "delivery.status": DeliveryStatus.SENDING.value,
-                        "delivery.lease_until": lease_until,
-                        "delivery.updated_at": now,
-                    },
-                    "$inc": {"delivery.attempts": 1},
-                },
+                {"_id": item.id, "delivery.status": state.status.value,
+                 "delivery.attempts": state.attempts},
+                {"$set": {"delivery.status": DeliveryStatus.SENDING.value,
+                          "delivery.lease_until": lease_until, "delivery.owner": self.instance,
+                          "delivery.updated_at": now},
+                 "$inc": {"delivery.attempts": 1}},
             )
             if claimed.matched_count == 0:
                 return  # lost the race to another worker
-            mine = delivery.model_copy(update={
+            claim = state.model_copy(update={
                 "status": DeliveryStatus.SENDING, "lease_until": lease_until,
-                "updated_at": now, "attempts": delivery.attempts + 1})
-            await self._attempt(item.model_copy(update={"delivery": mine}))
+                "owner": self.instance, "updated_at": now, "attempts": state.attempts + 1})
+            if not await self._attempt(item.model_copy(update={"delivery": claim}),
+                                       conversation):
+                return
 
-    async def _attempt(self, item: Activity) -> None:
+    async def _attempt(self, item: Activity, conversation: Conversation | None = None,
+                       claim: int | None = None) -> bool:
+        """Send one claimed item and record the outcome. True if it is done with (sent,
+        skipped or given up), False if it waits for a retry (later items wait too).
+        ``item.delivery.attempts`` counts this send; ``claim`` is the count stored with
+        the claim, when it differs (an item stored claimed, not yet sent)."""
         assert item.delivery is not None
         attempts = item.delivery.attempts
+        claim = attempts if claim is None else claim
         if item.private:  # a private note is for agents only: never given to a connector
-            await self._finish(item, DeliveryResult(DeliveryStatus.SKIPPED))
-            return
+            await self._finish(item, DeliveryResult(DeliveryStatus.SKIPPED), claim)
+            return True
         connector = self.connectors.get(item.channel)
-        conversation = self._known.get(item.conversation_id)
+        conversation = conversation or self._known.get(item.conversation_id)
         if conversation is None:
             conversation = await self.store.get_conversation(item.conversation_id)
         error: DeliveryError
@@ -181,8 +358,8 @@ class Outbox:
                 log.exception("outbox: %s connector crashed sending %s", item.channel, item.id)
                 error = DeliveryError(f"connector error: {exc!r}")
             else:
-                await self._finish(item, result)
-                return
+                await self._finish(item, result, claim)
+                return True
         now = utcnow()
         if error.permanent or attempts >= self.max_attempts:
             status, next_at = DeliveryStatus.FAILED, None
@@ -194,51 +371,39 @@ class Outbox:
                 else min(MAX_BACKOFF, 0.5 * 2 ** (attempts - 1))
             )
             status, next_at = DeliveryStatus.PENDING, now + timedelta(seconds=delay)
-            log.info(
-                "outbox: %s attempt %d failed (%s); retry in %.1f s",
-                item.id,
-                attempts,
-                error,
-                delay,
-            )
-        await self.store.messages.update_one(
-            self._still_mine(item),
-            {
-                "$set": {
-                    "delivery.status": status.value,
-                    "delivery.next_attempt_at": next_at,
-                    "delivery.lease_until": None,
-                    "delivery.last_error": str(error),
-                    "delivery.updated_at": now,
-                }
-            },
-        )
+            log.info("outbox: %s attempt %d failed (%s); retry in %.1f s",
+                     item.id, attempts, error, delay)
+        await self.store.apply([Op("messages", self._still_mine(item, claim), {"$set": {
+            "delivery.status": status.value,
+            "delivery.attempts": attempts,
+            "delivery.next_attempt_at": next_at,
+            "delivery.lease_until": None,
+            "delivery.last_error": str(error),
+            "delivery.updated_at": now,
+        }})])
+        return status is DeliveryStatus.FAILED
 
     @staticmethod
-    def _still_mine(item: Activity) -> dict[str, object]:
+    def _still_mine(item: Activity, claim: int) -> dict[str, object]:
         """Match the item only while this worker's claim stands (not re-claimed since)."""
-        assert item.delivery is not None
         return {"_id": item.id, "delivery.status": DeliveryStatus.SENDING.value,
-                "delivery.attempts": item.delivery.attempts}
+                "delivery.attempts": claim}
 
-    async def _finish(self, item: Activity, result: DeliveryResult) -> None:
-        await self.store.messages.update_one(
-            self._still_mine(item),
-            {
-                "$set": {
-                    "delivery.status": result.status.value,
-                    "delivery.external_id": result.external_id,
-                    "delivery.lease_until": None,
-                    "delivery.last_error": None,
-                    "delivery.updated_at": utcnow(),
-                }
-            },
-        )
+    async def _finish(self, item: Activity, result: DeliveryResult, claim: int) -> None:
+        assert item.delivery is not None
+        await self.store.apply([Op("messages", self._still_mine(item, claim), {"$set": {
+            "delivery.status": result.status.value,
+            "delivery.attempts": item.delivery.attempts,
+            "delivery.external_id": result.external_id,
+            "delivery.lease_until": None,
+            "delivery.last_error": None,
+            "delivery.updated_at": utcnow(),
+        }})])
 
     # ------------------------------------------------------------------ sweeper
 
     async def sweep_once(self) -> None:
-        """Kick every conversation with an item that is due (or whose lease expired)."""
+        """Kick every conversation with an item that is due (or whose claim expired)."""
         now = utcnow()
         # Two queries, not one $or: SecantusDB scans the whole collection for an $or.
         due = await self.store.messages.distinct(
@@ -260,3 +425,4 @@ class Outbox:
 
     async def stop(self, grace: float = 5.0) -> None:
         await self._background.stop(grace)
+        await self.marks.stop()

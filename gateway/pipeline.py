@@ -1,27 +1,32 @@
 """``ingest``: the only orchestration code. Every channel's messages take this road.
 
-    connector ─► ingest: dedupe ─► contact + identity ─► conversation ─► store (durable)
+    connector ─► ingest: contact + identity ─► conversation ─► store (durable, deduped)
               ◄─ ack (the connector answers its network only now)
-    background, per conversation, in seq order:
-       owner bot      ─► Bot.respond ─► outbox (stored, then delivered) ─► maybe handoff
+    background, per conversation, in seq order, in the process holding its lease:
+       owner bot      ─► Bot.respond ─► one commit: replies + bot state + processed mark
+                      ─► outbox (deliver what the commit stored) ─► maybe handoff
        owner queued / agent ─► nothing: the agent reads it from the store
        owner resolved ─► reopened to the bot, then as above
 
-Processing state lives in the store: an inbound item is ``processed: false`` until its
-turn is done, and a conversation is processed by whoever holds its lease. A crash or a
-restart loses nothing: the sweeper finds unprocessed items and processes them again, and
-replies carry a ``dedupe_key`` so a re-processed message is still answered only once.
+Processing state lives in the store: a conversation's ``processed_seq`` says how far its
+inbound items are processed, and its turns run where its lease is (gateway/store/turns.py).
+The holder keeps what it needs for the next turn in memory (the conversation, the
+contact's profile, the inbound items waiting) and learns of changes made elsewhere from
+the change feed (a message stored by another process, an agent taking over, a channel
+switch, a profile answered in another conversation); whatever it could have missed is
+caught by the commit, which requires the lease and the bot's ownership. A crash or a
+restart loses nothing: the sweeper finds recent inbound items above ``processed_seq``,
+and replies carry a ``dedupe_key`` (their id) so a re-processed message is still
+answered only once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import socket
 from collections.abc import Mapping
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo.errors import PyMongoError
@@ -29,10 +34,13 @@ from pymongo.errors import PyMongoError
 from connectors.base import IngestResult
 from flows.bot import Bot, BotTurn, Reply, TurnContext
 from gateway.aio import Background
+from gateway.feed import Change, ChangeKind
 from gateway.identity import Identity, is_link_payload
 from gateway.model import (
     Activity,
+    Contact,
     Conversation,
+    Direction,
     InboundMessage,
     OutboundDraft,
     OwnerState,
@@ -42,22 +50,77 @@ from gateway.model import (
 )
 from gateway.outbox import Outbox
 from gateway.routing import Routing
-from gateway.store import Store
-from gateway.store.mongo import FREE
+from gateway.store import NotFound, Store
+from gateway.store.contacts import NO_SWITCH_FROM
+from gateway.store.mongo import Doc, Op, from_doc, profile_update
+from gateway.store.turns import LEASE, Acquired, Turns, instance_name
+from gateway.store.writer import Duplicate, Precondition
 
 log = logging.getLogger(__name__)
 
-LEASE = timedelta(seconds=30)
-BATCH = 20
-STALE_AFTER = timedelta(seconds=10)
+STALE_AFTER = timedelta(seconds=15)
 # A bot turn that takes longer is abandoned (well inside LEASE, so no other process can
 # take over the conversation while the turn still runs).
 BOT_TIMEOUT = 20.0
+RENEW_BELOW = timedelta(seconds=BOT_TIMEOUT + 3)  # lease left before a turn starts
+FIRST_SWEEP = timedelta(hours=1)  # how far back a first sweep ever looks
+MARK_SAVE_EVERY = timedelta(seconds=60)
+CACHE = 10_000  # web chat threads whose conversation is remembered
 # What the customer is told when the bot fails on their message (it raised or timed out).
 BOT_ERROR_TEXT = (
     "Sorry, something went wrong on my side and I could not answer that. "
     "Please try again in a moment."
 )
+
+
+@dataclass(eq=False)
+class Held:
+    """A conversation whose lease this process holds, and what its next turn needs."""
+
+    id: str
+    until: datetime
+    known: bool = False  # ``pending`` holds every inbound item above ``processed``
+    processed: int = 0
+    pending: dict[int, Activity] = field(default_factory=dict)
+    conversation: Conversation | None = None  # None: read it before the next turn
+    contact: Contact | None = None
+    lost: bool = False
+    # Every item up to ``seen`` is known here (stored by this process, read, or seen on
+    # the feed); ``above`` holds the known seqs past a gap. A pending item after a gap
+    # waits until the gap is read: another process may have stored an inbound item there.
+    seen: int = 0
+    above: set[int] = field(default_factory=set)
+
+    def note(self, seq: int) -> None:
+        if seq > self.seen:
+            self.above.add(seq)
+            self._close()
+
+    def known_upto(self, seq: int) -> None:
+        """Every item up to ``seq`` is known (read from the store: a conversation's seqs
+        are committed in order, so one missing below a stored one never comes)."""
+        self.seen = max(self.seen, seq)
+        self._close()
+
+    def _close(self) -> None:
+        self.above = {s for s in self.above if s > self.seen}
+        while self.seen + 1 in self.above:
+            self.seen += 1
+            self.above.discard(self.seen)
+
+    def next(self) -> Activity | None:
+        """The next inbound item to answer (None: nothing waits, or a gap comes first:
+        see ``gap``)."""
+        for seq in sorted(self.pending):
+            if seq <= self.processed:
+                del self.pending[seq]
+                continue
+            return self.pending[seq] if seq <= self.seen + 1 else None
+        return None
+
+    def gap(self) -> bool:
+        """An unanswered item waits behind seqs this process has not seen."""
+        return any(seq > self.seen + 1 for seq in self.pending if seq > self.processed)
 
 
 class Pipeline:
@@ -78,10 +141,19 @@ class Pipeline:
         self.identity = Identity(store, outbox)
         self.bot_party = Party(role=Role.BOT, name=bot_name)
         self.sweep_seconds = sweep_seconds
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.instance = instance_name()
+        self.turns = Turns(store, self.instance)
         self._background = Background("pipeline")
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
+        self._held: dict[str, Held] = {}
+        self._threads: dict[tuple[str, str], Conversation] = {}  # web chat thread cache
+        self._waiting: dict[str, int] = {}  # conversation -> our item another process holds
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._mark: datetime | None = None
+        self._mark_saved: datetime | None = None
+        store.writer.on_foreign = self._foreign
+        store.writer.on_stored = self._stored
 
     # ------------------------------------------------------------------ inbound
 
@@ -101,29 +173,109 @@ class Pipeline:
             return elsewhere
         return await self.store.resolve_conversation(channel, thread_key, identity.contact_id)
 
+    async def _conversation_for(self, message: InboundMessage) -> Conversation:
+        """The message's conversation. A web chat thread always keeps its conversation
+        (no channel switch from it), so that is remembered; the feed says when it moved
+        to another contact or its replies to another channel."""
+        key = (message.channel, message.thread_key)
+        cacheable = message.channel in NO_SWITCH_FROM
+        if cacheable and (known := self._threads.get(key)) is not None:
+            return known
+        conversation = await self.open_conversation(
+            message.channel, message.thread_key, message.sender_external_id,
+            message.sender.name, one_to_one=message.channel_data.get("one_to_one") is True)
+        conversation = await self.identity.note_inbound(
+            conversation, message.channel, message.thread_key)
+        if cacheable:
+            if len(self._threads) >= CACHE:
+                self._threads.pop(next(iter(self._threads)))
+            self._threads[key] = conversation
+        return conversation
+
     async def ingest(self, message: InboundMessage) -> IngestResult:
         """Store one inbound message durably (once) and schedule its processing.
 
         Returns only after the write is acknowledged by the store; raises ``PyMongoError``
         if it could not be stored (the connector must then tell its network to retry).
         """
-        duplicate = await self.store.find_by_external_id(message.channel, message.external_id)
-        if duplicate is not None:
-            conversation = await self.store.get_conversation(duplicate.conversation_id)
-            assert conversation is not None
-            return IngestResult(duplicate, conversation, True)
         if is_link_payload(message.deep_link):  # a link token: link first (verified)
+            duplicate = await self.store.find_by_external_id(message.channel,
+                                                             message.external_id)
+            if duplicate is not None:
+                return await self._duplicate(duplicate, None)
             await self.identity.redeem(message)
-        conversation = await self.open_conversation(
-            message.channel, message.thread_key, message.sender_external_id, message.sender.name,
-            one_to_one=message.channel_data.get("one_to_one") is True,
-        )
-        conversation = await self.identity.note_inbound(
-            conversation, message.channel, message.thread_key)
-        item, is_duplicate = await self.store.append_inbound(conversation, message, checked=True)
-        if not is_duplicate:
-            self.schedule(conversation.id)
-        return IngestResult(item, conversation, is_duplicate)
+        conversation = await self._conversation_for(message)
+        item, is_duplicate = await self.store.append_inbound(conversation, message)
+        if is_duplicate:
+            return await self._duplicate(item, conversation)
+        self._arrived(conversation.id, item)
+        return IngestResult(item, conversation, False)
+
+    async def _duplicate(self, item: Activity, conversation: Conversation | None
+                         ) -> IngestResult:
+        if conversation is None or conversation.id != item.conversation_id:
+            conversation = await self.store.get_conversation(item.conversation_id)
+        assert conversation is not None
+        return IngestResult(item, conversation, True)
+
+    def _arrived(self, conversation_id: str, item: Activity) -> None:
+        self._waiting[conversation_id] = max(self._waiting.get(conversation_id, 0), item.seq)
+        held = self._held.get(conversation_id)
+        if held is not None and not held.lost:
+            held.pending[item.seq] = item
+        self.schedule(conversation_id)
+
+    def _foreign(self, docs: list[Doc]) -> None:
+        """Items another process stored, found by this one's writer: inbound ones of a
+        conversation whose turns run here wait for their turn."""
+        for doc in docs:
+            held = self._held.get(str(doc["conversation_id"]))
+            if held is None or held.lost:
+                continue
+            held.note(int(doc["seq"]))
+            if doc.get("direction") == Direction.INBOUND.value:
+                held.pending.setdefault(int(doc["seq"]), from_doc(Activity, doc))
+
+    def _stored(self, docs: list[Doc]) -> None:
+        """Items this process stored: their seqs are known (no gap to read)."""
+        for doc in docs:
+            held = self._held.get(str(doc["conversation_id"]))
+            if held is not None and not held.lost:
+                held.note(int(doc["seq"]))
+
+    async def on_change(self, change: Change) -> None:
+        """The change feed: what other processes did that the held conversations need."""
+        if change.kind is ChangeKind.ITEM and change.doc is not None:
+            doc = change.doc
+            cid = str(doc.get("conversation_id"))
+            mine = self._held.get(cid)
+            if mine is not None and not mine.lost:
+                mine.note(int(doc["seq"]))
+                if doc.get("direction") == Direction.INBOUND.value:
+                    if int(doc["seq"]) > mine.processed:
+                        mine.pending.setdefault(int(doc["seq"]), from_doc(Activity, doc))
+                    self.schedule(cid)
+                elif mine.gap():
+                    self.schedule(cid)
+        elif change.kind is ChangeKind.CONVERSATION:
+            held = self._held.get(change.id)
+            if held is not None:
+                held.conversation = None
+                if "contact_id" in change.fields:
+                    held.contact = None
+            if "contact_id" in change.fields:
+                self.store.writer.forget(change.id)
+            for key, conversation in list(self._threads.items()):
+                if conversation.id == change.id:
+                    del self._threads[key]
+        elif change.kind is ChangeKind.CONTACT:
+            for held in self._held.values():
+                if held.contact is not None and held.contact.id == change.id:
+                    held.contact = None
+        elif change.kind is ChangeKind.RESYNC:
+            self._threads.clear()
+            for held in self._held.values():
+                held.known, held.conversation, held.contact = False, None, None
 
     # --------------------------------------------------------------- processing
 
@@ -135,6 +287,11 @@ class Pipeline:
         task = self._background.spawn(self._drain(conversation_id), f"turns:{conversation_id}")
         self._running[conversation_id] = task
 
+    def busy(self) -> bool:
+        """True while a turn runs or waits to run in this process (tests: settle)."""
+        return bool(self._running) or any(
+            h.next() is not None for h in self._held.values() if not h.lost)
+
     async def _drain(self, conversation_id: str) -> None:
         try:
             while True:
@@ -142,71 +299,151 @@ class Pipeline:
                 try:
                     await self._process(conversation_id)
                 except PyMongoError as exc:
-                    log.warning(
-                        "pipeline: store error on %s (the sweeper retries): %s",
-                        conversation_id,
-                        exc,
-                    )
+                    log.warning("pipeline: store error on %s (the sweeper retries): %s",
+                                conversation_id, exc)
+                    self._forget(conversation_id)
+                    return
+                except NotFound:
+                    log.error("pipeline: conversation %s does not exist", conversation_id)
+                    self._forget(conversation_id)
                     return
                 except Exception:
                     log.exception("pipeline: unexpected error on %s", conversation_id)
+                    self._forget(conversation_id)
                     return
                 if conversation_id not in self._again:
                     return
         finally:
             self._running.pop(conversation_id, None)
 
-    async def _acquire(self, conversation_id: str) -> bool:
-        """Take (or extend) the conversation's processing lease in the store."""
-        now = utcnow()
-        lease = {"$set": {"lease": {"owner": self.instance, "until": now + LEASE}}}
-        conversations = self.store.conversations
-        # Two plain conditions, not one $or: SecantusDB scans the collection for an $or.
-        free = await conversations.update_one(
-            {"_id": conversation_id, "lease.until": {"$lt": now}}, lease
-        )
-        if free.matched_count:
-            return True
-        mine = await conversations.update_one(
-            {"_id": conversation_id, "lease.owner": self.instance}, lease
-        )
-        return mine.matched_count == 1
+    def _forget(self, conversation_id: str) -> None:
+        held = self._held.pop(conversation_id, None)
+        if held is not None:
+            held.lost = True
 
-    async def _release(self, conversation_id: str) -> None:
-        await self.store.conversations.update_one(
-            {"_id": conversation_id, "lease.owner": self.instance},
-            {"$set": {"lease": {"owner": None, "until": FREE}}},
-        )
+    async def _hold(self, conversation_id: str) -> Held | None:
+        """The conversation's lease, taken or renewed when needed (no round trip while
+        a recent turn left enough of it); None if another process holds it."""
+        held = self._held.get(conversation_id)
+        now = utcnow()
+        if held is not None and not held.lost and held.until - now > RENEW_BELOW:
+            return held
+        got = await self.turns.acquire(conversation_id)
+        if not isinstance(got, Acquired):
+            self._forget(conversation_id)
+            self._retry_at(conversation_id, got)
+            return None
+        if held is None or held.lost or not got.continuous:
+            held = Held(conversation_id, got.until)
+            self._held[conversation_id] = held
+        held.until = got.until
+        self._waiting.pop(conversation_id, None)
+        return held
+
+    def _retry_at(self, conversation_id: str, until: datetime) -> None:
+        """Another process holds the lease and answers what is there (it sees our items
+        through its feed). If it died, take over when its lease ends."""
+        delay = max(0.5, (until - utcnow()).total_seconds() + 0.5)
+        if conversation_id in self._timers:
+            self._timers[conversation_id].cancel()
+        loop = asyncio.get_running_loop()
+        self._timers[conversation_id] = loop.call_later(
+            delay, lambda: self._background.spawn(self._recheck(conversation_id),
+                                                  f"recheck:{conversation_id}"))
+
+    async def _recheck(self, conversation_id: str) -> None:
+        self._timers.pop(conversation_id, None)
+        waiting = self._waiting.get(conversation_id)
+        try:
+            done = await self.turns.processed(conversation_id)
+        except PyMongoError:
+            done = None
+        if waiting is not None and done is not None and done >= waiting:
+            self._waiting.pop(conversation_id, None)
+            return  # the holder answered it
+        self.schedule(conversation_id)
+
+    async def _load(self, held: Held) -> None:
+        """Read what the turns need: the conversation, how far it is processed, and the
+        inbound items after that."""
+        conversation = await self.store.get_conversation(held.id)
+        if conversation is None:
+            raise NotFound(f"conversation {held.id} does not exist")
+        held.conversation = conversation
+        held.processed = conversation.processed_seq
+        after = held.processed
+        while True:
+            items = await self.store.items_after(held.id, after, 500)
+            for item in items:
+                if item.direction is Direction.INBOUND:
+                    held.pending.setdefault(item.seq, item)
+            if items:
+                after = items[-1].seq
+            if len(items) < 500:
+                break
+        held.known_upto(after)
+        held.known = True
 
     async def _process(self, conversation_id: str) -> None:
-        while await self._acquire(conversation_id):
-            try:
-                while True:
-                    batch = await self.store.unprocessed(conversation_id, limit=BATCH)
-                    for item in batch:
-                        await self._turn(item)
-                        await self.store.mark_processed(item.id)
-                    if len(batch) < BATCH:
-                        break
-                    if not await self._acquire(conversation_id):  # extend the lease
-                        return  # lost it (we were too slow): the new holder goes on
-            finally:
-                with contextlib.suppress(PyMongoError):
-                    await self._release(conversation_id)
-            # A message stored (by another process) while we held the lease found it taken
-            # and was left to us: look again now that the lease is released.
-            if not await self.store.unprocessed(conversation_id, limit=1):
-                return
-        # another process holds the lease and will process what is there
-
-    async def _turn(self, item: Activity) -> None:
-        """One inbound message, dispatched to the conversation's owner."""
-        conversation = await self.store.get_conversation(item.conversation_id)
-        if conversation is None:
-            log.error("pipeline: message %s has no conversation", item.id)
+        held = await self._hold(conversation_id)
+        if held is None:
             return
+        while not held.lost:
+            if not held.known or held.gap():
+                await self._load(held)
+            item = held.next()
+            if item is None:
+                return
+            if held.until - utcnow() <= RENEW_BELOW:
+                renewed = await self._hold(conversation_id)
+                if renewed is None:
+                    return
+                held = renewed
+                continue
+            await self._turn(held, item)
+
+    async def _conversation(self, held: Held) -> Conversation:
+        """The held conversation; read again unless the bot owns it (a cached human
+        owner is never trusted: the bot must not stay silent after a hand back)."""
+        if held.conversation is None or held.conversation.owner is not OwnerState.BOT:
+            conversation = await self.store.get_conversation(held.id)
+            if conversation is None:
+                raise NotFound(f"conversation {held.id} does not exist")
+            held.conversation = conversation
+        return held.conversation
+
+    async def _contact(self, held: Held, contact_id: str) -> Contact | None:
+        if held.contact is None or held.contact.id != contact_id:
+            held.contact = await self.store.get_contact(contact_id, with_identities=False)
+        return held.contact
+
+    async def _done(self, held: Held, item: Activity) -> None:
+        """Mark ``item`` processed without a bot turn (a human owns the conversation, a
+        link answer, a CSAT answer, ...); what it did changed the conversation."""
+        now = utcnow()
+        held.conversation = None
+        try:
+            await self.store.apply([Op(
+                "conversations", self.turns.commit_filter(held.id, bot=False),
+                {"$set": {"updated_at": now, "lease.until": now + LEASE},
+                 "$max": {"processed_seq": item.seq, "last_activity_at": now}},
+                required=True)])
+        except Precondition:
+            self._lost(held)
+            return
+        held.processed = max(held.processed, item.seq)
+        held.until = now + LEASE
+
+    def _lost(self, held: Held) -> None:
+        log.info("pipeline: lease of %s taken over by another process", held.id)
+        self._forget(held.id)
+
+    async def _turn(self, held: Held, item: Activity) -> None:
+        """One inbound message, dispatched to the conversation's owner."""
+        conversation = await self._conversation(held)
         if is_link_payload(item.deep_link):  # answered here, whoever owns it; not the bot's
             await self.identity.answer_link(conversation, item)
+            await self._done(held, item)
             return
         needs_human = item.channel_data.get("needs_human")
         if isinstance(needs_human, str) and needs_human:
@@ -218,20 +455,28 @@ class Pipeline:
             if conversation.owner is OwnerState.BOT:
                 await self.routing.handoff(conversation.id, needs_human[:500],
                                            dedupe_key=f"{item.id}:handoff")
+            await self._done(held, item)
             return
         if await self.routing.csat.take_answer(conversation, item):
+            await self._done(held, item)
             return  # the answer to the CSAT question: recorded, thanked, not reopened
         if conversation.owner is OwnerState.RESOLVED:
-            reopened = await self.routing.reopen(conversation.id, f"{item.id}:reopen")
-            conversation = reopened or conversation
+            conversation = await self.routing.reopen(conversation.id, f"{item.id}:reopen") \
+                or conversation
+            held.conversation = None
+            if conversation.owner is OwnerState.BOT:
+                conversation = await self._conversation(held)
         if conversation.owner is not OwnerState.BOT:
+            await self._done(held, item)
             return  # a human owns it (or will): the bot stays silent
-        contact = await self.store.get_contact(conversation.contact_id, with_identities=False)
+        await self._bot_turn(held, conversation, item)
+
+    async def _bot_turn(self, held: Held, conversation: Conversation, item: Activity) -> None:
+        contact = await self._contact(held, conversation.contact_id)
         context = TurnContext(conversation, contact, item, dict(conversation.bot_state))
         try:
             async with asyncio.timeout(BOT_TIMEOUT):
                 turn = await self.bot.respond(context)
-            drafts = self._drafts(item, turn)
         except PyMongoError:
             raise  # the store, not the bot: leave the message for the sweeper
         except Exception:
@@ -242,13 +487,46 @@ class Pipeline:
                 "pipeline: the bot failed on message %s of %s", item.id, conversation.id
             )
             turn = BotTurn([Reply(BOT_ERROR_TEXT)], dict(conversation.bot_state))
-            drafts = self._drafts(item, turn)
-        if not await self.store.set_bot_state(conversation.id, turn.state):
-            return  # ownership changed while the bot was thinking: say nothing
-        if turn.profile:
-            await self.store.update_profile(conversation.contact_id, turn.profile)
-        await self.outbox.enqueue(conversation, drafts)
+        docs = await self.outbox.prepare(conversation, self._drafts(item, turn))
+        now = utcnow()
+        until = now + LEASE
+        sets: Doc = {"bot_state": dict(turn.state), "updated_at": now,
+                     "last_activity_at": now, "lease.until": until}
+        highs: Doc = {"processed_seq": item.seq}
+        if (seen := self.outbox.marks.take(conversation.id)) is not None:
+            highs["delivered_seq"] = seen
+        ops = [Op("conversations", self.turns.commit_filter(conversation.id, bot=True),
+                  {"$set": sets, "$max": highs}, required=True)]
+        if turn.profile and (profile := profile_update(turn.profile)):
+            ops.append(Op("contacts", {"_id": conversation.contact_id}, profile))
+        try:
+            try:
+                items = await self.store.append(conversation.id, docs, ops)
+            except Duplicate:
+                # The replies are stored already (a re-run of a turn done before, since
+                # replies and the mark commit together): record the turn, say nothing twice.
+                items = await self.store.append(conversation.id, [], ops)
+        except Precondition:
+            # The bot no longer owns it (an agent took over while it was thinking) or the
+            # lease went to another process: read again; the turn is decided anew.
+            if seen is not None:
+                self.outbox.marks.seen(conversation.id, seen)
+            held.conversation = None
+            fresh = await self.store.get_conversation(conversation.id)
+            if fresh is None or fresh.lease is None or fresh.lease.owner != self.instance:
+                self._lost(held)
+            return
+        held.processed = max(held.processed, item.seq)
+        held.pending.pop(item.seq, None)
+        held.until = until
+        held.conversation = conversation.model_copy(update={"bot_state": dict(turn.state)})
+        if turn.profile and contact is not None:
+            merged = {**contact.profile, **turn.profile}
+            held.contact = contact.model_copy(update={
+                "profile": {k: v for k, v in merged.items() if v is not None}})
+        self.outbox.deliver(conversation, items)
         if turn.handoff is not None:
+            held.conversation = None
             await self.routing.handoff(
                 conversation.id,
                 turn.handoff.reason,
@@ -260,6 +538,7 @@ class Pipeline:
                 topic=_flow(conversation.bot_state) or turn.handoff.flow or _flow(turn.state),
             )
         elif turn.resolve:
+            held.conversation = None
             await self.routing.bot_resolve(
                 conversation.id, f"{item.id}:resolve",
                 topic=_flow(conversation.bot_state) or _flow(turn.state))
@@ -280,11 +559,24 @@ class Pipeline:
     # ------------------------------------------------------------------ sweeper
 
     async def sweep_once(self, older_than: timedelta = STALE_AFTER) -> int:
-        """Schedule every conversation with messages left unprocessed (crash, restart)."""
-        ids = await self.store.conversations_with_unprocessed(utcnow() - older_than)
-        for conversation_id in ids:
+        """Schedule every conversation with inbound messages left unprocessed (a crash, a
+        restart, a missed signal). Looks at what was stored since the last sweep."""
+        now = utcnow()
+        before = now - older_than
+        if self._mark is None:
+            self._mark = await self.turns.load_mark() or now - FIRST_SWEEP
+        since = min(self._mark, before)
+        waiting, oldest = await self.turns.unprocessed(since, before)
+        for conversation_id in waiting:
+            held = self._held.get(conversation_id)
+            if held is not None and conversation_id not in self._running:
+                held.known = False  # it should have known: read the store again
             self.schedule(conversation_id)
-        return len(ids)
+        self._mark = oldest if oldest is not None else before
+        if self._mark_saved is None or self._mark - self._mark_saved >= MARK_SAVE_EVERY:
+            await self.turns.save_mark(self._mark)
+            self._mark_saved = self._mark
+        return len(waiting)
 
     async def _sweep(self, first: bool) -> None:
         # At start-up everything unprocessed is left over from before; later, only what
@@ -297,7 +589,14 @@ class Pipeline:
         self._background.every(self.sweep_seconds, self._sweep)
 
     async def stop(self, grace: float = 5.0) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
         await self._background.stop(grace)
+        try:
+            await self.turns.release_all()
+        except PyMongoError as exc:
+            log.info("pipeline: leases not released (they expire): %s", exc)
 
 
 def _flow(state: Mapping[str, Any]) -> str | None:

@@ -151,8 +151,7 @@ class Timeline:
         if cursor is None:
             bounds = {}
             for source in sources:
-                doc = await self.store.contacts.find_one({"_id": source}, {"seq": 1})
-                bounds[source] = int((doc or {}).get("seq") or 0) + 1
+                bounds[source] = (await self.store.contact_top(source) or 0) + 1
         else:
             bounds = {s: b for s, b in decode_cursor(cursor).items() if s in sources}
         batch = min(max(limit, 20), 200)

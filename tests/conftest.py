@@ -27,6 +27,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.keys import AGENTS, PIPELINE, STORE
+from gateway.model import Direction
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.store.orphan import dies_with_parent
@@ -118,6 +119,26 @@ def settings(mongo_uri: str, db_name: str, tmp_path: Path) -> Settings:
     )
 
 
+async def unprocessed(store: Store) -> int:
+    """Inbound items whose turn is not done (above their conversation's processed_seq)."""
+    count = 0
+    async for conv in store.conversations.find({}, {"processed_seq": 1}):
+        count += await store.messages.count_documents(
+            {"conversation_id": conv["_id"], "direction": Direction.INBOUND.value,
+             "seq": {"$gt": int(conv.get("processed_seq") or 0)}})
+    return count
+
+
+async def processed(store: Store, item_id: str) -> bool:
+    """Whether the inbound item's turn is done (at or below its conversation's processed_seq)."""
+    doc = await store.messages.find_one({"_id": item_id}, {"conversation_id": 1, "seq": 1})
+    assert doc is not None, f"no item {item_id}"
+    conv = await store.conversations.find_one({"_id": doc["conversation_id"]},
+                                              {"processed_seq": 1})
+    assert conv is not None
+    return int(conv.get("processed_seq") or 0) >= int(doc["seq"])
+
+
 class Gateway:
     """A running gateway on a real TCP port, plus helpers to drive it."""
 
@@ -147,10 +168,10 @@ class Gateway:
         pipeline = self.app[PIPELINE]
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
-            pending = await self.store.messages.count_documents({"processed": False})
+            pending = await unprocessed(self.store)
             pending += await self.store.messages.count_documents(
                 {"delivery.status": {"$in": ["pending", "sending"]}})
-            if not pending and not pipeline._running:
+            if not pending and not pipeline.busy():
                 return
             await asyncio.sleep(0.02)
         raise AssertionError("the gateway did not settle")

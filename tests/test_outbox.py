@@ -120,7 +120,9 @@ async def test_delivered_items_record_status_and_external_id(
     store: Store, outbox: Outbox, fake: FakeConnector, conversation: Conversation
 ) -> None:
     items = await outbox.enqueue(conversation, drafts("one", "two", "three"))
-    assert [i.delivery.status for i in items] == [DeliveryStatus.PENDING] * 3
+    # stored claimed by this outbox, which sends them itself (no claim round trip)
+    assert [i.delivery.status for i in items] == [DeliveryStatus.SENDING] * 3
+    assert [i.delivery.attempts for i in items] == [0] * 3
     done = await settled(store, *items)
     for item in done:
         assert item.delivery is not None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp import web
@@ -15,6 +16,7 @@ from aiohttp import web
 import gateway.pipeline
 from connectors.base import Connector, ConnectorContext, DeliveryResult
 from flows.bot import BotTurn, HandoffRequest, Reply, TurnContext
+from gateway.feed import Feed
 from gateway.keys import PIPELINE
 from gateway.model import (
     Activity,
@@ -29,7 +31,7 @@ from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
 from gateway.store import Store
-from tests.conftest import Gateway
+from tests.conftest import Gateway, processed, unprocessed
 
 
 class FakeConnector(Connector):
@@ -127,9 +129,9 @@ async def settle(store: Store, *pipelines: Pipeline) -> None:
     """Every inbound processed, every outbound delivered, no turn running."""
 
     async def idle() -> bool:
-        busy = await store.messages.count_documents(
-            {"$or": [{"processed": False}, {"delivery.status": {"$in": ["pending", "sending"]}}]})
-        return busy == 0 and not any(p._running for p in pipelines)
+        busy = await unprocessed(store) + await store.messages.count_documents(
+            {"delivery.status": {"$in": ["pending", "sending"]}})
+        return busy == 0 and not any(p.busy() for p in pipelines)
 
     await wait_for(idle)
 
@@ -219,11 +221,16 @@ async def test_sweep_answers_a_message_left_unprocessed(rig: Rig) -> None:
     assert await rig.pipeline.sweep_once(timedelta(0)) == 1
     await settle(rig.store, rig.pipeline)
     assert rig.bot.seen == ["still there?"]
-    assert (await rig.store.get_message(item.id)).processed is True
+    assert await processed(rig.store, item.id)
     assert await rig.pipeline.sweep_once(timedelta(0)) == 0
 
-    # crashed after storing the reply but before marking the message processed
-    await rig.store.messages.update_one({"_id": item.id}, {"$set": {"processed": False}})
+    # the turn's replies and its processed mark commit together, so a crash cannot leave
+    # one without the other; if a turn runs again anyway (an operator resets the mark and
+    # the sweep's window), what it says is stored once
+    await rig.store.conversations.update_one({"_id": conversation.id},
+                                             {"$set": {"processed_seq": item.seq - 1}})
+    rig.pipeline._mark = item.created_at - timedelta(seconds=1)
+    rig.pipeline._held.clear()
     assert await rig.pipeline.sweep_once(timedelta(0)) == 1
     await settle(rig.store, rig.pipeline)
     assert rig.bot.seen == ["still there?"] * 2  # the turn ran again...
@@ -254,7 +261,7 @@ async def test_bot_is_silent_while_a_human_owns_the_conversation(rig: Rig) -> No
     await pipeline.ingest(message("m3", "hello alice"))
     await settle(store, pipeline)
     assert rig.bot.seen == ["human"]
-    assert all(d["processed"] for d in await inbound_items(store, cid))
+    assert all([await processed(store, d["_id"]) for d in await inbound_items(store, cid)])
     assert len(await bot_replies(store, cid)) == 1
 
     assert await store.transition(cid, {OwnerState.AGENT}, OwnerState.RESOLVED)
@@ -290,7 +297,7 @@ async def test_a_failing_bot_does_not_wedge_the_conversation(
         await rig.pipeline.stop()
         await rig.outbox.stop()
     assert rig.bot.seen == ["before", "boom", "after"]  # the failed turn was not retried
-    assert (await store.get_message(broken.item.id)).processed is True
+    assert await processed(store, broken.item.id)
     replies = await bot_replies(store, first.conversation.id)
     assert [d["reply_to_id"] for d in replies] == [first.item.id, broken.item.id,
                                                     after.item.id]
@@ -331,61 +338,82 @@ async def test_a_hanging_bot_times_out(
 # ------------------------------------------------------------ two processes
 
 
-async def test_two_pipelines_answer_each_message_once(store: Store) -> None:
+@contextlib.asynccontextmanager
+async def two_processes(
+    store: Store, mongo_uri: str, db_name: str, bot: EchoBot, connector: FakeConnector
+) -> AsyncIterator[tuple[list[Rig], list[Feed]]]:
+    """Two gateway processes as the app builds them: each its own store client (and so
+    its own writer) and change feed; nothing shared but the database."""
+    other = Store.connect(mongo_uri, db_name)
+    rigs = [build(store, bot, connector), build(other, bot, connector)]
+    feeds = [Feed(r.store, max_await_ms=100) for r in rigs]
+    for rig, feed in zip(rigs, feeds, strict=True):
+        feed.subscribe(rig.pipeline.on_change)
+        feed.start()
+        rig.outbox.start()
+    try:
+        for feed in feeds:
+            assert await feed.ready()
+        yield rigs, feeds
+    finally:
+        for rig, feed in zip(rigs, feeds, strict=True):
+            await rig.pipeline.stop()
+            await rig.outbox.stop()
+            await feed.stop()
+        await other.close()
+
+
+async def test_two_pipelines_answer_each_message_once(
+    store: Store, mongo_uri: str, db_name: str
+) -> None:
     bot = EchoBot(delay=0.002)
     connector = FakeConnector()
-    rigs = [build(store, bot, connector), build(store, bot, connector)]
-    assert rigs[0].pipeline.instance != rigs[1].pipeline.instance
-    for r in rigs:
-        r.outbox.start()
-    pipelines = [r.pipeline for r in rigs]
-    try:
+    async with two_processes(store, mongo_uri, db_name, bot, connector) as (rigs, _):
+        assert rigs[0].pipeline.instance != rigs[1].pipeline.instance
+        pipelines = [r.pipeline for r in rigs]
         results = []
         for batch in range(4):  # bursts that arrive on both processes at once
             results += await asyncio.gather(
                 *(pipelines[n % 2].ingest(message(f"m{batch}-{n}")) for n in range(5)))
         # No sweeper runs here: a message must not wait for one to be answered.
         await settle(store, *pipelines)
-    finally:
-        for r in rigs:
-            await r.pipeline.stop()
-            await r.outbox.stop()
     cid = results[0].conversation.id
     in_store = [d["text"] for d in await inbound_items(store, cid)]
     assert len(in_store) == 20
-    assert bot.seen == in_store
+    assert bot.seen == in_store  # once each, in the conversation's order
     assert bot.max_busy == 1
     replies = await bot_replies(store, cid)
     assert [d["text"] for d in replies] == [f"echo: {t}" for t in in_store]
     assert sorted(connector.sent) == sorted(f"echo: {t}" for t in in_store)
 
 
-async def test_a_message_arriving_during_release_is_not_stranded(store: Store) -> None:
-    """B stores a message while A holds the lease (so B leaves it to A), just as A has
-    found nothing more to do and is about to release: A must still answer it."""
+async def test_a_dead_holders_conversation_is_taken_over(
+    store: Store, mongo_uri: str, db_name: str
+) -> None:
+    """A holds the conversation's lease and dies (its feed and pipeline stop without
+    releasing it): B's message waits for the lease to end, then B answers it."""
     bot = EchoBot()
-    a, b = build(store, bot), build(store, bot)
-    real_release = a.pipeline._release
-    late: list[bool] = []
-
-    async def release_after_a_late_arrival(conversation_id: str) -> None:
-        if not late:
-            late.append((await b.pipeline.ingest(message("m2", "late"))).duplicate)
-            assert not await b.pipeline._acquire(conversation_id)  # A still holds it
-        await real_release(conversation_id)
-
-    a.pipeline._release = release_after_a_late_arrival  # type: ignore[method-assign]
-    for r in (a, b):
-        r.outbox.start()
-    try:
-        await a.pipeline.ingest(message("m1", "early"))
-        await settle(store, a.pipeline, b.pipeline)  # no sweeper: A must see "late" itself
-    finally:
-        for r in (a, b):
-            await r.pipeline.stop()
-            await r.outbox.stop()
-    assert late == [False]
+    connector = FakeConnector()
+    async with two_processes(store, mongo_uri, db_name, bot, connector) as ((a, b), feeds):
+        first = await a.pipeline.ingest(message("m1", "early"))
+        await settle(store, a.pipeline)
+        cid = first.conversation.id
+        conversation = await store.conversations.find_one({"_id": cid})
+        assert conversation is not None
+        assert conversation["lease"]["owner"] == a.pipeline.instance
+        await feeds[0].stop()  # A is gone: it hears and answers nothing more ...
+        a.pipeline._held.clear()
+        await a.pipeline._background.stop(0)
+        # ... and its lease runs out a second from now
+        soon = datetime.now(UTC) + timedelta(seconds=1)
+        await store.conversations.update_one({"_id": cid}, {"$set": {"lease.until": soon}})
+        await b.pipeline.ingest(message("m2", "late"))
+        await settle(store, b.pipeline)
+        conversation = await store.conversations.find_one({"_id": cid})
+        assert conversation is not None
+        assert conversation["lease"]["owner"] == b.pipeline.instance
     assert bot.seen == ["early", "late"]
+    assert connector.sent == ["echo: early", "echo: late"]
 
 
 async def test_a_customer_who_writes_again_is_reachable_again(store: Store) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ from connectors.webchat.frames import (
     error,
 )
 from connectors.webchat.sockets import CHANNEL, Hub, VisitorSocket
+from gateway.feed import Change, ChangeKind
 from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage, Party, Role
+from gateway.store.mongo import from_doc
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +70,13 @@ def _token_key(token: str) -> str:
 
 class WebchatConnector(Connector):
     channel = CHANNEL
+    store_backed = True  # sockets read the conversation from the store (sockets.py)
 
     def __init__(self, config: WebchatConfig | None = None) -> None:
         self.config = config or WebchatConfig()
         self.hub = Hub()
         self._context: ConnectorContext | None = None
+        self._unwatch: Callable[[], None] | None = None
 
     @property
     def context(self) -> ConnectorContext:
@@ -91,6 +96,24 @@ class WebchatConnector(Connector):
 
     async def start(self, context: ConnectorContext) -> None:
         self._context = context
+        self._unwatch = context.watch(self._on_change)
+
+    async def stop(self) -> None:
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
+
+    async def _on_change(self, change: Change) -> None:
+        """An item stored by any gateway process: show it on the sockets open here."""
+        doc = change.doc
+        if change.kind is not ChangeKind.ITEM or doc is None:
+            return
+        visitor = self.hub.visitor_of(str(doc.get("conversation_id")))
+        if visitor is None:
+            return
+        item = from_doc(Activity, doc)
+        if await self.hub.push(visitor, item):
+            self.context.delivered(item.conversation_id, item.seq)
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         await self.hub.close_all(WSCloseCode.GOING_AWAY, b"server shutting down")
@@ -408,7 +431,7 @@ class WebchatConnector(Connector):
                 value=value,
             )
         )
-        socket.conversation_id = result.conversation.id
+        self.hub.bind(socket, result.conversation.id)
         await socket.send(
             {
                 "type": "ack",

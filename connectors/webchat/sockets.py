@@ -4,7 +4,11 @@ A socket remembers the last ``seq`` it sent. Whenever something may have been ad
 its conversation it *catches up*: reads ``seq > last`` from the store (an index range) and
 sends it. Because seqs are contiguous and become visible in order, this sends nothing
 twice and skips nothing, whether the item was pushed live, replayed after a reconnect, or
-both at once.
+both at once. A live push carries the item itself (``hint``): the next one in line is
+sent without a read, one already sent is nothing to do.
+
+Live pushes come from the process that stored the item and, for every process, from the
+store's change feed, so a socket held by any gateway process sees what any other stored.
 """
 
 from __future__ import annotations
@@ -84,6 +88,9 @@ class VisitorSocket:
         if self.ws.closed:
             return False
         async with self.lock:
+            if hint is not None and hint.seq <= self.last_seq and (
+                    hint.conversation_id == self.conversation_id):
+                return True  # sent already (pushed here, then seen again on the feed)
             if hint is not None and hint.seq == self.last_seq + 1:
                 self.conversation_id = hint.conversation_id
                 await self._send(item_frame(hint))  # fast path: no read needed
@@ -116,9 +123,18 @@ class Hub:
 
     def __init__(self) -> None:
         self._sockets: defaultdict[str, set[VisitorSocket]] = defaultdict(set)
+        self._visitors: dict[str, str] = {}  # conversation id -> visitor id
 
     def add(self, socket: VisitorSocket) -> None:
         self._sockets[socket.visitor_id].add(socket)
+        if socket.conversation_id is not None:
+            self._visitors[socket.conversation_id] = socket.visitor_id
+
+    def bind(self, socket: VisitorSocket, conversation_id: str) -> None:
+        """The visitor's conversation exists now (their first message made it)."""
+        socket.conversation_id = conversation_id
+        if socket.visitor_id in self._sockets:
+            self._visitors[conversation_id] = socket.visitor_id
 
     def remove(self, socket: VisitorSocket) -> None:
         sockets = self._sockets.get(socket.visitor_id)
@@ -126,6 +142,12 @@ class Hub:
             sockets.discard(socket)
             if not sockets:
                 del self._sockets[socket.visitor_id]
+                if socket.conversation_id is not None:
+                    self._visitors.pop(socket.conversation_id, None)
+
+    def visitor_of(self, conversation_id: str) -> str | None:
+        """The visitor with a socket open here on that conversation, if any."""
+        return self._visitors.get(conversation_id)
 
     def count(self, visitor_id: str | None = None) -> int:
         if visitor_id is None:

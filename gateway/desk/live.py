@@ -5,7 +5,7 @@ middleware); a cross-site ``Origin`` is refused before the upgrade. Every client
 checked again: the session or token must still be valid, and ``authorize`` must allow the
 frame's type for the agent's role (``ROLES``); a designer gets nothing of conversations.
 
-Changes reach the sockets through the process's change stream (gateway/desk/feed.py), so a
+Changes reach the sockets through the process's change stream (gateway/feed.py), so a
 change made by any gateway process reaches every process's sockets. Presence: an agent's
 first socket (in any process) makes them online; when their last one closes they go
 offline, which starts the re-queue grace (gateway/routing.py). Open sockets are recorded
@@ -43,8 +43,8 @@ from gateway.desk.auth import (
     bearer,
     cross_site,
 )
-from gateway.desk.feed import Change, ChangeKind, Feed
 from gateway.desk.openapi import Endpoint
+from gateway.feed import Change, ChangeKind, Feed
 from gateway.keys import AGENTS, CONNECTORS, FEED, ROUTING, SETTINGS, STORE
 from gateway.model import (
     Activity,
@@ -476,17 +476,15 @@ def live_endpoints() -> list[Endpoint]:
 async def live_ctx(app: web.Application) -> AsyncIterator[None]:
     """The feed and the hub (after the core: they use the store, routing and agents)."""
     settings = app[SETTINGS]
-    feed = Feed(app[STORE])
+    feed = app[FEED]  # opened by the core (gateway/app.py)
     hub = LiveHub(app[STORE], feed, app[AGENTS], app[ROUTING], app[CONNECTORS],
                   grace=timedelta(seconds=settings.agent_offline_grace_seconds))
-    app[FEED], app[LIVE] = feed, hub
-    feed.start()
+    app[LIVE] = hub
     hub.start()
     try:
         yield
     finally:
         await hub.stop()
-        await feed.stop()
 
 
 async def _shutdown(app: web.Application) -> None:

@@ -1,15 +1,18 @@
 """The conversation store: MongoDB through pymongo's ``AsyncMongoClient``.
 
 Everything that must be decided once for all gateway processes is decided here, in the
-store: dedupe (unique indexes), sequence numbers (a transaction per append), ownership
+store: dedupe (an item's ``_id`` comes from its idempotency key), sequence numbers (unique
+indexes on the per-conversation ``seq`` and per-contact ``contact_seq``), ownership
 (conditional updates). Nothing of that lives in one process's memory.
 
-Append is a transaction: increment the conversation's and the contact's counters and insert
-the item. So every item of a conversation has a ``seq`` that is contiguous and becomes
-visible in order (a concurrent append conflicts on the conversation document and retries
-after this one commits). That gives web chat an exact watermark, and history pages by an
-index range (``seq`` in ``(top - n, top]``), so the last 50 items cost the same in a
-conversation of 100 or 100,000 items — even on servers that do not use an index for sort.
+Items are appended through the process's group-commit writer (gateway/store/writer.py):
+many conversations' items share one insert, a turn's replies and its bot state one
+transaction. Every item of a conversation has a ``seq`` that is contiguous and becomes
+visible in order, so web chat has an exact watermark and history pages by an index
+range (``seq`` in ``(top - n, top]``): the last 50 items cost the same in a conversation
+of 100 or 100,000 items, even on servers that do not use an index for sort. On the hot
+path items are written once and never updated: what changes (how far a conversation's
+turns are processed, how far a web chat socket got) lives on the conversation.
 """
 
 from __future__ import annotations
@@ -19,27 +22,40 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
-from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
-from gateway.aio import KeyedLocks
 from gateway.model import (
     Activity,
-    ActivityType,
     Contact,
     Conversation,
-    ConversationRef,
-    Delivery,
-    Direction,
+    DeliveryStatus,
     Identity,
     InboundMessage,
     OutboundDraft,
     OwnerState,
     utcnow,
+)
+from gateway.store.items import (
+    delivery,
+    inbound_doc,
+    inbound_id,
+    inbound_key,
+    outbound_doc,
+    outbound_key,
+)
+from gateway.store.writer import (
+    CONTACT_SEQ,
+    CONVERSATION_SEQ,
+    Duplicate,
+    Missing,
+    Op,
+    Unit,
+    Writer,
+    item_id,
+    new_id,
 )
 
 log = logging.getLogger(__name__)
@@ -59,18 +75,10 @@ class NotFound(StoreError):
     pass
 
 
-def new_id() -> str:
-    return str(ObjectId())
-
-
-def inbound_key(channel: str, external_id: str) -> str:
-    """The idempotency key of an inbound message: its channel's message id."""
-    return f"in:{channel}:{external_id}"
-
-
-def outbound_key(dedupe_key: str) -> str:
-    """The idempotency key of an outbound item: its dedupe key (or its own id)."""
-    return f"out:{dedupe_key}"
+__all__ = ["FREE", "Doc", "NotFound", "Op", "Store", "StoreError", "Unit", "from_doc",
+           "inbound_key", "item_id", "new_id", "outbound_key", "to_doc"]
+# Indexes of messages that are gone (their jobs moved): dropped at start-up.
+OBSOLETE_INDEXES = ("idempotency", "processed_conversation", "outbox_conversation")
 
 
 def from_doc(model: type[M], doc: Mapping[str, Any]) -> M:
@@ -97,22 +105,24 @@ class Store:
         self.messages: AsyncCollection[Doc] = self.db["messages"]
         self.agents: AsyncCollection[Doc] = self.db["agents"]
         self.channel_state: AsyncCollection[Doc] = self.db["channel_state"]
-        # Serialises appends to one conversation inside this process, so they do not
-        # conflict with each other; across processes the transaction does that job.
-        self._append_locks = KeyedLocks()
+        # Every append of this process goes through it (group commit, seq numbering).
+        self.writer = Writer(self)
 
     @classmethod
-    def connect(cls, uri: str, db_name: str, *, timeout_ms: int = 5000) -> Store:
+    def connect(cls, uri: str, db_name: str, *, timeout_ms: int = 5000,
+                event_listeners: list[Any] | None = None) -> Store:
         client: AsyncMongoClient[Doc] = AsyncMongoClient(
             uri,
             tz_aware=True,
             serverSelectionTimeoutMS=timeout_ms,
             connectTimeoutMS=timeout_ms,
             appname="omnigate",
+            event_listeners=list(event_listeners or ()),
         )
         return cls(client, db_name)
 
     async def close(self) -> None:
+        await self.writer.close()
         await self.client.close()
 
     async def ping(self) -> bool:
@@ -125,23 +135,18 @@ class Store:
     async def ensure_indexes(self) -> None:
         await self.messages.create_indexes(
             [
-                IndexModel([("conversation_id", ASCENDING), ("seq", ASCENDING)], unique=True),
-                IndexModel([("contact_id", ASCENDING), ("contact_seq", ASCENDING)], unique=True),
-                # One unique key per item makes both dedupes (inbound by the channel's
-                # message id, outbound by dedupe_key) a plain index: SecantusDB 0.7 does
-                # not use partial indexes, so they would be collection scans.
-                IndexModel([("idem_key", ASCENDING)], unique=True, name="idempotency"),
-                IndexModel(
-                    [("processed", ASCENDING), ("conversation_id", ASCENDING)],
-                    name="processed_conversation",
-                ),
+                # The names are the default ones (older databases have them so), and the
+                # writer tells a stale seq from a duplicate item by the index an insert hit.
+                IndexModel([("conversation_id", ASCENDING), ("seq", ASCENDING)], unique=True,
+                           name=CONVERSATION_SEQ),
+                IndexModel([("contact_id", ASCENDING), ("contact_seq", ASCENDING)],
+                           unique=True, name=CONTACT_SEQ),
+                # The pipeline's sweeper finds recent inbound items left unprocessed.
+                IndexModel([("direction", ASCENDING), ("created_at", ASCENDING)],
+                           name="recent"),
                 IndexModel(
                     [("delivery.status", ASCENDING), ("delivery.next_attempt_at", ASCENDING)],
                     name="outbox_due",
-                ),
-                IndexModel(
-                    [("conversation_id", ASCENDING), ("delivery.status", ASCENDING)],
-                    name="outbox_conversation",
                 ),
             ]
         )
@@ -157,6 +162,36 @@ class Store:
         await self.agents.create_indexes(
             [IndexModel([("token_hash", ASCENDING)], unique=True, name="agent_token")]
         )
+        await self._migrate()
+
+    async def _migrate(self) -> None:
+        """From before 2026-12: items carried a ``processed`` flag (now the conversation's
+        ``processed_seq``) and had random ids deduplicated by a unique ``idem_key`` index
+        (now the id comes from the key). Moves the flags over once, drops the old indexes.
+        """
+        names = {i["name"] async for i in await self.messages.list_indexes()}
+        if "processed_conversation" in names:
+            waiting = await self.messages.distinct("conversation_id", {"processed": False})
+            for cid in waiting:
+                docs = await self.messages.find(
+                    {"processed": False, "conversation_id": cid}, {"seq": 1}).to_list()
+                first = min(int(d["seq"]) for d in docs) if docs else 1
+                await self.conversations.update_one(
+                    {"_id": cid, "processed_seq": {"$exists": False}},
+                    {"$set": {"processed_seq": first - 1}})
+            async for doc in self.conversations.find(
+                    {"processed_seq": {"$exists": False}}, {"seq": 1}):
+                await self.conversations.update_one(
+                    {"_id": doc["_id"], "processed_seq": {"$exists": False}},
+                    {"$set": {"processed_seq": int(doc.get("seq") or 0)}})
+            log.info("store: moved processed flags of %d conversation(s) to processed_seq",
+                     len(waiting))
+        for name in OBSOLETE_INDEXES:
+            if name in names:
+                try:
+                    await self.messages.drop_index(name)
+                except OperationFailure as exc:  # another process dropped it first
+                    log.debug("store: index %s: %s", name, exc)
 
     @staticmethod
     async def _upsert(
@@ -246,13 +281,7 @@ class Store:
 
     async def update_profile(self, contact_id: str, changes: Mapping[str, Any]) -> None:
         """Set (or, for None, remove) keys of the contact's profile."""
-        sets = {f"profile.{k}": v for k, v in changes.items() if v is not None}
-        unsets = {f"profile.{k}": "" for k, v in changes.items() if v is None}
-        update: Doc = {}
-        if sets:
-            update["$set"] = sets
-        if unsets:
-            update["$unset"] = unsets
+        update = profile_update(changes)
         if update:
             await self.contacts.update_one({"_id": contact_id}, update)
 
@@ -297,6 +326,8 @@ class Store:
                 "handoff": None,
                 "bot_state": {},
                 "seq": 0,
+                "processed_seq": 0,
+                "delivered_seq": 0,
                 "created_at": now,
                 "updated_at": now,
                 "last_activity_at": None,
@@ -358,143 +389,76 @@ class Store:
     # ----------------------------------------------------------------- messages
 
     async def find_by_external_id(self, channel: str, external_id: str) -> Activity | None:
-        doc = await self.messages.find_one({"idem_key": inbound_key(channel, external_id)})
-        return None if doc is None else from_doc(Activity, doc)
+        return await self.get_message(inbound_id(channel, external_id))
 
     async def find_by_dedupe_key(self, key: str) -> Activity | None:
-        doc = await self.messages.find_one({"idem_key": outbound_key(key)})
-        return None if doc is None else from_doc(Activity, doc)
+        return await self.get_message(item_id(outbound_key(key)))
 
     async def get_message(self, message_id: str) -> Activity | None:
         doc = await self.messages.find_one({"_id": message_id})
         return None if doc is None else from_doc(Activity, doc)
+
+    async def append(
+        self, conversation_id: str, docs: list[Doc], ops: list[Op] | None = None
+    ) -> list[Activity]:
+        """Append items (built by gateway/store/items.py) and apply ``ops``, together.
+
+        Raises ``Duplicate`` (an item is stored already: nothing written), ``Precondition``
+        (a required op matched nothing), NotFound, or the store's error."""
+        try:
+            stored = await self.writer.submit(Unit(conversation_id, docs, list(ops or [])))
+        except Missing as exc:
+            raise NotFound(str(exc)) from exc
+        return [from_doc(Activity, d) for d in stored]
+
+    async def apply(self, ops: list[Op]) -> None:
+        """Apply updates with the next group commit (in one transaction)."""
+        if ops:
+            await self.writer.submit(Unit(None, [], ops))
 
     async def append_inbound(
         self, conversation: Conversation, message: InboundMessage, *, checked: bool = False
     ) -> tuple[Activity, bool]:
         """Store an inbound message once. Returns (stored item, was it a duplicate).
 
-        ``checked``: the caller just looked it up by external id and found nothing (the
-        unique index still catches a concurrent duplicate).
-        """
-        if not checked:
-            existing = await self.find_by_external_id(message.channel, message.external_id)
-            if existing is not None:
-                return existing, True
-        now = utcnow()
+        (``checked`` is accepted for callers that looked it up first; the id does the
+        dedupe either way.)"""
+        del checked
         reply_to: str | None = None
         if message.reply_to_external_id:
             parent = await self.find_by_external_id(message.channel, message.reply_to_external_id)
             reply_to = parent.id if parent else None
-        doc: Doc = {
-            "_id": new_id(),
-            "type": ActivityType.MESSAGE.value,
-            "direction": Direction.INBOUND.value,
-            "channel": message.channel,
-            "conversation_ref": {"channel": message.channel, "thread_key": message.thread_key},
-            "sender": message.sender.model_dump(mode="python"),
-            "recipient": {"role": "bot", "id": None, "name": None},
-            "external_id": message.external_id,
-            "timestamp": message.timestamp or now,
-            "created_at": now,
-            "text": message.text,
-            "value": message.value,
-            "deep_link": message.deep_link,
-            "name": None,
-            "attachments": [a.model_dump(mode="python") for a in message.attachments],
-            "buttons": [],
-            "reply_to_id": reply_to,
-            "channel_data": message.channel_data,
-            "processed": False,
-            "delivery": None,
-            "dedupe_key": None,
-            "idem_key": inbound_key(message.channel, message.external_id),
-        }
+        doc = inbound_doc(message, utcnow(), reply_to)
         try:
-            return await self._append(conversation.id, doc), False
-        except DuplicateKeyError:
-            existing = await self.find_by_external_id(message.channel, message.external_id)
-            if existing is None:  # pragma: no cover - a different unique index fired
+            return (await self.append(conversation.id, [doc]))[0], False
+        except Duplicate:
+            existing = await self.get_message(doc["_id"])
+            if existing is None:  # pragma: no cover - it collided, so it exists
                 raise
             return existing, True
 
     async def append_outbound(
-        self, conversation: Conversation, draft: OutboundDraft
+        self, conversation: Conversation, draft: OutboundDraft, delivery_doc: Doc | None = None
     ) -> tuple[Activity, bool]:
-        """Store an outbound item with a pending delivery, once per ``dedupe_key``.
-
-        A repeated key is caught by the unique index (the transaction is rolled back, so
-        no seq is used up); that only happens when a turn is processed again.
-        """
+        """Store an outbound item (pending delivery unless told otherwise), once per
+        ``dedupe_key``. ``conversation`` as its channel addresses it."""
         now = utcnow()
-        doc: Doc = {
-            "_id": new_id(),
-            "type": draft.type.value,
-            "direction": Direction.OUTBOUND.value,
-            "channel": conversation.channel,
-            "conversation_ref": ConversationRef(
-                channel=conversation.channel, thread_key=conversation.thread_key
-            ).model_dump(),
-            "sender": draft.sender.model_dump(mode="python"),
-            "recipient": {"role": "customer", "id": None, "name": None},
-            "external_id": None,
-            "timestamp": now,
-            "created_at": now,
-            "text": draft.text,
-            "value": None,
-            "name": draft.name,
-            "attachments": [a.model_dump(mode="python") for a in draft.attachments],
-            "buttons": [b.model_dump(mode="python") for b in draft.buttons],
-            "reply_to_id": draft.reply_to_id,
-            "channel_data": {},
-            "processed": None,
-            "delivery": Delivery(next_attempt_at=now, updated_at=now).model_dump(mode="python"),
-            "dedupe_key": draft.dedupe_key,
-            "idem_key": None,
-        }
-        doc["idem_key"] = outbound_key(draft.dedupe_key or doc["_id"])
+        doc = outbound_doc(conversation, draft, now,
+                           delivery_doc or delivery(DeliveryStatus.PENDING, now))
         try:
-            return await self._append(conversation.id, doc), False
-        except DuplicateKeyError:
-            if draft.dedupe_key is None:  # pragma: no cover
-                raise
-            existing = await self.find_by_dedupe_key(draft.dedupe_key)
+            return (await self.append(conversation.id, [doc]))[0], False
+        except Duplicate:
+            existing = await self.get_message(doc["_id"])
             if existing is None:  # pragma: no cover
                 raise
             return existing, True
 
     async def _append(self, conversation_id: str, doc: Doc) -> Activity:
-        async with self._append_locks.hold(conversation_id), self.client.start_session() as s:
-            await s.with_transaction(lambda txn: self._append_txn(txn, conversation_id, doc))
-        return from_doc(Activity, doc)
-
-    async def _append_txn(
-        self, session: AsyncClientSession, conversation_id: str, doc: Doc
-    ) -> None:
-        now = doc["created_at"]
-        await self.conversations.update_one(
-            {"_id": conversation_id},
-            {"$inc": {"seq": 1}, "$set": {"last_activity_at": now, "updated_at": now}},
-            session=session,
-        )
-        conv = await self.conversations.find_one(
-            {"_id": conversation_id}, {"seq": 1, "contact_id": 1}, session=session
-        )
-        if conv is None:
-            raise NotFound(f"conversation {conversation_id} does not exist")
-        await self.contacts.update_one(
-            {"_id": conv["contact_id"]}, {"$inc": {"seq": 1}}, session=session
-        )
-        contact = await self.contacts.find_one(
-            {"_id": conv["contact_id"]}, {"seq": 1}, session=session
-        )
-        if contact is None:
-            raise NotFound(f"contact {conv['contact_id']} does not exist")
-        doc["conversation_id"] = conversation_id
-        doc["contact_id"] = conv["contact_id"]
-        doc["seq"] = conv["seq"]
-        doc["contact_seq"] = contact["seq"]
-        await self.messages.insert_one(doc, session=session)
+        """Append one item; DuplicateKeyError if it is stored already (its id)."""
+        try:
+            return (await self.append(conversation_id, [doc]))[0]
+        except Duplicate as exc:
+            raise DuplicateKeyError(str(exc), 11000) from exc
 
     async def edit_inbound(
         self, channel: str, external_id: str, text: str | None,
@@ -504,16 +468,16 @@ class Store:
 
         Returns the updated item, or None if the original was never stored.
         """
-        key = inbound_key(channel, external_id)
-        current = await self.messages.find_one({"idem_key": key}, {"text": 1})
+        key = inbound_id(channel, external_id)
+        current = await self.messages.find_one({"_id": key}, {"text": 1})
         if current is None:
             return None
         update: Doc = {"$set": {"text": text},
                        "$push": {"edits": {"text": current.get("text"), "edited_at": utcnow()}}}
         if channel_data is not None:
             update["$set"]["channel_data.edited"] = dict(channel_data)
-        await self.messages.update_one({"idem_key": key}, update)
-        return await self.find_by_external_id(channel, external_id)
+        await self.messages.update_one({"_id": key}, update)
+        return await self.get_message(key)
 
     async def set_parts_sent(self, message_id: str, parts: int) -> None:
         """Record that the first ``parts`` parts of an outbound item went out, so a retry
@@ -522,21 +486,28 @@ class Store:
             {"_id": message_id}, {"$set": {"delivery.parts_sent": parts}}
         )
 
-    async def mark_processed(self, message_id: str) -> None:
-        await self.messages.update_one({"_id": message_id}, {"$set": {"processed": True}})
-
-    async def unprocessed(self, conversation_id: str, limit: int = 20) -> list[Activity]:
-        cursor = self.messages.find({"processed": False, "conversation_id": conversation_id})
-        docs = await cursor.sort("seq", ASCENDING).limit(limit).to_list()
-        return [from_doc(Activity, d) for d in docs]
-
-    async def conversations_with_unprocessed(self, older_than: datetime) -> list[str]:
-        ids = await self.messages.distinct(
-            "conversation_id", {"processed": False, "created_at": {"$lt": older_than}}
-        )
-        return [str(i) for i in ids]
-
     # ------------------------------------------------------------------ history
+
+    async def top_seq(self, conversation_id: str) -> int:
+        """The conversation's last seq: its hint, and what is stored above it."""
+        conv = await self.conversations.find_one({"_id": conversation_id}, {"seq": 1})
+        if conv is None:
+            raise NotFound(f"conversation {conversation_id} does not exist")
+        hint = int(conv.get("seq") or 0)
+        above = await self.messages.find(
+            {"conversation_id": conversation_id, "seq": {"$gt": hint}}, {"seq": 1}).to_list()
+        return max([hint, *(int(d["seq"]) for d in above)])
+
+    async def contact_top(self, contact_id: str) -> int | None:
+        """The contact's last contact_seq (None: no such contact)."""
+        doc = await self.contacts.find_one({"_id": contact_id}, {"seq": 1})
+        if doc is None:
+            return None
+        hint = int(doc.get("seq") or 0)
+        above = await self.messages.find(
+            {"contact_id": contact_id, "contact_seq": {"$gt": hint}},
+            {"contact_seq": 1}).to_list()
+        return max([hint, *(int(d["contact_seq"]) for d in above)])
 
     async def items_after(
         self, conversation_id: str, after: int, limit: int = 1000
@@ -554,10 +525,7 @@ class Store:
 
         Returns (items, has_more). Costs one index range scan of ``limit`` keys.
         """
-        conv = await self.conversations.find_one({"_id": conversation_id}, {"seq": 1})
-        if conv is None:
-            raise NotFound(f"conversation {conversation_id} does not exist")
-        top = int(conv["seq"]) + 1
+        top = await self.top_seq(conversation_id) + 1
         return await self._page("conversation_id", conversation_id, "seq",
                                 before=min(before or top, top), limit=limit)
 
@@ -565,10 +533,10 @@ class Store:
         self, contact_id: str, *, before: int | None = None, limit: int = 50
     ) -> tuple[list[Activity], bool]:
         """A page of everything a contact said and was told, on every channel, newest first."""
-        contact = await self.contacts.find_one({"_id": contact_id}, {"seq": 1})
-        if contact is None:
+        last = await self.contact_top(contact_id)
+        if last is None:
             raise NotFound(f"contact {contact_id} does not exist")
-        top = int(contact["seq"]) + 1
+        top = last + 1
         return await self._page("contact_id", contact_id, "contact_seq",
                                 before=min(before or top, top), limit=limit)
 
@@ -598,3 +566,16 @@ class Store:
         await self.channel_state.update_one(
             {"_id": f"{channel}:{key}"}, {"$set": {**value, "updated_at": utcnow()}}, upsert=True
         )
+
+
+def profile_update(changes: Mapping[str, Any]) -> Doc:
+    """The update that sets (or, for None, removes) keys of a contact's profile, and marks
+    when it changed (``profile_at``: other processes' change feeds see it)."""
+    sets: Doc = {f"profile.{k}": v for k, v in changes.items() if v is not None}
+    unsets = {f"profile.{k}": "" for k, v in changes.items() if v is None}
+    if not sets and not unsets:
+        return {}
+    update: Doc = {"$set": {**sets, "profile_at": utcnow()}}
+    if unsets:
+        update["$unset"] = unsets
+    return update

@@ -4,13 +4,18 @@ Several gateway processes share one store. A conversation claimed in process A m
 up live on an agent socket held by process B, and a customer typing on B's web chat socket
 must reach an agent on A. So nothing is broadcast in memory: every process watches the
 store's change stream (``db.watch()``; SecantusDB 0.7 and MongoDB replica sets both have
-it) and hands each change to its local listeners (the console hub, gateway/desk/live.py).
+it) and hands each change to its local listeners: the console hub (gateway/desk/live.py),
+the pipeline (a message stored by another process in a conversation whose turns this one
+runs; cached conversations and profiles that changed), the web chat (an item for a visitor
+whose socket is open here, whichever process stored it).
 
 What the stream carries (filtered in the server by one ``$match``):
 
 - ``conversation``: a conversation created, or its ``owner`` or ``assignee_id`` changed
-  (queued, assigned, transferred, resolved, back to the bot). Not the many updates of its
-  counters and leases.
+  (queued, assigned, transferred, resolved, back to the bot), or where its replies go
+  (``reply_channel``: a channel switch) or whose it is (``contact_id``: a merge). Not the
+  many updates of its bot state, counters and leases.
+- ``contact``: a contact's profile changed (``profile_at``).
 - ``item``: a new item of a conversation (message, event, private note): the whole
   document.
 - ``agent``: an agent's ``presence``, ``role`` or ``active`` changed, or a new agent.
@@ -55,6 +60,7 @@ REPEAT_AFTER = 2.0  # the same typing state again within this many seconds is no
 class ChangeKind(StrEnum):
     CONVERSATION = "conversation"
     ITEM = "item"
+    CONTACT = "contact"
     AGENT = "agent"
     SIGNAL = "signal"
     RESYNC = "resync"
@@ -73,6 +79,7 @@ Listener = Callable[[Change], Awaitable[None]]
 _COLLECTIONS = {
     "conversations": ChangeKind.CONVERSATION,
     "messages": ChangeKind.ITEM,
+    "contacts": ChangeKind.CONTACT,
     "agents": ChangeKind.AGENT,
     SIGNALS: ChangeKind.SIGNAL,
 }
@@ -84,10 +91,12 @@ def _changed(coll: str, *names: str) -> list[dict[str, Any]]:
 
 
 # One $match, evaluated by the server: only the changes listeners care about travel.
+_INSERTS = [c for c in _COLLECTIONS if c != "contacts"]
 PIPELINE: list[dict[str, Any]] = [{"$match": {"$or": [
-    {"ns.coll": {"$in": list(_COLLECTIONS)}, "operationType": "insert"},
+    {"ns.coll": {"$in": _INSERTS}, "operationType": "insert"},
     {"operationType": "invalidate"},
-    *_changed("conversations", "owner", "assignee_id"),
+    *_changed("conversations", "owner", "assignee_id", "reply_channel", "contact_id"),
+    *_changed("contacts", "profile_at"),
     *_changed("agents", "presence", "role", "active"),
 ]}}]
 

@@ -1,0 +1,146 @@
+"""Who runs a conversation's turns, and how far they got: the store side of the pipeline.
+
+A conversation's turns run in one gateway process at a time, the holder of its lease
+(``Conversation.lease``: owner, until), as Rasa's lock store does across replicas. The
+holder keeps it while the conversation is busy: every turn's commit extends it (the
+commit requires ``lease.owner`` to still be this process, so a process whose lease was
+taken over writes nothing). An idle lease just expires; a clean shutdown releases every
+lease at once; a process that died on this machine is recognised by its pid and its
+leases are taken over at once, anyone else's after ``LEASE``.
+
+``processed_seq`` on the conversation says how far its inbound items are processed; the
+sweeper finds recent inbound items above it (index ``recent``: direction, created_at),
+so a message stored by a process that died before its turn is answered by another.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from gateway.model import Direction, utcnow
+from gateway.store.mongo import FREE, Doc, NotFound, Store
+
+LEASE = timedelta(seconds=30)
+SWEEP_STATE = ("pipeline", "sweep")  # channel_state: the sweeper's lower bound
+
+
+def instance_name() -> str:
+    """This process, as lease owners are written: host:pid:random."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def _dead_here(owner: str | None) -> bool:
+    """A lease owner that was a process on this machine which no longer runs."""
+    if not owner:
+        return False
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Acquired:
+    until: datetime
+    continuous: bool  # it was this process's already (nobody else ran turns meanwhile)
+
+
+class Turns:
+    def __init__(self, store: Store, instance: str) -> None:
+        self.store = store
+        self.instance = instance
+
+    def _lease(self, until: datetime) -> Doc:
+        return {"$set": {"lease": {"owner": self.instance, "until": until}}}
+
+    async def acquire(self, conversation_id: str) -> Acquired | datetime:
+        """Take the conversation's lease: ``Acquired``, or until when another holds it."""
+        now = utcnow()
+        until = now + LEASE
+        coll = self.store.conversations
+        # Plain conditions, not one $or: SecantusDB scans the collection for an $or.
+        mine = await coll.update_one(
+            {"_id": conversation_id, "lease.owner": self.instance}, self._lease(until))
+        if mine.matched_count:
+            return Acquired(until, continuous=True)
+        free = await coll.update_one(
+            {"_id": conversation_id, "lease.until": {"$lt": now}}, self._lease(until))
+        if free.matched_count:
+            return Acquired(until, continuous=False)
+        doc = await coll.find_one({"_id": conversation_id}, {"lease": 1})
+        if doc is None:
+            raise NotFound(f"conversation {conversation_id} does not exist")
+        lease = doc.get("lease") or {}
+        if _dead_here(lease.get("owner")):
+            taken = await coll.update_one(
+                {"_id": conversation_id, "lease.owner": lease.get("owner")},
+                self._lease(until))
+            if taken.matched_count:
+                return Acquired(until, continuous=False)
+        held_until = lease.get("until")
+        return held_until if isinstance(held_until, datetime) else now + LEASE
+
+    def commit_filter(self, conversation_id: str, *, bot: bool) -> Doc:
+        """What a turn's commit requires: still this process's lease (and the bot's)."""
+        query: Doc = {"_id": conversation_id, "lease.owner": self.instance}
+        if bot:
+            query["owner"] = "bot"
+        return query
+
+    async def release_all(self) -> None:
+        await self.store.conversations.update_many(
+            {"lease.owner": self.instance}, {"$set": {"lease": {"owner": None, "until": FREE}}})
+
+    async def processed(self, conversation_id: str) -> int | None:
+        doc = await self.store.conversations.find_one(
+            {"_id": conversation_id}, {"processed_seq": 1})
+        return None if doc is None else int(doc.get("processed_seq") or 0)
+
+    # ------------------------------------------------------------------ sweeper
+
+    async def load_mark(self) -> datetime | None:
+        doc = await self.store.get_state(*SWEEP_STATE)
+        mark = (doc or {}).get("since")
+        return mark if isinstance(mark, datetime) else None
+
+    async def save_mark(self, since: datetime) -> None:
+        await self.store.put_state(*SWEEP_STATE, {"since": since})
+
+    async def unprocessed(
+        self, since: datetime, before: datetime
+    ) -> tuple[dict[str, int], datetime | None]:
+        """Conversations with an inbound item stored in [since, before) above their
+        ``processed_seq``: conversation id -> that item's seq; and the oldest such
+        item's time (None: nothing waits)."""
+        docs = await self.store.messages.find(
+            {"direction": Direction.INBOUND.value,
+             "created_at": {"$gte": since, "$lt": before}},
+            {"conversation_id": 1, "seq": 1, "created_at": 1}).to_list()
+        if not docs:
+            return {}, None
+        latest: dict[str, int] = {}
+        for doc in docs:
+            cid = str(doc["conversation_id"])
+            latest[cid] = max(latest.get(cid, 0), int(doc["seq"]))
+        convs = await self.store.conversations.find(
+            {"_id": {"$in": list(latest)}}, {"processed_seq": 1}).to_list()
+        done = {str(c["_id"]): int(c.get("processed_seq") or 0) for c in convs}
+        waiting = {cid: seq for cid, seq in latest.items() if seq > done.get(cid, seq)}
+        oldest = min((d["created_at"] for d in docs
+                      if str(d["conversation_id"]) in waiting
+                      and int(d["seq"]) > done.get(str(d["conversation_id"]), 0)),
+                     default=None)
+        return waiting, oldest
