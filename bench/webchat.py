@@ -1,11 +1,15 @@
 """Web chat round trips per second and latency: Omnigate vs a bare aiohttp echo server.
 
-    python bench/webchat.py [--visitors 20] [--seconds 10]
+    python -m bench.webchat [--visitors 20] [--seconds 10] [--profile DIR]
 
 Both servers run as child processes on this machine; the load generator (this process)
 drives both with the same web chat protocol client: N visitors, each sending a message and
-waiting for the bot's reply before sending the next. Omnigate runs on its embedded store,
-with and without fsync on every commit. Prints a table and the ratios.
+waiting for the bot's reply before sending the next. Omnigate runs on its embedded store:
+fsync on every commit (the default) with N visitors and with one, without fsync, and
+with ``--workers 2``. Store commands per round trip are read from the gateway's
+``/metrics`` (``omnigate_store_commands_total``, every command the gateway sent, background
+work included) before and after the measured window. ``--profile DIR`` records the
+default run's gateway and store with py-spy (flame graphs in DIR).
 """
 
 from __future__ import annotations
@@ -73,7 +77,23 @@ async def visitor(url: str, stop_at: float, latencies: list[float], warm: bool) 
             latencies.append(time.perf_counter() - started)
 
 
-async def load(url: str, visitors: int, seconds: float, warm: bool) -> dict[str, float]:
+async def store_commands(metrics_url: str | None) -> float | None:
+    """The sum of omnigate_store_commands_total over every worker (None: no metrics)."""
+    if metrics_url is None:
+        return None
+    async with aiohttp.ClientSession() as http, http.get(metrics_url) as response:
+        if response.status != 200:
+            return None
+        text = await response.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("omnigate_store_commands_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def load(url: str, visitors: int, seconds: float, warm: bool,
+               metrics_url: str | None = None) -> dict[str, float]:
     latencies: list[float] = []
     # connect and warm up everyone first, then measure a fixed window
     stop_at = time.monotonic() + seconds + (10 if warm else 2)
@@ -81,12 +101,18 @@ async def load(url: str, visitors: int, seconds: float, warm: bool) -> dict[str,
              for _ in range(visitors)]
     await asyncio.sleep(10 if warm else 2)
     latencies.clear()
+    before = await store_commands(metrics_url)
     started = time.perf_counter()
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - started
-    q = statistics.quantiles(latencies, n=100)
-    return {"rps": len(latencies) / elapsed, "n": len(latencies), "p50": q[49] * 1000,
-            "p95": q[94] * 1000, "p99": q[98] * 1000}
+    after = await store_commands(metrics_url)
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0]] * 99
+    result = {"rps": len(latencies) / elapsed, "n": len(latencies), "p50": q[49] * 1000,
+              "p95": q[94] * 1000, "p99": q[98] * 1000, "commands": float("nan")}
+    if before is not None and after is not None:
+        # the round trips in flight when the window closed add a few commands: small
+        result["commands"] = (after - before) / len(latencies)
+    return result
 
 
 def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -114,46 +140,81 @@ async def run_echo(visitors: int, seconds: float, tmp: Path) -> dict[str, float]
         stop(process)
 
 
-async def run_gateway(visitors: int, seconds: float, tmp: Path, sync: bool) -> dict[str, float]:
+async def run_gateway(visitors: int, seconds: float, tmp: Path, *, sync: bool = True,
+                      workers: int = 1, profile: Path | None = None) -> dict[str, float]:
     port = free_port()
+    name = f"{visitors}-{sync}-{workers}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIGATE_")}
-    env.update(OMNIGATE_PORT=str(port), OMNIGATE_DATA_DIR=str(tmp / f"data-{sync}"),
-               OMNIGATE_EMBEDDED_SYNC_ON_COMMIT=str(sync).lower(), OMNIGATE_LOG_LEVEL="WARNING")
-    process = start([sys.executable, "-m", "gateway", "serve"], env, tmp / f"gw-{sync}.log")
+    env.update(OMNIGATE_PORT=str(port), OMNIGATE_DATA_DIR=str(tmp / f"data-{name}"),
+               OMNIGATE_EMBEDDED_SYNC_ON_COMMIT=str(sync).lower(), OMNIGATE_LOG_LEVEL="WARNING",
+               OMNIGATE_WORKERS=str(workers))
+    process = start([sys.executable, "-m", "gateway", "serve"], env, tmp / f"gw-{name}.log")
+    spies: list[subprocess.Popen[bytes]] = []
     try:
-        await wait_ready(f"http://127.0.0.1:{port}/healthz")
-        return await load(f"ws://127.0.0.1:{port}/webchat/ws", visitors, seconds, warm=True)
+        await wait_ready(f"http://127.0.0.1:{port}/readyz")
+        if profile is not None:
+            spies = [start(["py-spy", "record", "--pid", str(pid), "--duration",
+                            str(int(seconds + 10)), "--output", str(profile / f"{label}.svg"),
+                            "--rate", "50"], dict(os.environ), profile / f"{label}.log")
+                     for label, pid in family(process.pid)]
+        return await load(f"ws://127.0.0.1:{port}/webchat/ws", visitors, seconds, warm=True,
+                          metrics_url=f"http://127.0.0.1:{port}/metrics")
     finally:
+        for spy in spies:
+            spy.wait(60)
         stop(process)
+
+
+def family(pid: int) -> list[tuple[str, int]]:
+    """The gateway process and its children (the embedded store), named for py-spy."""
+    found = [("gateway", pid)]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        found.append(("store" if "secantus" in cmdline else f"child-{child}", int(child)))
+    return found
 
 
 def row(name: str, r: dict[str, float]) -> str:
     return (f"| {name} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} "
-            f"| {r['n']:.0f} |")
+            f"| {r['commands']:.1f} | {r['n']:.0f} |")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--visitors", type=int, default=20)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the default run with py-spy into this directory")
     args = parser.parse_args()
+    n = args.visitors
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        echo = await run_echo(args.visitors, args.seconds, tmp)
-        fsync = await run_gateway(args.visitors, args.seconds, tmp, sync=True)
-        nosync = await run_gateway(args.visitors, args.seconds, tmp, sync=False)
-    print(f"web chat round trips, {args.visitors} visitors, {args.seconds:.0f} s each, "
-          f"{os.cpu_count()} cores\n")
-    print("| server | round trips/s | p50 ms | p95 ms | p99 ms | samples |")
-    print("|---|---|---|---|---|---|")
-    print(row("bare aiohttp echo (baseline)", echo))
-    print(row("Omnigate, embedded store, fsync per commit (default)", fsync))
-    print(row("Omnigate, embedded store, no fsync", nosync))
+        echo = await run_echo(n, args.seconds, tmp)
+        echo1 = await run_echo(1, args.seconds, tmp)
+        fsync = await run_gateway(n, args.seconds, tmp, profile=args.profile)
+        one = await run_gateway(1, args.seconds, tmp)
+        nosync = await run_gateway(n, args.seconds, tmp, sync=False)
+        two = await run_gateway(n, args.seconds, tmp, workers=2)
+    print(f"web chat round trips, {args.seconds:.0f} s each, {os.cpu_count()} cores\n")
+    print("| server | round trips/s | p50 ms | p95 ms | p99 ms | store commands per round trip "
+          "| samples |")
+    print("|---|---|---|---|---|---|---|")
+    print(row(f"bare aiohttp echo (baseline), {n} visitors", echo))
+    print(row("bare aiohttp echo (baseline), 1 visitor", echo1))
+    print(row(f"Omnigate, embedded store, fsync per commit (default), {n} visitors", fsync))
+    print(row("Omnigate, embedded store, fsync per commit (default), 1 visitor", one))
+    print(row(f"Omnigate, embedded store, no fsync, {n} visitors", nosync))
+    print(row(f"Omnigate --workers 2, embedded store, fsync, {n} visitors", two))
     print()
-    print(f"Omnigate (default) / echo throughput: {fsync['rps'] / echo['rps']:.3f}; "
-          f"p50 latency x{fsync['p50'] / echo['p50']:.1f}")
+    print(f"Omnigate (default) / echo throughput at {n} visitors: "
+          f"{fsync['rps'] / echo['rps']:.4f}; p50 latency x{fsync['p50'] / echo['p50']:.1f}")
+    print(f"one visitor: p50 {one['p50']:.1f} ms (echo {echo1['p50']:.2f} ms)")
     print(f"fsync per commit costs: throughput x{fsync['rps'] / nosync['rps']:.2f}, "
           f"p50 x{fsync['p50'] / nosync['p50']:.2f}")
+    print(f"--workers 2 / 1 throughput: x{two['rps'] / fsync['rps']:.2f}")
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=60)
 MAX_BACKOFF = 300.0
+FINISH_MARGIN = timedelta(seconds=5)  # a status write is given up this long before the claim ends
 MARK_EVERY = 1.0  # seconds: delivered marks not carried by a turn are written this often
 ACTIVE = [DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]
 
@@ -390,15 +391,33 @@ class Outbox:
                 "delivery.attempts": claim}
 
     async def _finish(self, item: Activity, result: DeliveryResult, claim: int) -> None:
+        """Record a send's outcome. The network has it now: while the store is away the
+        write is retried for as long as this process's claim lasts, so that a store
+        outage does not make another worker send it again when the claim expires (the
+        duplicate window is then only a crash of this process between the send and this
+        write; docs/delivery.md)."""
         assert item.delivery is not None
-        await self.store.apply([Op("messages", self._still_mine(item, claim), {"$set": {
+        op = Op("messages", self._still_mine(item, claim), {"$set": {
             "delivery.status": result.status.value,
             "delivery.attempts": item.delivery.attempts,
             "delivery.external_id": result.external_id,
             "delivery.lease_until": None,
             "delivery.last_error": None,
             "delivery.updated_at": utcnow(),
-        }})])
+        }})
+        claim_ends = item.delivery.lease_until or utcnow() + LEASE
+        pause = 0.2
+        while True:
+            try:
+                await self.store.apply([op])
+                return
+            except PyMongoError as exc:
+                if utcnow() + timedelta(seconds=pause) >= claim_ends - FINISH_MARGIN:
+                    raise
+                log.warning("outbox: %s sent, its status not yet written (%s); retrying",
+                            item.id, exc)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 5.0)
 
     # ------------------------------------------------------------------ sweeper
 

@@ -108,6 +108,10 @@ class WebchatConnector(Connector):
         doc = change.doc
         if change.kind is not ChangeKind.ITEM or doc is None:
             return
+        if doc.get("channel") != self.channel:
+            # said on another channel after a channel switch: not pushed live here (the
+            # widget shows it when it next catches up, as the whole conversation)
+            return
         visitor = self.hub.visitor_of(str(doc.get("conversation_id")))
         if visitor is None:
             return
@@ -420,27 +424,31 @@ class WebchatConnector(Connector):
         else:
             action = SendAction.model_validate(frame)
             text, value, client_id = action.title.strip(), action.value, action.client_id
-        result = await self.context.ingest(
-            InboundMessage(
-                channel=CHANNEL,
-                external_id=f"{socket.visitor_id}:{client_id}",
-                thread_key=socket.visitor_id,
-                sender=Party(role=Role.CUSTOMER, id=socket.visitor_id),
-                sender_external_id=socket.visitor_id,
-                text=text,
-                value=value,
+        # The ack comes first on the sender's socket (docs/webchat-protocol.md): the echo
+        # and the bot's answer, pushed by the feed or the outbox as soon as the item is
+        # stored, wait for the socket's lock until the ack is out.
+        async with socket.lock:
+            result = await self.context.ingest(
+                InboundMessage(
+                    channel=CHANNEL,
+                    external_id=f"{socket.visitor_id}:{client_id}",
+                    thread_key=socket.visitor_id,
+                    sender=Party(role=Role.CUSTOMER, id=socket.visitor_id),
+                    sender_external_id=socket.visitor_id,
+                    text=text,
+                    value=value,
+                )
             )
-        )
-        self.hub.bind(socket, result.conversation.id)
-        await socket.send(
-            {
-                "type": "ack",
-                "client_id": client_id,
-                "id": result.item.id,
-                "seq": result.item.seq,
-                "duplicate": result.duplicate,
-            }
-        )
+            self.hub.bind(socket, result.conversation.id)
+            await socket.raw_send(
+                {
+                    "type": "ack",
+                    "client_id": client_id,
+                    "id": result.item.id,
+                    "seq": result.item.seq,
+                    "duplicate": result.duplicate,
+                }
+            )
         try:
             await self.hub.push(socket.visitor_id, result.item)
         except PyMongoError as exc:  # stored and acked: the echo comes with the next catch-up

@@ -48,6 +48,11 @@ class VisitorSocket:
         if not self.ws.closed:
             await self.ws.send_json(frame)
 
+    async def raw_send(self, frame: dict[str, Any]) -> None:
+        """Send while the caller holds ``lock``."""
+        assert self.lock.locked()
+        await self._send(frame)
+
     async def find_conversation(self) -> str | None:
         if self.conversation_id is None:
             conversation = await self.store.find_conversation(CHANNEL, self.visitor_id)
