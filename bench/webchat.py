@@ -154,7 +154,7 @@ async def run_gateway(visitors: int, seconds: float, tmp: Path, *, sync: bool = 
         await wait_ready(f"http://127.0.0.1:{port}/readyz")
         if profile is not None:
             spies = [start(["py-spy", "record", "--pid", str(pid), "--duration",
-                            str(int(seconds + 10)), "--output", str(profile / f"{label}.svg"),
+                            str(int(seconds + 10)), "--output", str(profile / f"{label}.txt"), "--format", "raw",
                             "--rate", "50"], dict(os.environ), profile / f"{label}.log")
                      for label, pid in family(process.pid)]
         return await load(f"ws://127.0.0.1:{port}/webchat/ws", visitors, seconds, warm=True,

@@ -248,6 +248,14 @@ class EntityExtractor:
             joined = " ".join(key)
             for variant in _deletions(joined, allowed_edits(joined)):
                 self._near[variant].add(key)
+        # lengths a typed span can have and still be within a phrase's allowed edits
+        # (an edit distance is at least the difference in length): the rest skip the
+        # deletion variants, which are the costly part of a parse
+        self._near_lengths = {
+            len(joined) + d
+            for joined in (" ".join(key) for key in self._phrases)
+            for d in range(-allowed_edits(joined), allowed_edits(joined) + 1)
+        }
 
     def extract(self, text: str) -> list[EntityMatch]:
         candidates = self._pattern_matches(text) + self._value_matches(text)
@@ -287,7 +295,7 @@ class EntityExtractor:
         return found
 
     def _fuzzy(self, typed: str) -> Iterable[tuple[str, str]]:
-        if len(typed) < 4 or typed.isdigit():
+        if len(typed) < 4 or typed.isdigit() or len(typed) not in self._near_lengths:
             return ()
         keys: set[tuple[str, ...]] = set()
         for variant in _deletions(typed, 2 if len(typed) >= 7 else 1):

@@ -72,6 +72,7 @@ class Change:
     id: str = ""  # the conversation's, item's, agent's or signal's id
     fields: dict[str, Any] = field(default_factory=dict)  # changed fields (update)
     doc: dict[str, Any] | None = None  # the whole document (insert)
+    removed: tuple[str, ...] = ()  # removed fields (update)
 
 
 Listener = Callable[[Change], Awaitable[None]]
@@ -219,8 +220,11 @@ class Feed:
         key = raw.get("documentKey", {}).get("_id")
         if kind is None or key is None:
             return
-        fields = dict(raw.get("updateDescription", {}).get("updatedFields", {}))
-        await self._emit(Change(kind, str(key), fields, raw.get("fullDocument")))
+        described = raw.get("updateDescription", {})
+        fields = dict(described.get("updatedFields", {}))
+        removed = tuple(str(name) for name in described.get("removedFields", ()))
+        await self._emit(Change(kind, str(key), fields, raw.get("fullDocument"),
+                                 removed=removed))
 
     async def _emit(self, change: Change) -> None:
         for listener in list(self._listeners):

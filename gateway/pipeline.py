@@ -270,7 +270,8 @@ class Pipeline:
                     del self._threads[key]
         elif change.kind is ChangeKind.CONTACT:
             for held in self._held.values():
-                if held.contact is not None and held.contact.id == change.id:
+                if (held.contact is not None and held.contact.id == change.id
+                        and not _profile_current(held.contact, change)):
                     held.contact = None
         elif change.kind is ChangeKind.RESYNC:
             self._threads.clear()
@@ -603,3 +604,21 @@ def _flow(state: Mapping[str, Any]) -> str | None:
     """The bot flow a bot state was in (analytics' topic), if any."""
     flow = state.get("flow")
     return flow if isinstance(flow, str) and flow else None
+
+
+def _profile_current(contact: Contact, change: Change) -> bool:
+    """True if a contact's profile change leaves the cached ``contact`` as it is (the
+    turn that wrote it updated the cache already): every changed key has the cached
+    value. Anything else (a removed key, another field) reads the contact again."""
+    for name in change.removed:
+        if name.removeprefix("profile.") in contact.profile or not name.startswith("profile."):
+            return False
+    for name, value in change.fields.items():
+        if name == "profile_at":
+            continue
+        key = name.removeprefix("profile.")
+        if key == name or "." in key or key not in contact.profile:
+            return False
+        if contact.profile[key] != value:
+            return False
+    return True
