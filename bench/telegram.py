@@ -151,7 +151,7 @@ async def run_gateway(senders: int, seconds: float, turns: int, tmp: Path
     process = start([sys.executable, "-m", "gateway", "serve"], env, tmp / "gateway.log")
     url = f"http://127.0.0.1:{port}{HOOK}"
     try:
-        await wait_ready(f"http://127.0.0.1:{port}/healthz")
+        await wait_ready(f"http://127.0.0.1:{port}/readyz")
         rate = await throughput(url, senders, seconds)
         await drain(fake)  # the bot turns queued behind the burst, before the next phase
         redelivered = await throughput(url, senders, seconds, repeat=True)

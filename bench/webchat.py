@@ -45,7 +45,7 @@ async def wait_ready(url: str, within: float = 60.0) -> None:
         while time.monotonic() < deadline:
             try:
                 async with http.get(url) as response:
-                    if response.status in (200, 404):
+                    if response.status == 200:
                         return
             except aiohttp.ClientError:
                 pass
@@ -154,8 +154,9 @@ async def run_gateway(visitors: int, seconds: float, tmp: Path, *, sync: bool = 
         await wait_ready(f"http://127.0.0.1:{port}/readyz")
         if profile is not None:
             spies = [start(["py-spy", "record", "--pid", str(pid), "--duration",
-                            str(int(seconds + 10)), "--output", str(profile / f"{label}.txt"), "--format", "raw",
-                            "--rate", "50"], dict(os.environ), profile / f"{label}.log")
+                            str(int(seconds + 10)), "--output", str(profile / f"{label}.txt"),
+                            "--format", "raw", "--rate", "50"],
+                           dict(os.environ), profile / f"{label}.log")
                      for label, pid in family(process.pid)]
         return await load(f"ws://127.0.0.1:{port}/webchat/ws", visitors, seconds, warm=True,
                           metrics_url=f"http://127.0.0.1:{port}/metrics")

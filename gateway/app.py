@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -30,6 +31,7 @@ from gateway.keys import (
     AGENTS,
     CONNECTORS,
     FEED,
+    METRICS,
     OUTBOX,
     PIPELINE,
     ROUTING,
@@ -37,6 +39,7 @@ from gateway.keys import (
     STORE,
     STORE_READY,
 )
+from gateway.metrics import Metrics, metrics_handler, webhook_counter
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
@@ -132,7 +135,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     if uri is None:
         embedded = EmbeddedStore(settings.data_dir, sync_on_commit=settings.embedded_sync_on_commit)
         uri = await embedded.start()
-    store = Store.connect(uri, settings.mongodb_db)
+    store = Store.connect(uri, settings.mongodb_db, event_listeners=[app[METRICS].listener])
     app[STORE] = store
     ready = app[STORE_READY]
     indexer = asyncio.create_task(_ensure_indexes(store, ready), name="ensure-indexes")
@@ -168,6 +171,9 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     routing.configure_csat(csat_config(settings))
     bot_name = parts.flows.current().domain.bot_name
     pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot_name)
+    metrics = app[METRICS]
+    pipeline.metrics = metrics
+    outbox.on_failed = metrics.delivery_failed
     # The store's change feed: what another process stored or changed reaches this one
     # (the pipeline's held conversations, web chat sockets, the console).
     feed = Feed(store)
@@ -204,23 +210,46 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
             await parts.actions.close()
 
 
+HEALTH_WAIT = 0.8  # seconds a health check waits for the store at most
+
+
 async def healthz(request: web.Request) -> web.Response:
-    ready = request.app[STORE_READY]["ready"]
-    if ready and await request.app[STORE].ping():
-        return web.json_response({"status": "ok", "store": "ok"})
-    return web.json_response({"status": "unavailable", "store": "unreachable"}, status=503)
+    """Liveness: the process is up and its event loop answers (no store round trip)."""
+    return web.json_response({"status": "ok", "pid": os.getpid()})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: 200 when the store answers and its indexes exist, else 503 (within
+    about a second either way: a ping that takes longer counts as unreachable)."""
+    if not request.app[STORE_READY]["ready"]:
+        return web.json_response({"status": "unavailable", "store": "starting",
+                                  "pid": os.getpid()}, status=503)
+    try:
+        answered = await asyncio.wait_for(request.app[STORE].ping(), HEALTH_WAIT)
+    except TimeoutError:
+        answered = False
+    if answered:
+        return web.json_response({"status": "ok", "store": "ok", "pid": os.getpid()})
+    return web.json_response({"status": "unavailable", "store": "unreachable",
+                              "pid": os.getpid()}, status=503)
 
 
 def create_app(settings: Settings) -> web.Application:
     """The whole gateway as one aiohttp application."""
     bot = build_bot(settings)  # fail now, with file:line:column, if the flows are bad
-    app = web.Application(client_max_size=1024 * 1024)
+    metrics = Metrics()
+    app = web.Application(client_max_size=1024 * 1024, middlewares=[webhook_counter(metrics)])
+    app[METRICS] = metrics
     app[BOT] = bot
     app[SETTINGS] = settings
     app[STORE_READY] = {"ready": False}
     connectors = build_connectors(settings)
     app[CONNECTORS] = connectors
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    if settings.metrics:
+        app.router.add_get("/metrics", metrics_handler(
+            metrics, lambda: app.get(STORE), settings.metrics_token))
     app.router.add_get("/", WebchatConnector.demo_page)
     for connector in connectors.values():
         connector.setup(app)

@@ -29,7 +29,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 
 from pymongo.errors import PyMongoError
@@ -130,6 +130,7 @@ class Outbox:
         self.sweep_seconds = sweep_seconds
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.marks = DeliveredMarks(store)
+        self.on_failed: Callable[[str], None] | None = None  # channel: an item given up
         self._locks = KeyedLocks()
         self._background = Background("outbox")
         self._dirty: set[str] = set()
@@ -364,6 +365,8 @@ class Outbox:
         now = utcnow()
         if error.permanent or attempts >= self.max_attempts:
             status, next_at = DeliveryStatus.FAILED, None
+            if self.on_failed is not None:
+                self.on_failed(item.channel)
             log.warning("outbox: giving up on %s after %d attempt(s): %s", item.id, attempts, error)
         else:
             delay = (

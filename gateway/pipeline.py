@@ -36,6 +36,7 @@ from flows.bot import Bot, BotTurn, Reply, TurnContext
 from gateway.aio import Background
 from gateway.feed import Change, ChangeKind
 from gateway.identity import Identity, is_link_payload
+from gateway.metrics import Metrics
 from gateway.model import (
     Activity,
     Contact,
@@ -143,6 +144,7 @@ class Pipeline:
         self.sweep_seconds = sweep_seconds
         self.instance = instance_name()
         self.turns = Turns(store, self.instance)
+        self.metrics: Metrics | None = None  # set by the app (gateway/metrics.py)
         self._background = Background("pipeline")
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -238,6 +240,8 @@ class Pipeline:
 
     def _stored(self, docs: list[Doc]) -> None:
         """Items this process stored: their seqs are known (no gap to read)."""
+        if self.metrics is not None:
+            self.metrics.stored(docs)
         for doc in docs:
             held = self._held.get(str(doc["conversation_id"]))
             if held is not None and not held.lost:
@@ -526,6 +530,8 @@ class Pipeline:
             held.contact = contact.model_copy(update={
                 "profile": {k: v for k, v in merged.items() if v is not None}})
         self.outbox.deliver(conversation, items)
+        if self.metrics is not None:
+            self.metrics.turn_done((utcnow() - item.created_at).total_seconds())
         if turn.handoff is not None:
             held.conversation = None
             await self.routing.handoff(

@@ -41,7 +41,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     data_dir: Path = Path(".omnigate")
-    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")  # any case
+    # GET /metrics (Prometheus text format, docs/metrics.md); with a token, only for
+    # requests that send it as a bearer token.
+    metrics: bool = True
+    metrics_token: str | None = Field(None, min_length=16)
 
     # Store. Unset: start the embedded SecantusDB server in data_dir/db.
     mongodb_uri: str | None = None
@@ -114,6 +118,11 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_tls: TlsMode = "starttls"
     smtp_listen: str | None = Field(None, pattern=r"^[^:]+:\d{1,5}$")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_upper(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator("webchat_allowed_origins", mode="before")
     @classmethod

@@ -204,7 +204,7 @@ def test_serve_agents_stop_and_restart(tmp_path: Path) -> None:
     data, port, env = tmp_path / "data", free_port(), clean_env()
     args = ["--port", str(port), "--data-dir", str(data)]
     with serving(args, env, tmp_path, port) as serve:
-        status, _, body = serve.wait_http("/healthz")
+        status, _, body = serve.wait_http("/readyz")
         assert (status, json.loads(body)["status"]) == (200, "ok")
         info = json.loads((data / "store.json").read_text())
         store_pid = info["pid"]
@@ -245,7 +245,7 @@ def test_serve_agents_stop_and_restart(tmp_path: Path) -> None:
 
     # data survived: the agent and its token are still there
     with serving(args, env, tmp_path, port) as again:
-        assert again.wait_http("/healthz")[0] == 200
+        assert again.wait_http("/readyz")[0] == 200
         again.store_pids.append(json.loads((data / "store.json").read_text())["pid"])
         status, _, body = get(again.url + "/api/v1/me", auth)
         assert status == 200 and json.loads(body)["name"] == "Alice"
@@ -258,7 +258,7 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
     env = clean_env(OMNIGATE_HOST="127.0.0.1", OMNIGATE_PORT=str(port),
                     OMNIGATE_DATA_DIR=str(data))
     with serving([], env, tmp_path, port) as serve:
-        status, _, body = serve.wait_http("/healthz")
+        status, _, body = serve.wait_http("/readyz")
         assert (status, json.loads(body)["status"]) == (200, "ok")
         serve.store_pids.append(json.loads((data / "store.json").read_text())["pid"])
         assert not (tmp_path / ".omnigate").exists()  # the default dir was not used
@@ -276,23 +276,30 @@ def test_flags_override_the_environment(tmp_path: Path) -> None:
     data, port = tmp_path / "flag-data", free_port()
     env = clean_env(OMNIGATE_PORT=str(free_port()), OMNIGATE_DATA_DIR=str(tmp_path / "unused"))
     with serving(["--port", str(port), "--data-dir", str(data)], env, tmp_path, port) as serve:
-        assert serve.wait_http("/healthz")[0] == 200
+        assert serve.wait_http("/readyz")[0] == 200
         serve.store_pids.append(json.loads((data / "store.json").read_text())["pid"])
         assert not (tmp_path / "unused").exists()
         assert serve.terminate(15) == 0
 
 
-def test_healthz_is_503_while_the_store_is_unreachable(tmp_path: Path) -> None:
+def test_readyz_is_503_while_the_store_is_unreachable_and_healthz_stays_200(
+    tmp_path: Path,
+) -> None:
     port, closed = free_port(), free_port()
     env = clean_env(OMNIGATE_MONGODB_URI=f"mongodb://127.0.0.1:{closed}/"
                     "?directConnection=true&serverSelectionTimeoutMS=500")
     with serving(["--port", str(port)], env, tmp_path, port) as serve:
-        status, headers, body = serve.wait_http("/healthz", timeout=60)
+        status, headers, body = serve.wait_http("/readyz", timeout=60)
         assert status == 503 and headers["Content-Type"].startswith("application/json")
-        assert json.loads(body) == {"status": "unavailable", "store": "unreachable"}
+        answer = json.loads(body)
+        assert answer["status"] == "unavailable"
+        assert answer["store"] in ("starting", "unreachable")
+        # liveness: the process answers at once, whatever the store does
+        status, _, body = get(serve.url + "/healthz")
+        assert status == 200 and json.loads(body)["status"] == "ok"
         status, headers, body = get(serve.url + "/")
         assert status == 200 and b"/webchat/widget.js" in body
-        assert get(serve.url + "/healthz")[0] == 503  # still down, still serving
+        assert get(serve.url + "/readyz")[0] == 503  # still down, still serving
         assert serve.process.poll() is None
         assert not (tmp_path / ".omnigate").exists()  # no embedded store with a URI
         assert serve.terminate(15) == 0
