@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from bench.webchat import ROOT, free_port, start, stop, wait_ready
+from bench.webchat import ROOT, free_port, start, stop, store_commands, wait_ready
 from tests.fakes.telegram_api import FakeTelegram
 
 TOKEN = "123456:BENCH-token"
@@ -122,7 +122,7 @@ async def run_baseline(senders: int, seconds: float, tmp: Path) -> dict[str, flo
     process = start([sys.executable, "-m", "bench.telegram", "--baseline-server", str(port)],
                     dict(os.environ, PYTHONPATH=str(ROOT)), tmp / "baseline.log")
     try:
-        await wait_ready(f"http://127.0.0.1:{port}/")
+        await wait_ready(f"http://127.0.0.1:{port}/", ok=(200, 404))  # no page: listening
         return await throughput(f"http://127.0.0.1:{port}{HOOK}", senders, seconds)
     finally:
         stop(process)
@@ -152,10 +152,18 @@ async def run_gateway(senders: int, seconds: float, turns: int, tmp: Path
     url = f"http://127.0.0.1:{port}{HOOK}"
     try:
         await wait_ready(f"http://127.0.0.1:{port}/readyz")
+        metrics = f"http://127.0.0.1:{port}/metrics"
+        before = await store_commands(metrics)
         rate = await throughput(url, senders, seconds)
         await drain(fake)  # the bot turns queued behind the burst, before the next phase
+        after = await store_commands(metrics)
+        # warm-up updates included: a slight overestimate
+        rate["commands"] = (after - before) / rate["n"] if before and after else float("nan")
         redelivered = await throughput(url, senders, seconds, repeat=True)
         await drain(fake)
+        again = await store_commands(metrics)
+        redelivered["commands"] = ((again - after) / redelivered["n"] if again and after
+                                   else float("nan"))
         turn = await bot_turns(url, fake, turns)
         return rate, redelivered, turn
     finally:
@@ -165,7 +173,7 @@ async def run_gateway(senders: int, seconds: float, turns: int, tmp: Path
 
 def row(name: str, r: dict[str, float]) -> str:
     return (f"| {name} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} "
-            f"| {r['n']:.0f} | {r['errors']:.0f} |")
+            f"| {r['n']:.0f} | {r['errors']:.0f} | {r.get('commands', float('nan')):.1f} |")
 
 
 async def main() -> None:
@@ -181,8 +189,9 @@ async def main() -> None:
                                                     tmp)
     print(f"Telegram webhook updates, {args.senders} concurrent senders, {args.seconds:.0f} s "
           f"each, {os.cpu_count()} cores\n")
-    print("| endpoint | updates/s | p50 ms | p95 ms | p99 ms | acked | non-200 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| endpoint | updates/s | p50 ms | p95 ms | p99 ms | acked | non-200 "
+          "| store commands per update (its bot turn and reply included) |")
+    print("|---|---|---|---|---|---|---|---|")
     print(row("bare aiohttp endpoint answering 200 (baseline)", bare))
     print(row("Omnigate POST /webhooks/telegram, new messages (embedded store, fsync)", rate))
     print(row("Omnigate POST /webhooks/telegram, redeliveries (dedupe hit)", redelivered))

@@ -200,11 +200,16 @@ class Pipeline:
         Returns only after the write is acknowledged by the store; raises ``PyMongoError``
         if it could not be stored (the connector must then tell its network to retry).
         """
-        if is_link_payload(message.deep_link):  # a link token: link first (verified)
+        link = is_link_payload(message.deep_link)
+        if link or message.channel not in NO_SWITCH_FROM:
+            # A redelivery (webhooks retry) is answered from one lookup by id, before
+            # the identity and channel-switch lookups a new message needs. Web chat
+            # threads are cached, so there the insert's duplicate id is the check.
             duplicate = await self.store.find_by_external_id(message.channel,
                                                              message.external_id)
             if duplicate is not None:
                 return await self._duplicate(duplicate, None)
+        if link:  # a link token: link first (verified)
             await self.identity.redeem(message)
         conversation = await self._conversation_for(message)
         item, is_duplicate = await self.store.append_inbound(conversation, message)
