@@ -234,11 +234,18 @@ async def readyz(request: web.Request) -> web.Response:
                               "pid": os.getpid()}, status=503)
 
 
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response (sub-apps', static files, 404/405 and 500 errors too): no MIME
+    sniffing, so a JSON or text answer is never run as a script or a page."""
+    response.headers["X-Content-Type-Options"] = "nosniff"
+
+
 def create_app(settings: Settings) -> web.Application:
     """The whole gateway as one aiohttp application."""
     bot = build_bot(settings)  # fail now, with file:line:column, if the flows are bad
     metrics = Metrics()
     app = web.Application(client_max_size=1024 * 1024, middlewares=[webhook_counter(metrics)])
+    app.on_response_prepare.append(_security_headers)
     app[METRICS] = metrics
     app[BOT] = bot
     app[SETTINGS] = settings

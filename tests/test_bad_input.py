@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,10 +16,11 @@ from aiohttp import WSMsgType
 from pymongo.errors import AutoReconnect
 
 import connectors.webchat.connector as webchat
-from gateway.keys import CONNECTORS
+from gateway.keys import AGENTS, CONNECTORS, PIPELINE, ROUTING
 from gateway.model import Role
 from gateway.settings import Settings
-from tests.conftest import Gateway, Visitor
+from tests.conftest import Gateway, Visitor, running_gateway
+from tests.fakes.telegram_api import FakeTelegram, People
 
 SHOP = "https://shop.example"
 ACKED_TEXTS = ("hello", "opening hours", "shipping costs", "returns")  # the bot knows these
@@ -400,3 +402,152 @@ async def test_agent_api_refuses_without_a_valid_token(
     assert ok.status == 200 and (await ok.json())["name"] == "Alice"
     for public in ("/api/openapi.json", "/api/docs"):
         assert (await gateway.http.get(gateway.url + public)).status == 200
+
+
+# ----------------------------------------------------------- JSON nested too deeply
+
+DEEP = "[" * 100_000  # far past the parser's recursion limit: a RecursionError, not a 500
+DEEP_FRAME = "[" * 60_000  # as deep, but under the sockets' 64 KiB frame limit
+PASSWORD = "correct horse battery"
+
+
+async def post_raw(gateway: Gateway, path: str, body: str,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with gateway.http.post(gateway.url + path, data=body, headers={
+            **(headers or {}), "Content-Type": "application/json"}) as response:
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        return response.status, await response.json()
+
+
+async def test_a_body_nested_too_deeply_on_sign_in_is_a_400(gateway: Gateway) -> None:
+    await gateway.app[AGENTS].add("Alice", "alice@example.com", password=PASSWORD)
+    status, error = await post_raw(gateway, "/api/v1/session", DEEP)
+    assert (status, error["error"]) == (400, "bad_request")
+    assert "nested too deeply" in error["message"]
+    async with gateway.http.post(gateway.url + "/api/v1/session", json={
+            "email": "alice@example.com", "password": PASSWORD}) as response:
+        assert response.status == 200  # the server goes on serving
+
+
+async def test_a_reply_nested_too_deeply_is_a_400_and_nothing_is_stored(
+    gateway: Gateway,
+) -> None:
+    _, alice = await gateway.agent("Alice")
+    conversation = await gateway.app[PIPELINE].open_conversation("webchat", "v_deep", "v_deep")
+    assert await gateway.app[ROUTING].handoff(conversation.id, "test: needs a human")
+    await gateway.settle()
+    path = f"/api/v1/conversations/{conversation.id}"
+    async with gateway.http.post(gateway.url + path + "/claim", headers=alice) as response:
+        assert response.status == 200
+    async with gateway.http.get(gateway.url + path, headers=alice) as response:
+        seq = (await response.json())["last_seq"]
+    for body in (DEEP, '{"text": "hi", "extra": ' + DEEP + "}"):
+        status, error = await post_raw(gateway, path + "/messages", body, alice)
+        assert (status, error["error"]) == (400, "bad_request")
+        assert "nested too deeply" in error["message"]
+    async with gateway.http.get(gateway.url + path, headers=alice) as response:
+        assert (await response.json())["last_seq"] == seq  # nothing stored
+    async with gateway.http.post(gateway.url + path + "/messages", headers=alice,
+                                 json={"text": "Alice here"}) as response:
+        assert response.status == 201
+        assert (await response.json())["seq"] == seq + 1
+
+
+async def test_a_web_chat_frame_nested_too_deeply_gets_an_error_frame(
+    gateway: Gateway, visitor: Visitor
+) -> None:
+    await visitor.connect()
+    for frame, code in [(DEEP_FRAME, "bad_json"), (DEEP, "too_large")]:
+        await send_raw(visitor, frame)
+        error = await visitor.next_frame("error")
+        assert (error["code"], error["client_id"]) == (code, None)
+        await served(visitor, "hello")
+    await visitor.close()
+
+
+async def test_a_console_frame_nested_too_deeply_gets_an_error_frame(gateway: Gateway) -> None:
+    _, alice = await gateway.agent("Alice")
+
+    async def next_of(ws: aiohttp.ClientWebSocketResponse, kind: str) -> dict[str, Any]:
+        while (frame := await ws.receive_json(timeout=5))["type"] != kind:
+            pass  # presence and other pushes
+        return frame  # type: ignore[no-any-return]
+
+    async with gateway.http.ws_connect(gateway.url + "/api/v1/live", headers=alice) as ws:
+        await next_of(ws, "ready")
+        await ws.send_str(DEEP_FRAME)
+        assert (await next_of(ws, "error"))["code"] == "bad_json"
+        await ws.send_json({"type": "ping", "ref": "after"})
+        assert (await next_of(ws, "pong"))["ref"] == "after"  # the socket goes on serving
+
+
+TELEGRAM_TOKEN = "123456:TEST-token_abc"
+TELEGRAM_SECRET = "s3cret_Secret-42"
+
+
+@pytest.fixture
+async def telegram_gateway(settings: Settings) -> AsyncIterator[tuple[Gateway, FakeTelegram]]:
+    """A gateway with Telegram on by webhook, against a local fake Bot API."""
+    fake = FakeTelegram(token=TELEGRAM_TOKEN)
+    await fake.start()
+    try:
+        async with running_gateway(settings.model_copy(update={
+                "telegram_token": TELEGRAM_TOKEN, "telegram_mode": "webhook",
+                "telegram_webhook_secret": TELEGRAM_SECRET,
+                "telegram_webhook_url": "https://gw.example/webhooks/telegram",
+                "telegram_api_url": fake.url})) as gw:
+            yield gw, fake
+    finally:
+        await fake.close()
+
+
+async def test_a_telegram_update_nested_too_deeply_is_a_400(
+    telegram_gateway: tuple[Gateway, FakeTelegram],
+) -> None:
+    gateway, telegram = telegram_gateway
+    headers = {"X-Telegram-Bot-Api-Secret-Token": TELEGRAM_SECRET}
+    for body in (DEEP, '{"update_id": 1, "message": ' + DEEP + "}"):
+        status, error = await post_raw(gateway, "/webhooks/telegram", body, headers)
+        assert (status, error["error"]) == (400, "bad_update")
+    ann = People.user(1001)
+    update = People(telegram).message(ann, text="hello")
+    status, body = await telegram.deliver(gateway.http, gateway.url + "/webhooks/telegram",
+                                          update, TELEGRAM_SECRET)
+    assert (status, body["outcome"]) == (200, "stored")
+
+
+# --------------------------------------------------------------- nosniff everywhere
+
+
+async def nosniff(gateway: Gateway, method: str, path: str, status: int, **kwargs: Any) -> None:
+    async with gateway.http.request(method, gateway.url + path, **kwargs) as response:
+        assert response.status == status, (method, path)
+        assert response.headers.get("X-Content-Type-Options") == "nosniff", (method, path)
+
+
+async def test_every_response_says_nosniff(gateway: Gateway) -> None:
+    _, alice = await gateway.agent("Alice")
+    await nosniff(gateway, "GET", "/api/v1/me", 200, headers=alice)
+    await nosniff(gateway, "GET", "/api/v1/me", 401)
+    await nosniff(gateway, "GET", "/api/v1/no-such-thing", 404, headers=alice)
+    await nosniff(gateway, "DELETE", "/api/v1/me", 405, headers=alice)
+    await nosniff(gateway, "GET", "/no-such-page", 404)
+    await nosniff(gateway, "POST", "/healthz", 405)
+    await nosniff(gateway, "GET", "/healthz", 200)
+    await nosniff(gateway, "GET", "/api/openapi.json", 200)
+    await nosniff(gateway, "GET", "/console/", 200)
+    await nosniff(gateway, "GET", "/webchat/widget.js", 200)
+    await nosniff(gateway, "GET", "/webchat/widget.css", 200)
+    await nosniff(gateway, "GET", "/webchat/no-such-file", 404)
+    await nosniff(gateway, "GET", "/", 200)  # the demo page
+
+
+async def test_webhook_responses_say_nosniff(
+    telegram_gateway: tuple[Gateway, FakeTelegram],
+) -> None:
+    gateway, telegram = telegram_gateway
+    update = People(telegram).message(People.user(1002), text="hello")
+    headers = {"X-Telegram-Bot-Api-Secret-Token": TELEGRAM_SECRET}
+    await nosniff(gateway, "POST", "/webhooks/telegram", 200, json=update, headers=headers)
+    await nosniff(gateway, "POST", "/webhooks/telegram", 403, json=update)  # no secret
+    await nosniff(gateway, "GET", "/webhooks/telegram", 405)

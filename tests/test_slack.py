@@ -354,6 +354,8 @@ BAD_BODIES = [
     pytest.param(b"[1, 2]", "application/json", id="array"),
     pytest.param(b"42", "application/json", id="number"),
     pytest.param(b"[" * 5000 + b"]" * 5000, "application/json", id="nested-too-deep"),
+    pytest.param(b"[" * 100_000, "application/json", id="nested-far-too-deep"),
+    pytest.param(b"payload=" + b"%5B" * 100_000, FORM, id="form-payload-nested-too-deep"),
     pytest.param(b"\xff\xfe{}", "application/json", id="not-utf8"),
     pytest.param(b"", "application/json", id="empty"),
     pytest.param(b'{"type": "shortcut", "callback_id": "x"}', "application/json",

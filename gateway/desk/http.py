@@ -18,6 +18,8 @@ M = TypeVar("M", bound=BaseModel)
 async def read_body(request: web.Request, model: type[M]) -> M:
     try:
         data = await request.json()
+    except RecursionError:  # "[[[[..." deeper than the parser's recursion limit
+        raise BadInput("the body is JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise BadInput("the body must be JSON") from None
     try:
