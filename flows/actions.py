@@ -355,7 +355,7 @@ class RemoteActions:
             raise ActionError(f"action {name!r}: {where} failed: {exc}") from exc
         try:
             body: Any = json.loads(raw) if raw else None
-        except ValueError:
+        except (ValueError, RecursionError):
             body = None
         error = body.get("error") if isinstance(body, dict) else None
         error = error or raw[:200].decode("utf-8", "replace")
