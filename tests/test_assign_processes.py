@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Process:
     """One gateway subprocess on its own port."""
 
-    def __init__(self, settings: Settings, tmp: Path, name: str) -> None:
+    def __init__(self, settings: Settings, tmp: Path, name: str,
+                 extra: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIGATE_")}
@@ -44,6 +45,7 @@ class Process:
             OMNIGATE_ROUTING_SWEEP_SECONDS="0.1",  # sweeps race too
             OMNIGATE_LOG_LEVEL="WARNING",
         )
+        env.update(extra or {})
         self.log = (tmp / f"{name}.log").open("wb")
         self.process = subprocess.Popen(
             dies_with_parent([sys.executable, "-m", "gateway", "serve", "--port",

@@ -16,7 +16,11 @@ import aiohttp
 
 from gateway.settings import Settings
 from tests.conftest import Gateway, Visitor
+from tests.fakes.telegram_api import FakeTelegram
 from tests.test_assign_processes import Process
+
+TOKEN = "123456:TWO-PROCESSES"
+SECRET = "two-processes-secret"
 
 
 class Remote:
@@ -86,3 +90,41 @@ async def test_an_agent_reply_through_process_a_reaches_the_open_socket_on_proce
     finally:
         a.stop()
         b.stop()
+
+
+async def test_a_telegram_update_posted_to_two_processes_at_once_is_answered_once(
+    gateway: Gateway, settings: Settings, tmp_path: Path
+) -> None:
+    fake = FakeTelegram(token=TOKEN)
+    await fake.start()
+    extra = {"OMNIGATE_TELEGRAM_TOKEN": TOKEN, "OMNIGATE_TELEGRAM_MODE": "webhook",
+             "OMNIGATE_TELEGRAM_WEBHOOK_SECRET": SECRET,
+             "OMNIGATE_TELEGRAM_API_URL": fake.url}
+    a = Process(settings, tmp_path, "a", extra)
+    b = Process(settings, tmp_path, "b", extra)
+    try:
+        await a.ready(gateway.http)
+        await b.ready(gateway.http)
+        chat = 424242
+        for n, question in enumerate(["hello", "what are your opening hours?"], 1):
+            update = {"update_id": 9000 + n, "message": {
+                "message_id": n, "date": 1_700_000_000 + n, "text": question,
+                "from": {"id": chat, "is_bot": False, "first_name": "Twice"},
+                "chat": {"id": chat, "type": "private", "first_name": "Twice"}}}
+            answers = await asyncio.gather(
+                fake.deliver(gateway.http, a.url + "/webhooks/telegram", update, SECRET),
+                fake.deliver(gateway.http, b.url + "/webhooks/telegram", update, SECRET))
+            assert [status for status, _ in answers] == [200, 200], answers
+            expected = 2 if n == 1 else 3  # greeting + menu, then the answer
+            await fake.wait_for(lambda e=expected: len(fake.texts(chat)) >= e, timeout=20)
+        await asyncio.sleep(1.5)  # time for a second answer, if one were coming
+        texts = fake.texts(chat)
+        assert len(texts) == 3, texts
+        assert "Monday" in texts[-1]
+        stored = await gateway.store.messages.count_documents(
+            {"direction": "in", "channel": "telegram"})
+        assert stored == 2
+    finally:
+        a.stop()
+        b.stop()
+        await fake.close()
