@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from gateway.feed import Change
+from gateway.leases import Leases
 from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage
 from gateway.store import Store
 
@@ -46,13 +47,16 @@ class ConnectorContext:
     channels this gateway runs (e.g. for the web chat to offer linking them), the store's
     change feed (``watch(listener)`` returns the unsubscribe: every item stored by any
     gateway process, gateway/feed.py), and ``delivered(conversation_id, seq)`` for a
-    store-backed connector to record how far a live client got."""
+    store-backed connector to record how far a live client got. ``leases`` (named
+    leases in the store, gateway/leases.py) runs work that must run in one gateway
+    process only, e.g. a polling loop, under ``Singleton``; None: run it here."""
 
     ingest: Ingest
     store: Store
     channels: frozenset[str] = frozenset()
     watch: Watch = _nothing_watched
     delivered: Callable[[str, int], None] = _not_recorded
+    leases: Leases | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ from gateway.keys import (
     STORE,
     STORE_READY,
 )
+from gateway.leases import Leases
 from gateway.metrics import Metrics, metrics_handler, webhook_counter
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
@@ -191,7 +192,8 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         await parts.flows.start()
     context = ConnectorContext(ingest=pipeline.ingest, store=store,
                                channels=frozenset(connectors), watch=feed.subscribe,
-                               delivered=outbox.marks.seen)
+                               delivered=outbox.marks.seen,
+                               leases=Leases(store))  # pollers run in one process
     for connector in connectors.values():
         await connector.start(context)
         log.info("channel %s: on", connector.channel)

@@ -41,6 +41,7 @@ from connectors.email.threads import (
 )
 from gateway.channel_settings import EmailSettings
 from gateway.keys import AGENTS
+from gateway.leases import Singleton
 from gateway.model import (
     Activity,
     ActivityType,
@@ -122,6 +123,7 @@ class EmailConnector(Connector):
         self.address = settings.address.lower()
         self.domain = self.address.partition("@")[2]
         self.imap: ImapInbox | None = None
+        self.imap_lease: Singleton | None = None  # several processes: one reads the mailbox
         self.listener: SmtpListener | None = None
         self._context: ConnectorContext | None = None
 
@@ -148,7 +150,12 @@ class EmailConnector(Connector):
                 imap_options = replace(imap_options, max_bytes=limits.max_bytes)
             self.imap = ImapInbox(self.settings.imap, context.store, self._from_imap,
                                   imap_options)
-            self.imap.start()
+            if context.leases is not None:
+                self.imap_lease = Singleton(context.leases, f"email:{self.imap.state_key}",
+                                            self.imap.run)
+                self.imap_lease.start()
+            else:
+                self.imap.start()
         if self.settings.smtp_listen is not None:
             host, port = self.settings.smtp_listen
             handler = InboundHandler(self.address, self._from_smtp)
@@ -159,6 +166,9 @@ class EmailConnector(Connector):
     async def stop(self) -> None:
         if self.listener is not None:
             await self.listener.stop()
+        if self.imap_lease is not None:
+            await self.imap_lease.stop()  # stops reading and releases the lease
+            self.imap_lease = None
         if self.imap is not None:
             await self.imap.stop()
 

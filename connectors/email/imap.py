@@ -10,6 +10,9 @@ message on restart, and the store's dedupe (external id = Message-ID) takes it o
 First start, or a changed UIDVALIDITY (the mailbox was rebuilt, UIDs mean something
 else): take in the messages that are not \\Seen (dedupe again keeps it safe), then go on
 from the highest UID. Errors reconnect with exponential backoff.
+
+With several gateway processes on one store, the connector runs ``run()`` under the
+lease ``email:<state_key>`` (gateway/leases.py): one process reads the mailbox at a time.
 """
 
 from __future__ import annotations
@@ -86,7 +89,15 @@ class ImapInbox:
         self._lost = False  # the server closed the connection (IDLE would never hear)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="email-imap")
+        """Run the loop here, in a task of its own (``stop`` ends it)."""
+        self._task = asyncio.create_task(self.run(), name="email-imap")
+
+    async def run(self) -> None:
+        """The loop, until cancelled (e.g. under a lease: gateway/leases.py)."""
+        try:
+            await self._run()
+        finally:
+            await self._close()
 
     async def stop(self) -> None:
         task, self._task = self._task, None

@@ -2,17 +2,20 @@
 
 Inbound, by webhook (``POST /webhooks/telegram``, the secret header is mandatory and
 compared in constant time) or by long polling (``getUpdates`` in a background task, the
-offset kept in the store). Either way an update is parsed with aiogram's types, turned
-into an ``InboundMessage`` and ingested; only then is it acknowledged (200 to the
-webhook, the next ``getUpdates`` offset in polling). Outbound, ``send`` renders a stored
-item: long texts in parts of 4096, buttons as an inline keyboard, agents as "Name: text",
-events as an italic note. The setup for real is in docs/channels/telegram.md.
+offset kept in the store; with several gateway processes on one store only the holder of
+the lease ``telegram:polling:<bot id>`` polls, gateway/leases.py). Either way an update
+is parsed with aiogram's types, turned into an ``InboundMessage`` and ingested; only then
+is it acknowledged (200 to the webhook, the next ``getUpdates`` offset in polling).
+Outbound, ``send`` renders a stored item: long texts in parts of 4096, buttons as an
+inline keyboard, agents as "Name: text", events as an italic note. The setup for real is
+in docs/channels/telegram.md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import secrets
@@ -72,6 +75,7 @@ from connectors.telegram.outbound import (
 )
 from gateway.aio import raise_if_cancelled
 from gateway.channel_settings import TelegramSettings
+from gateway.leases import Singleton
 from gateway.model import (
     Activity,
     Attachment,
@@ -118,7 +122,8 @@ class TelegramConnector(Connector):
         )
         self._context: ConnectorContext | None = None
         self._me: BotUser | None = None
-        self._poller: asyncio.Task[None] | None = None  # polling mode: the getUpdates loop
+        # polling mode: the getUpdates loop (under the lease when the core lends leases)
+        self._poller: asyncio.Task[None] | Singleton | None = None
         self._registrar: asyncio.Task[None] | None = None  # setWebhook retries
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped = False
@@ -142,13 +147,28 @@ class TelegramConnector(Connector):
         except AiogramError as exc:  # learnt later, when a group message needs it
             log.warning("telegram: getMe failed at start (%s); will retry when needed", exc)
         if self.settings.mode == "polling":
-            self._poller = asyncio.create_task(self._poll(), name="telegram-polling")
+            if context.leases is not None:  # one process of many polls (Telegram: 409)
+                self._poller = Singleton(context.leases, self.lease_name, self._poll)
+                self._poller.start()
+            else:
+                self._poller = asyncio.create_task(self._poll(), name="telegram-polling")
         elif self.settings.webhook_url and not await self._set_webhook():
             self._registrar = asyncio.create_task(self._keep_registering(),
                                                   name="telegram-set-webhook")
 
+    @property
+    def lease_name(self) -> str:
+        """The polling lease: one per bot (the token's bot id; else a hash of it)."""
+        bot_id = self.settings.token.partition(":")[0]
+        if not bot_id.isdigit():
+            bot_id = hashlib.sha256(self.settings.token.encode()).hexdigest()[:16]
+        return f"telegram:polling:{bot_id}"
+
     async def stop(self) -> None:
         self._stopped = True
+        if isinstance(self._poller, Singleton):
+            await self._poller.stop()  # stops polling and releases the lease
+            self._poller = None
         for loop in (self._poller, self._registrar):
             if loop is not None:
                 loop.cancel()

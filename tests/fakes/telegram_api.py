@@ -45,6 +45,8 @@ class Call:
     at: float  # time.monotonic()
     status: int = 200
     result: Any = None
+    ended: float | None = None  # time.monotonic() when it was answered
+    client_gone: bool = False  # the client had hung up before the answer (e.g. killed)
 
 
 @dataclass
@@ -163,6 +165,13 @@ class FakeTelegram:
         return [c for c in self.calls if c.method.lower() == method.lower()
                 and (ok is None or (c.status == 200) == ok)]
 
+    def poll_conflicts(self) -> list[Call]:
+        """getUpdates calls terminated by another poller while their client still waited
+        (two bot instances polling at once; a killed client's poll does not count)."""
+        return [c for c in self.of("getUpdates", ok=False)
+                if c.status == 409 and not c.client_gone and "other getUpdates" in
+                str(c.result)]
+
     def texts(self, chat_id: int | None = None) -> list[str]:
         """Texts of the messages sent successfully (to ``chat_id``), in order."""
         return [c.params["text"] for c in self.of("sendMessage")
@@ -246,6 +255,8 @@ class FakeTelegram:
                 return _error(status, str(result))
             return web.json_response({"ok": True, "result": result})
         finally:
+            call.ended = time.monotonic()
+            call.client_gone = request.transport is None or request.transport.is_closing()
             self._notify()
 
     async def _download(self, request: web.Request) -> web.Response:
