@@ -30,6 +30,7 @@ from gateway.keys import (
     AGENTS,
     CONNECTORS,
     FEED,
+    METRICS,
     OUTBOX,
     PIPELINE,
     ROUTING,
@@ -37,6 +38,8 @@ from gateway.keys import (
     STORE,
     STORE_READY,
 )
+from gateway.logs import setup_request_ids
+from gateway.metrics import Metrics, metrics_handler, multiprocess_dir, webhook_middleware
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
@@ -132,8 +135,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     if uri is None:
         embedded = EmbeddedStore(settings.data_dir, sync_on_commit=settings.embedded_sync_on_commit)
         uri = await embedded.start()
-    store = Store.connect(uri, settings.mongodb_db)
+    metrics = app[METRICS]
+    store = Store.connect(uri, settings.mongodb_db, event_listeners=[metrics.store_commands])
     app[STORE] = store
+    metrics.store_gauges.store = store
     ready = app[STORE_READY]
     indexer = asyncio.create_task(_ensure_indexes(store, ready), name="ensure-indexes")
     with contextlib.suppress(TimeoutError):
@@ -146,9 +151,15 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait({indexer}, timeout=0.5)
         if not indexer.cancelled() and (failure := indexer.exception()) is not None:
             log.error("creating the store's indexes failed: %r", failure)
+        metrics.store_gauges.store = None
         await store.close()
         if embedded is not None:
             await embedded.stop()
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[METRICS].close()  # multiprocess mode: this worker leaves the live sums
 
 
 async def core_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -183,7 +194,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     routing.levels.start()  # the SLA breach checker
     if settings.flows_hot_reload:
         await parts.flows.start()
-    context = ConnectorContext(ingest=pipeline.ingest, store=store,
+    context = ConnectorContext(ingest=app[METRICS].counting(pipeline.ingest), store=store,
                                channels=frozenset(connectors), watch=feed.subscribe,
                                delivered=outbox.marks.seen)
     for connector in connectors.values():
@@ -220,12 +231,18 @@ def create_app(settings: Settings) -> web.Application:
     app[STORE_READY] = {"ready": False}
     connectors = build_connectors(settings)
     app[CONNECTORS] = connectors
+    metrics = app[METRICS] = Metrics(multiproc_dir=multiprocess_dir())
+    metrics.known_channels(connectors)
+    setup_request_ids(app)  # X-Request-ID, request_id in log lines (gateway/logs.py)
+    app.middlewares.append(webhook_middleware(metrics))
     app.router.add_get("/healthz", healthz)
+    if settings.metrics:
+        app.router.add_get("/metrics", metrics_handler(metrics, settings.metrics_token))
     app.router.add_get("/", WebchatConnector.demo_page)
     for connector in connectors.values():
         connector.setup(app)
     app.add_subapp("/api", DeskApi().app())
-    app.cleanup_ctx.extend([store_ctx, core_ctx])
+    app.cleanup_ctx.extend([metrics_ctx, store_ctx, core_ctx])
     setup_live(app)  # the console socket and the change feed (gateway/desk/live.py)
     setup_console(app)  # the agent console's pages at /console/ (gateway/desk/console)
     return app

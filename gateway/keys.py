@@ -10,6 +10,7 @@ from aiohttp import web
 from connectors.base import Connector
 from gateway.desk.agents import Agents
 from gateway.feed import Feed
+from gateway.metrics import Metrics
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
@@ -25,3 +26,4 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 AGENTS = web.AppKey("agents", Agents)
 FEED = web.AppKey("feed", Feed)  # the change stream (gateway/feed.py)
 CONNECTORS = web.AppKey("connectors", dict[str, Connector])
+METRICS = web.AppKey("metrics", Metrics)  # gateway/metrics.py, GET /metrics

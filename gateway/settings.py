@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.channel_settings import (
@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     data_dir: Path = Path(".omnigate")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # Observability (gateway/logs.py, gateway/metrics.py, docs/metrics.md)
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
+    metrics: bool = True  # GET /metrics
+    metrics_token: str | None = Field(None, pattern=r"^[\x21-\x7e]{16,512}$")
 
     # Store. Unset: start the embedded SecantusDB server in data_dir/db.
     mongodb_uri: str | None = None
@@ -114,6 +119,14 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_tls: TlsMode = "starttls"
     smtp_listen: str | None = Field(None, pattern=r"^[^:]+:\d{1,5}$")
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return value.upper() if info.field_name == "log_level" else value.lower()
+        return value
 
     @field_validator("webchat_allowed_origins", mode="before")
     @classmethod
