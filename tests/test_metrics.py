@@ -237,7 +237,8 @@ class Serve:
         full.update(OMNIGATE_MONGODB_URI=settings.mongodb_uri,
                     OMNIGATE_MONGODB_DB=settings.mongodb_db,
                     OMNIGATE_DATA_DIR=str(tmp / name), OMNIGATE_FLOWS_HOT_RELOAD="false",
-                    OMNIGATE_LOG_LEVEL="WARNING", **env)
+                    OMNIGATE_LOG_LEVEL="WARNING")
+        full.update(env)
         self.log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             dies_with_parent([sys.executable, "-m", "gateway", "serve", "--port",
