@@ -16,6 +16,7 @@ from typing import TypeVar
 from aiohttp import web
 from pymongo.errors import PyMongoError
 
+from gateway.logs import access_log_options, configure_logging
 from gateway.model import AgentRole
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import Store, StoreError
@@ -163,7 +164,7 @@ def _serve(settings: Settings) -> int:
         host=settings.host,
         port=settings.port,
         print=None,
-        access_log=None,
+        **access_log_options(settings),
         shutdown_timeout=10.0,
     )
     return 0
@@ -185,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"omnigate: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     try:
         if args.command == "serve":
             return _serve(settings)

@@ -40,7 +40,8 @@ from gateway.keys import (
     STORE_READY,
 )
 from gateway.leases import Leases
-from gateway.metrics import Metrics, metrics_handler, webhook_counter
+from gateway.logs import setup_request_ids
+from gateway.metrics import Metrics, metrics_handler, multiprocess_dir, webhook_middleware
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
@@ -136,8 +137,10 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     if uri is None:
         embedded = EmbeddedStore(settings.data_dir, sync_on_commit=settings.embedded_sync_on_commit)
         uri = await embedded.start()
-    store = Store.connect(uri, settings.mongodb_db, event_listeners=[app[METRICS].listener])
+    metrics = app[METRICS]
+    store = Store.connect(uri, settings.mongodb_db, event_listeners=[metrics.store_commands])
     app[STORE] = store
+    metrics.store_gauges.store = store
     ready = app[STORE_READY]
     indexer = asyncio.create_task(_ensure_indexes(store, ready), name="ensure-indexes")
     with contextlib.suppress(TimeoutError):
@@ -150,9 +153,15 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.wait({indexer}, timeout=0.5)
         if not indexer.cancelled() and (failure := indexer.exception()) is not None:
             log.error("creating the store's indexes failed: %r", failure)
+        metrics.store_gauges.store = None
         await store.close()
         if embedded is not None:
             await embedded.stop()
+
+
+async def metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    app[METRICS].close()  # multiprocess mode: this worker leaves the live sums
 
 
 async def core_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -174,7 +183,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot_name)
     metrics = app[METRICS]
     pipeline.metrics = metrics
-    outbox.on_failed = metrics.delivery_failed
+    outbox.on_failed = metrics.outbox_failed
     # The store's change feed: what another process stored or changed reaches this one
     # (the pipeline's held conversations, web chat sockets, the console).
     feed = Feed(store)
@@ -190,7 +199,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     routing.levels.start()  # the SLA breach checker
     if settings.flows_hot_reload:
         await parts.flows.start()
-    context = ConnectorContext(ingest=pipeline.ingest, store=store,
+    context = ConnectorContext(ingest=app[METRICS].counting(pipeline.ingest), store=store,
                                channels=frozenset(connectors), watch=feed.subscribe,
                                delivered=outbox.marks.seen,
                                leases=Leases(store))  # pollers run in one process
@@ -245,25 +254,26 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 def create_app(settings: Settings) -> web.Application:
     """The whole gateway as one aiohttp application."""
     bot = build_bot(settings)  # fail now, with file:line:column, if the flows are bad
-    metrics = Metrics()
-    app = web.Application(client_max_size=1024 * 1024, middlewares=[webhook_counter(metrics)])
+    app = web.Application(client_max_size=1024 * 1024)
     app.on_response_prepare.append(_security_headers)
-    app[METRICS] = metrics
     app[BOT] = bot
     app[SETTINGS] = settings
     app[STORE_READY] = {"ready": False}
     connectors = build_connectors(settings)
     app[CONNECTORS] = connectors
+    metrics = app[METRICS] = Metrics(multiproc_dir=multiprocess_dir())
+    metrics.known_channels(connectors)
+    setup_request_ids(app)  # X-Request-ID, request_id in log lines (gateway/logs.py)
+    app.middlewares.append(webhook_middleware(metrics))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if settings.metrics:
-        app.router.add_get("/metrics", metrics_handler(
-            metrics, lambda: app.get(STORE), settings.metrics_token))
+        app.router.add_get("/metrics", metrics_handler(metrics, settings.metrics_token))
     app.router.add_get("/", WebchatConnector.demo_page)
     for connector in connectors.values():
         connector.setup(app)
     app.add_subapp("/api", DeskApi().app())
-    app.cleanup_ctx.extend([store_ctx, core_ctx])
+    app.cleanup_ctx.extend([metrics_ctx, store_ctx, core_ctx])
     setup_live(app)  # the console socket and the change feed (gateway/desk/live.py)
     setup_console(app)  # the agent console's pages at /console/ (gateway/desk/console)
     return app

@@ -26,4 +26,4 @@ PIPELINE = web.AppKey("pipeline", Pipeline)
 AGENTS = web.AppKey("agents", Agents)
 FEED = web.AppKey("feed", Feed)  # the change stream (gateway/feed.py)
 CONNECTORS = web.AppKey("connectors", dict[str, Connector])
-METRICS = web.AppKey("metrics", Metrics)  # Prometheus metrics (gateway/metrics.py)
+METRICS = web.AppKey("metrics", Metrics)  # gateway/metrics.py, GET /metrics

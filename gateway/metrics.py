@@ -1,10 +1,22 @@
-"""Prometheus metrics: ``GET /metrics`` (names and meanings in docs/metrics.md).
+"""Prometheus metrics: ``GET /metrics`` (names, types and labels: docs/metrics.md).
 
-One ``Metrics`` per app, with its own registry (no global state). Counters are counted
-where things happen in this process (messages stored, store commands sent, webhook
-answers, deliveries given up); the gauges that describe the shared store (outbox
-pending, queue waiting, agents online) are read from the store when scraped, by cheap
-indexed counts cached for a second, so every gateway process reports the same value.
+One ``Metrics`` object per gateway process, on the app under ``METRICS`` (gateway/keys.py).
+The hot path calls its small methods (``message_stored``, ``turn_done``, ``outbox_failed``);
+every command the store client sends is counted by a pymongo ``CommandListener``
+(``StoreCommands``) given to ``Store.connect``; requests to ``/webhooks/<channel>/...`` are
+counted by ``webhook_middleware``.
+
+Gauges that describe the shared store (outbox pending, queue waiting, agents online) are
+not kept in any process's memory: ``StoreGauges`` counts them in the store at scrape time
+(indexed counts, cached for a second), so every gateway process reports the same values.
+
+With ``PROMETHEUS_MULTIPROC_DIR`` set (several worker processes on one machine) the
+counters and histograms live in prometheus-client's per-process files in that directory
+and a scrape of any worker merges them (``MultiProcessCollector``): the sum over the box.
+The variable must be set before the process starts (prometheus-client reads it when it is
+imported), the directory must exist, and it should be emptied when the whole service is
+(re)started. The process and platform collectors describe one process, so they are left
+out in that mode.
 """
 
 from __future__ import annotations
@@ -12,202 +24,295 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    PlatformCollector,
-    ProcessCollector,
     generate_latest,
 )
-from pymongo import monitoring
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
 from pymongo.errors import PyMongoError
+from pymongo.monitoring import (
+    CommandFailedEvent,
+    CommandListener,
+    CommandStartedEvent,
+    CommandSucceededEvent,
+)
 
-from gateway.model import DeliveryStatus, OwnerState, Presence
-from gateway.store import Store
+from gateway.model import DeliveryStatus, Direction, OwnerState, Presence
+
+if TYPE_CHECKING:
+    from connectors.base import Ingest, IngestResult
+    from gateway.model import InboundMessage
+    from gateway.store import Store
 
 log = logging.getLogger(__name__)
 
-Doc = dict[str, Any]
-GAUGES_TTL = 1.0  # seconds a scrape's store counts are reused
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Inbound stored .. reply delivered: 5 ms .. 30 s.
 TURN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+# One store command: 0.5 ms .. 10 s.
+COMMAND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 10.0)
+DIRECTIONS = {Direction.INBOUND: "inbound", Direction.OUTBOUND: "outbound"}
+OTHER_CHANNEL = "other"  # a webhook path naming no enabled channel (label stays bounded)
+STORE_GAUGES_TTL = 1.0  # seconds a scrape reuses the store's counts
 
 
-class CommandCounter(monitoring.CommandListener):
-    """pymongo command monitoring: every command this process sends to the store.
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory, if this process runs in that mode."""
+    return os.environ.get(MULTIPROC_ENV) or None
 
-    Runs for every command on the hot path, so it only looks up a cached child metric
-    and increments it."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._commands = metrics.store_commands
-        self._failures = metrics.store_command_failures
-        self._seconds = metrics.store_command_seconds
-        self._started: dict[str, Any] = {}
-        self._timed: dict[str, Any] = {}
-        self._failed: dict[str, Any] = {}
+class StoreCommands(CommandListener):
+    """Counts every command the store client sends (pymongo command monitoring).
 
-    def started(self, event: monitoring.CommandStartedEvent) -> None:
-        name = event.command_name
-        child = self._started.get(name)
-        if child is None:
-            child = self._started[name] = self._commands.labels(name)
-        child.inc()
+    Runs for every command on the hot path, so it does the least: ``started`` does
+    nothing (a command is counted when it ends, succeeded or failed, with the duration the
+    driver measured), the labelled children are looked up once per command name and kept
+    in a plain dict, and no string is built.
+    """
 
-    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
-        name = event.command_name
-        child = self._timed.get(name)
-        if child is None:
-            child = self._timed[name] = self._seconds.labels(name)
-        child.observe(event.duration_micros / 1e6)
+    def __init__(self, total: Counter, failures: Counter, seconds: Histogram) -> None:
+        self._total, self._failures, self._seconds = total, failures, seconds
+        self._ok: dict[str, tuple[Counter, Histogram]] = {}
+        self._failed: dict[str, tuple[Counter, Histogram, Counter]] = {}
 
-    def failed(self, event: monitoring.CommandFailedEvent) -> None:
-        name = event.command_name
-        child = self._failed.get(name)
-        if child is None:
-            child = self._failed[name] = self._failures.labels(name)
-        child.inc()
+    def started(self, event: CommandStartedEvent) -> None:
+        pass
+
+    def succeeded(self, event: CommandSucceededEvent) -> None:
+        children = self._ok.get(event.command_name)
+        if children is None:
+            name = event.command_name
+            children = self._ok[name] = (self._total.labels(name), self._seconds.labels(name))
+            self._failures.labels(name)  # its failures series starts at 0
+        children[0].inc()
+        children[1].observe(event.duration_micros * 1e-6)
+
+    def failed(self, event: CommandFailedEvent) -> None:
+        children = self._failed.get(event.command_name)
+        if children is None:
+            name = event.command_name
+            children = self._failed[name] = (self._total.labels(name),
+                                             self._seconds.labels(name),
+                                             self._failures.labels(name))
+        children[0].inc()
+        children[1].observe(event.duration_micros * 1e-6)
+        children[2].inc()
+
+
+class StoreGauges(Collector):
+    """``omnigate_outbox_pending``, ``omnigate_queue_waiting``, ``omnigate_agents_online``
+    counted in the store at scrape time (``refresh``, then the registry's ``collect``).
+
+    Each is one ``count_documents`` on an index: ``outbox_due`` (``delivery.status``,
+    one equality count per active status: SecantusDB scans for ``$in``/``$or``),
+    ``queue_order`` (``owner``), ``presence`` (``presence``, ``active``). The counts are
+    reused for ``STORE_GAUGES_TTL`` seconds and concurrent scrapes share one refresh. When
+    the store does not answer, the gauges are left out of the scrape (not reported stale).
+    """
+
+    def __init__(self, ttl: float = STORE_GAUGES_TTL) -> None:
+        self.store: Store | None = None
+        self.ttl = ttl
+        self._values: dict[str, float] | None = None
+        self._at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        if time.monotonic() - self._at < self.ttl:
+            return
+        async with self._lock:
+            if time.monotonic() - self._at < self.ttl or self.store is None:
+                return
+            self._values = await self._count(self.store)
+            self._at = time.monotonic()
+
+    @staticmethod
+    async def _count(store: Store) -> dict[str, float] | None:
+        try:
+            pending, sending, queued, online = await asyncio.gather(
+                store.messages.count_documents(
+                    {"delivery.status": DeliveryStatus.PENDING.value}),
+                store.messages.count_documents(
+                    {"delivery.status": DeliveryStatus.SENDING.value}),
+                store.conversations.count_documents({"owner": OwnerState.QUEUED.value}),
+                store.agents.count_documents(
+                    {"presence": Presence.ONLINE.value, "active": True}),
+            )
+        except PyMongoError as exc:
+            log.warning("metrics: the store's gauges could not be counted (%s)", exc)
+            return None
+        return {"omnigate_outbox_pending": pending + sending,
+                "omnigate_queue_waiting": queued, "omnigate_agents_online": online}
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        if self._values is None:
+            return
+        for name, value in self._values.items():
+            yield GaugeMetricFamily(name, GAUGE_HELP[name], value=value)
+
+
+GAUGE_HELP = {
+    "omnigate_outbox_pending": "Outbound items not yet delivered or given up "
+                               "(pending or being sent), in the whole store.",
+    "omnigate_queue_waiting": "Conversations waiting in the queue for an agent.",
+    "omnigate_agents_online": "Active agents whose presence is online.",
+}
 
 
 class Metrics:
-    """The gateway's metrics (one registry per app)."""
+    """This process's metrics and the ``/metrics`` page (one per app; no global registry).
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
+    In multiprocess mode prometheus-client keys its files by metric name and process, so
+    run one ``Metrics`` per process there (one gateway app per worker).
+    """
+
+    def __init__(self, *, multiproc_dir: str | None = None) -> None:
+        self.multiproc_dir = multiproc_dir
+        reg = self.registry = CollectorRegistry(auto_describe=False)
         self.messages = Counter(
-            "omnigate_messages", "Messages stored by this process",
-            ["channel", "direction"], registry=r)
+            "omnigate_messages", "Items stored, by channel and direction.",
+            ["channel", "direction"], registry=reg)
         self.turn_seconds = Histogram(
-            "omnigate_turn_seconds",
-            "Bot turns: the inbound message stored to the replies stored and handed to "
-            "delivery", buckets=TURN_BUCKETS, registry=r)
-        self.store_commands = Counter(
-            "omnigate_store_commands", "Commands this process sent to the store",
-            ["command"], registry=r)
-        self.store_command_failures = Counter(
-            "omnigate_store_command_failures", "Store commands that failed", ["command"],
-            registry=r)
-        self.store_command_seconds = Histogram(
-            "omnigate_store_command_seconds", "Store command round trip times", ["command"],
-            buckets=COMMAND_BUCKETS, registry=r)
-        self.outbox_failed = Counter(
-            "omnigate_outbox_failed", "Outbound items given up on (delivery failed)",
-            ["channel"], registry=r)
+            "omnigate_turn_seconds", "From an inbound item stored to its reply delivered.",
+            buckets=TURN_BUCKETS, registry=reg)
+        self.outbox_failures = Counter(
+            "omnigate_outbox_failed", "Outbound items the outbox gave up on, by channel.",
+            ["channel"], registry=reg)
         self.webhook_requests = Counter(
-            "omnigate_webhook_requests", "Webhook requests answered, by status",
-            ["channel", "status"], registry=r)
-        self.outbox_pending = Gauge(
-            "omnigate_outbox_pending", "Outbound items waiting to be sent (the store's)",
-            registry=r)
-        self.queue_waiting = Gauge(
-            "omnigate_queue_waiting", "Conversations waiting for a human (the store's)",
-            registry=r)
-        self.agents_online = Gauge(
-            "omnigate_agents_online", "Active agents online (the store's)", registry=r)
-        self.listener = CommandCounter(self)
-        self._gauges_at = 0.0
-        self._refreshing: asyncio.Lock | None = None
+            "omnigate_webhook_requests", "Requests to /webhooks/<channel>/..., by status.",
+            ["channel", "status"], registry=reg)
+        store_total = Counter(
+            "omnigate_store_commands", "Commands the gateway sent to the store.",
+            ["command"], registry=reg)
+        store_failures = Counter(
+            "omnigate_store_command_failures", "Store commands that failed.",
+            ["command"], registry=reg)
+        store_seconds = Histogram(
+            "omnigate_store_command_seconds", "Store command round trip, as the driver "
+            "measured it.", ["command"], buckets=COMMAND_BUCKETS, registry=reg)
+        self.store_commands = StoreCommands(store_total, store_failures, store_seconds)
+        # One per live worker: livesum adds up the workers that are running.
+        self.workers = Gauge("omnigate_worker_processes", "Gateway processes running.",
+                             registry=reg, multiprocess_mode="livesum")
+        self.workers.set(1)
+        self.store_gauges = StoreGauges()
+        self.channels: tuple[str, ...] = ()
+        if multiproc_dir is None:
+            self._scrape = reg
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                reg.register(collector)
+        else:
+            self._scrape = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(self._scrape, path=multiproc_dir)  # type: ignore[no-untyped-call]
+        self._scrape.register(self.store_gauges)
 
-    # ----------------------------------------------------------- hot path hooks
+    # ------------------------------------------------------------ the hot path's API
 
-    def stored(self, docs: list[Doc]) -> None:
-        """Items this process stored: the messages among them are counted."""
-        for doc in docs:
-            if doc.get("type") == "message":
-                self.messages.labels(str(doc.get("channel")), str(doc.get("direction"))).inc()
+    def known_channels(self, channels: Iterable[str]) -> None:
+        """Start the per-channel series at 0, so they exist before the first item."""
+        self.channels = tuple(channels)
+        for channel in self.channels:
+            for direction in DIRECTIONS.values():
+                self.messages.labels(channel, direction)
+            self.outbox_failures.labels(channel)
+
+    def message_stored(self, channel: str, direction: Direction) -> None:
+        """An item was stored durably (call once per item, after the commit)."""
+        self.messages.labels(channel, DIRECTIONS[direction]).inc()
 
     def turn_done(self, seconds: float) -> None:
-        self.turn_seconds.observe(max(seconds, 0.0))
+        """An inbound item's reply was delivered ``seconds`` after the item was stored."""
+        self.turn_seconds.observe(seconds)
 
-    def delivery_failed(self, channel: str) -> None:
-        self.outbox_failed.labels(channel).inc()
+    def outbox_failed(self, channel: str) -> None:
+        """The outbox gave up on an item (marked it failed)."""
+        self.outbox_failures.labels(channel).inc()
 
-    # ---------------------------------------------------------------- scraping
+    def webhook_request(self, channel: str, status: int) -> None:
+        self.webhook_requests.labels(channel, str(status)).inc()
 
-    async def refresh(self, store: Store) -> None:
-        """The shared gauges from the store (at most once per GAUGES_TTL)."""
-        if self._refreshing is None:
-            self._refreshing = asyncio.Lock()
-        async with self._refreshing:  # a scrape storm waits for one count
-            if time.monotonic() - self._gauges_at < GAUGES_TTL:
-                return
-            pending, waiting, online = await asyncio.gather(
-                store.messages.count_documents({"delivery.status": {"$in": [
-                    DeliveryStatus.PENDING.value, DeliveryStatus.SENDING.value]}}),
-                store.conversations.count_documents({"owner": OwnerState.QUEUED.value}),
-                store.agents.count_documents({"presence": Presence.ONLINE.value,
-                                              "active": True}),
-            )
-            self.outbox_pending.set(pending)
-            self.queue_waiting.set(waiting)
-            self.agents_online.set(online)
-            self._gauges_at = time.monotonic()
+    def counting(self, ingest: Ingest) -> Ingest:
+        """``ingest`` that also counts the inbound items it stored (not the duplicates)."""
 
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        async def counted(message: InboundMessage) -> IngestResult:
+            result = await ingest(message)
+            if not result.duplicate:
+                self.message_stored(result.item.channel, Direction.INBOUND)
+            return result
 
+        return counted
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+    # ------------------------------------------------------------------ the page
+
+    async def render(self) -> bytes:
+        await self.store_gauges.refresh()
+        return generate_latest(self._scrape)
+
+    def close(self) -> None:
+        """This process stops: its live gauges leave the multiprocess sums."""
+        if self.multiproc_dir is not None:
+            mark_process_dead(os.getpid(), self.multiproc_dir)  # type: ignore[no-untyped-call]
 
 
-def webhook_counter(metrics: Metrics) -> Middleware:
-    """A middleware counting ``/webhooks/<channel>/...`` answers by status (also when
-    the handler raises)."""
+def metrics_handler(metrics: Metrics, token: str | None
+                    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``GET /metrics``; with ``token``, only for ``Authorization: Bearer <token>``."""
+    expected = None if token is None else f"Bearer {token}".encode()
+
+    async def handler(request: web.Request) -> web.Response:
+        if expected is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response(
+                    {"error": "unauthorized", "detail": "GET /metrics needs "
+                     "Authorization: Bearer <OMNIGATE_METRICS_TOKEN>"},
+                    status=401, headers={"WWW-Authenticate": 'Bearer realm="metrics"'})
+        body = await metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handler
+
+
+def webhook_middleware(metrics: Metrics) -> Middleware:
+    """Counts requests to ``/webhooks/<channel>[/...]`` by the status answered, also when
+    the handler raises (an ``HTTPException``'s status, else 500)."""
 
     @web.middleware
-    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not request.path.startswith("/webhooks/"):
+    async def count_webhooks(request: web.Request, handler: Handler
+                             ) -> web.StreamResponse:
+        parts = request.path.split("/", 3)
+        if len(parts) < 3 or parts[1] != "webhooks":
             return await handler(request)
-        channel = request.path.split("/", 3)[2] or "unknown"
-        status = 500
+        channel = parts[2] if parts[2] in metrics.channels else OTHER_CHANNEL
         try:
             response = await handler(request)
-            status = response.status
-            return response
         except web.HTTPException as exc:
-            status = exc.status
+            metrics.webhook_request(channel, exc.status)
             raise
-        finally:
-            metrics.webhook_requests.labels(channel, str(status)).inc()
-
-    return count
-
-
-def metrics_handler(metrics: Metrics, store: Callable[[], Store | None],
-                    token: str | None) -> Handler:
-    """``GET /metrics``: Prometheus text format; a bearer token if one is set."""
-
-    async def handle(request: web.Request) -> web.StreamResponse:
-        if token is not None:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return web.json_response({"error": "unauthorized",
-                                          "message": "a bearer token is required"},
-                                         status=401, headers={"WWW-Authenticate": "Bearer"})
-        current = store()
-        if current is not None:
-            try:
-                await asyncio.wait_for(metrics.refresh(current), 1.0)
-            except (PyMongoError, TimeoutError) as exc:  # the counters still answer
-                log.debug("metrics: store gauges not refreshed: %r", exc)
-        response = web.Response(body=metrics.exposition())
-        response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
-        response.charset = "utf-8"
+        except Exception:
+            metrics.webhook_request(channel, 500)
+            raise
+        metrics.webhook_request(channel, response.status)
         return response
 
-    return handle
-
-
-__all__ = ["Metrics", "metrics_handler", "webhook_counter"]
+    return count_webhooks

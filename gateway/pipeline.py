@@ -245,8 +245,10 @@ class Pipeline:
 
     def _stored(self, docs: list[Doc]) -> None:
         """Items this process stored: their seqs are known (no gap to read)."""
-        if self.metrics is not None:
-            self.metrics.stored(docs)
+        if self.metrics is not None:  # (inbound ones are counted by the ingest wrapper)
+            for doc in docs:
+                if doc.get("type") == "message" and doc.get("direction") == "out":
+                    self.metrics.message_stored(str(doc["channel"]), Direction.OUTBOUND)
         for doc in docs:
             held = self._held.get(str(doc["conversation_id"]))
             if held is not None and not held.lost:

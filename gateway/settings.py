@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gateway.channel_settings import (
@@ -41,11 +41,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     data_dir: Path = Path(".omnigate")
-    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")  # any case
-    # GET /metrics (Prometheus text format, docs/metrics.md); with a token, only for
-    # requests that send it as a bearer token.
-    metrics: bool = True
-    metrics_token: str | None = Field(None, min_length=16)
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    # Observability (gateway/logs.py, gateway/metrics.py, docs/metrics.md)
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = False
+    metrics: bool = True  # GET /metrics
+    metrics_token: str | None = Field(None, pattern=r"^[\x21-\x7e]{16,512}$")
 
     # Store. Unset: start the embedded SecantusDB server in data_dir/db.
     mongodb_uri: str | None = None
@@ -119,10 +120,13 @@ class Settings(BaseSettings):
     smtp_tls: TlsMode = "starttls"
     smtp_listen: str | None = Field(None, pattern=r"^[^:]+:\d{1,5}$")
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
-    def _level_upper(cls, value: object) -> object:
-        return value.strip().upper() if isinstance(value, str) else value
+    def _any_case(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str):
+            value = value.strip()
+            return value.upper() if info.field_name == "log_level" else value.lower()
+        return value
 
     @field_validator("webchat_allowed_origins", mode="before")
     @classmethod

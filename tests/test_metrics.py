@@ -1,52 +1,80 @@
-"""GET /metrics (docs/metrics.md), /healthz and /readyz on a real gateway and store."""
+"""GET /metrics on a real gateway: every metric docs/metrics.md names, store command
+counting, webhook statuses, the store gauges (the same on every process), the token, and
+prometheus-client's multiprocess mode with two ``omnigate serve`` processes."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+from pymongo.errors import OperationFailure
 
 from gateway.settings import Settings
-from tests.conftest import Gateway, Visitor, running_gateway
-from tests.fakes.telegram_api import FakeTelegram
+from gateway.store.orphan import dies_with_parent
+from tests.conftest import Gateway, Visitor, free_port, running_gateway
+from tests.fakes.telegram_api import FakeTelegram, People
 
-TOKEN = "123456:METRICS-token"
-SECRET = "metrics-secret"
-
-DOCUMENTED = {  # docs/metrics.md: name -> (type, labels)
-    "omnigate_messages": ("counter", {"channel", "direction"}),
-    "omnigate_turn_seconds": ("histogram", set()),
-    "omnigate_store_commands": ("counter", {"command"}),
-    "omnigate_store_command_failures": ("counter", {"command"}),
-    "omnigate_store_command_seconds": ("histogram", {"command"}),
-    "omnigate_outbox_pending": ("gauge", set()),
-    "omnigate_outbox_failed": ("counter", {"channel"}),
-    "omnigate_webhook_requests": ("counter", {"channel", "status"}),
-    "omnigate_queue_waiting": ("gauge", set()),
-    "omnigate_agents_online": ("gauge", set()),
-}
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "metrics.md"
+TOKEN = "123456:TEST-token_abc"
+SECRET = "s3cret_Secret-42"
 
 
-async def scrape(gateway: Gateway, headers: dict[str, str] | None = None
-                 ) -> dict[str, Any]:
-    async with gateway.http.get(gateway.url + "/metrics", headers=headers) as response:
+def documented() -> dict[str, tuple[str, set[str]]]:
+    """docs/metrics.md's table: name -> (type, label names)."""
+    rows = re.findall(r"^\| `(omnigate_\w+)` \| (\w+) \| ([^|]*) \|", DOC.read_text(), re.M)
+    assert len(rows) >= 10, "the metrics table of docs/metrics.md was not found"
+    return {name: (kind, set(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
+
+
+def samples(text: str) -> list[Sample]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(found: list[Sample], name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(s.value for s in found
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def by_label(found: list[Sample], name: str, label: str) -> dict[str, float]:
+    return {s.labels[label]: s.value for s in found if s.name == name}
+
+
+async def scrape(http: aiohttp.ClientSession, url: str, **headers: str) -> list[Sample]:
+    async with http.get(url + "/metrics", headers=headers) as response:
         assert response.status == 200, await response.text()
         assert response.content_type == "text/plain"
-        text = await response.text()
-    return {f.name: f for f in text_string_to_metric_families(text)}
+        return samples(await response.text())
 
 
-def value(families: dict[str, Any], name: str, sample: str | None = None,
-          **labels: str) -> float:
-    total = 0.0
-    for s in families[name].samples:
-        if (sample is None or s.name == sample) and all(
-                s.labels.get(k) == v for k, v in labels.items()):
-            total += s.value
-    return total
+async def eventually(read: Callable[[], Any], check: Callable[[Any], bool],
+                     timeout: float = 15.0) -> Any:
+    """Read until ``check`` holds (the store gauges are cached for a second)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        got = await read()
+        if check(got):
+            return got
+        assert asyncio.get_running_loop().time() < deadline, f"still {got!r}"
+        await asyncio.sleep(0.2)
+
+
+async def round_trip(visitor: Visitor) -> None:
+    await visitor.connect()
+    await visitor.say("hello")
+    await visitor.until(lambda i: i["type"] == "message" and i["role"] == "bot")
 
 
 @pytest.fixture
@@ -60,122 +88,217 @@ async def telegram() -> AsyncIterator[FakeTelegram]:
 @pytest.fixture
 def settings(settings: Settings, telegram: FakeTelegram) -> Settings:
     return settings.model_copy(update={
-        "telegram_token": TOKEN, "telegram_mode": "webhook",
-        "telegram_webhook_secret": SECRET, "telegram_webhook_url": "https://example.com/tg",
+        "telegram_token": TOKEN, "telegram_mode": "webhook", "telegram_webhook_secret": SECRET,
         "telegram_api_url": telegram.url})
 
 
-async def test_every_documented_metric_is_exposed_with_its_labels(gateway: Gateway,
-                                                                  visitor: Visitor) -> None:
-    await visitor.connect()
-    await visitor.say("what are your opening hours?")
-    await visitor.until(lambda i: i.get("role") == "bot" and "Monday" in i.get("text", ""))
-    families = await scrape(gateway)
-    for name, (kind, labels) in DOCUMENTED.items():
-        assert name in families, name
-        assert families[name].type == kind, name
-        for sample in families[name].samples:
-            assert labels <= set(sample.labels), (name, sample)
-    assert "process_cpu_seconds" in families  # the process collector
-    assert value(families, "omnigate_messages", "omnigate_messages_total",
-                 channel="webchat", direction="in") >= 1
-    assert value(families, "omnigate_messages", "omnigate_messages_total",
-                 channel="webchat", direction="out") >= 1
-    assert value(families, "omnigate_turn_seconds", "omnigate_turn_seconds_count") >= 1
+async def test_every_documented_metric_is_there_with_its_labels(
+    gateway: Gateway, visitor: Visitor, telegram: FakeTelegram
+) -> None:
+    await round_trip(visitor)
+    status, _ = await telegram.deliver(gateway.http, gateway.url + "/webhooks/telegram",
+                                       People(telegram).message(People.user(7), text="hi"),
+                                       "wrong-secret")
+    assert status == 403
+    found = await scrape(gateway.http, gateway.url)
+    for name, (kind, labels) in documented().items():
+        names = {"histogram": [f"{name}_bucket", f"{name}_count", f"{name}_sum"]}.get(
+            kind, [name])
+        for sample_name in names:
+            present = [s for s in found if s.name == sample_name]
+            assert present, f"{sample_name} ({kind}) is missing from /metrics"
+            for sample in present:
+                assert set(sample.labels) - {"le"} == labels, (sample_name, sample.labels)
+    assert value(found, "omnigate_messages_total", channel="webchat", direction="inbound") == 1
+    assert value(found, "omnigate_messages_total", channel="telegram", direction="inbound") == 0
+    assert value(found, "omnigate_webhook_requests_total", channel="telegram",
+                 status="403") == 1
+    assert value(found, "omnigate_worker_processes") == 1
+    assert value(found, "process_cpu_seconds_total") > 0  # prometheus-client's own
 
 
-async def test_store_commands_are_counted_by_command(gateway: Gateway,
-                                                     visitor: Visitor) -> None:
-    await visitor.connect()
-    await visitor.say("hello")
-    await visitor.until(lambda i: i.get("role") == "bot")
-    before = await scrape(gateway)
-    await visitor.say("what are your opening hours?")
-    await visitor.until(lambda i: i.get("role") == "bot" and "Monday" in i.get("text", ""))
+async def test_store_commands_are_counted_by_command(gateway: Gateway, visitor: Visitor
+                                                     ) -> None:
     await gateway.settle()
-    after = await scrape(gateway)
-    name, sample = "omnigate_store_commands", "omnigate_store_commands_total"
-    assert value(after, name, sample) > value(before, name, sample)
-    assert value(after, name, sample, command="insert") > value(before, name, sample,
-                                                                command="insert")
-    timed = value(after, "omnigate_store_command_seconds",
-                  "omnigate_store_command_seconds_count")
-    assert timed > 0
-
-
-async def test_webhook_answers_are_counted_by_status(gateway: Gateway,
-                                                     telegram: FakeTelegram) -> None:
-    update = {"update_id": 1, "message": {
-        "message_id": 1, "date": 1, "text": "hi",
-        "from": {"id": 5, "is_bot": False, "first_name": "A"},
-        "chat": {"id": 5, "type": "private", "first_name": "A"}}}
-    url = gateway.url + "/webhooks/telegram"
-    async with gateway.http.post(url, json=update, headers={
-            "X-Telegram-Bot-Api-Secret-Token": "wrong"}) as response:
-        assert response.status == 403
-    async with gateway.http.post(url, json=update, headers={
-            "X-Telegram-Bot-Api-Secret-Token": SECRET}) as response:
-        assert response.status == 200
-    families = await scrape(gateway)
-    name, sample = "omnigate_webhook_requests", "omnigate_webhook_requests_total"
-    assert value(families, name, sample, channel="telegram", status="403") == 1
-    assert value(families, name, sample, channel="telegram", status="200") == 1
-
-
-async def test_store_gauges_are_read_from_the_store(gateway: Gateway,
-                                                    visitor: Visitor) -> None:
-    families = await scrape(gateway)
-    assert value(families, "omnigate_queue_waiting") == 0
-    await visitor.connect()
-    await visitor.say("talk to a human")
-    await visitor.until(lambda i: i.get("name") == "handoff")
+    before = await scrape(gateway.http, gateway.url)
+    await round_trip(visitor)
     await gateway.settle()
-    await asyncio.sleep(1.1)  # past the gauges' one-second cache
-    assert value(await scrape(gateway), "omnigate_queue_waiting") == 1
-    agent_id, auth = await gateway.agent("Alice")
-    async with gateway.http.put(gateway.url + "/api/v1/me/presence", headers=auth,
-                                json={"presence": "online"}) as response:
-        assert response.status == 200
-    await asyncio.sleep(1.1)  # past the gauges' one-second cache
-    families = await scrape(gateway)
-    assert value(families, "omnigate_agents_online") == 1
-    # online with capacity: the queued conversation was assigned to her, or still waits
-    queued = await gateway.store.conversations.count_documents({"owner": "queued"})
-    assert value(families, "omnigate_queue_waiting") == queued
-    pending = await gateway.store.messages.count_documents(
-        {"delivery.status": {"$in": ["pending", "sending"]}})
-    assert value(families, "omnigate_outbox_pending") == pending
-    assert agent_id
+    after = await scrape(gateway.http, gateway.url)
+    total = "omnigate_store_commands_total"
+    assert value(after, total) > value(before, total)
+    # the message was written (an insert, alone or in a transaction) and read back
+    assert value(after, total, command="insert") > value(before, total, command="insert")
+    assert value(after, total, command="find") > value(before, total, command="find")
+    # each command counted is timed once, in the same scrape
+    counts = by_label(after, total, "command")
+    assert counts == by_label(after, "omnigate_store_command_seconds_count", "command")
+
+    with pytest.raises(OperationFailure):
+        await gateway.store.db.command("omnigateNoSuchCommand")
+    failed = await scrape(gateway.http, gateway.url)
+    assert value(failed, "omnigate_store_command_failures_total",
+                 command="omnigateNoSuchCommand") == 1
+    assert value(failed, total, command="omnigateNoSuchCommand") == 1
+    assert value(failed, "omnigate_store_command_failures_total", command="insert") == 0
 
 
-async def test_a_metrics_token_is_required_when_set(settings: Settings) -> None:
-    token = "s3cret-metrics-token-0123"
+async def test_webhook_requests_are_counted_by_channel_and_status(
+    gateway: Gateway, telegram: FakeTelegram
+) -> None:
+    people = People(telegram)
+    hook = gateway.url + "/webhooks/telegram"
+    status, _ = await telegram.deliver(gateway.http, hook, people.message(people.user(1), text="a"),
+                                       "wrong-secret")
+    assert status == 403
+    status, _ = await telegram.deliver(gateway.http, hook, people.message(people.user(1), text="b"),
+                                       SECRET)
+    assert status == 200
+    async with gateway.http.post(hook, data=b"{not json",
+                                 headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}) as bad:
+        assert bad.status == 400
+    async with gateway.http.post(gateway.url + "/webhooks/nosuch/x", json={}) as missing:
+        assert missing.status == 404  # the router raises: counted all the same
+    async with gateway.http.get(gateway.url + "/healthz") as health:
+        assert health.status == 200  # not a webhook: not counted
+    found = await scrape(gateway.http, gateway.url)
+    counted = {(s.labels["channel"], s.labels["status"]): s.value for s in found
+               if s.name == "omnigate_webhook_requests_total"}
+    assert counted == {("telegram", "403"): 1, ("telegram", "200"): 1, ("telegram", "400"): 1,
+                       ("other", "404"): 1}
+
+
+async def test_store_gauges_count_the_store_the_same_on_every_process(
+    gateway: Gateway, visitor: Visitor, settings: Settings, telegram: FakeTelegram
+) -> None:
+    names = ("omnigate_queue_waiting", "omnigate_agents_online", "omnigate_outbox_pending")
+    async with running_gateway(settings) as other:  # a second process on the same store
+
+        async def gauges() -> list[dict[str, float]]:
+            return [{n: value(found, n) for n in names}
+                    for found in [await scrape(gw.http, gw.url) for gw in (gateway, other)]]
+
+        assert (await gauges())[0] == dict.fromkeys(names, 0)
+        await visitor.connect()
+        await visitor.say("I want to talk to a human please")
+        await visitor.until(lambda i: i["type"] == "event" and i["name"] == "handoff")
+        # Telegram refuses to send for a minute: the bot's answer waits in the outbox
+        telegram.fail("sendMessage", 429, "Too Many Requests", retry_after=60, times=100)
+        people = People(telegram)
+        status, _ = await telegram.deliver(gateway.http, other.url + "/webhooks/telegram",
+                                           people.message(people.user(9), text="hello"), SECRET)
+        assert status == 200
+        waiting = await eventually(
+            gauges, lambda both: both[0] == both[1] and both[0]["omnigate_queue_waiting"] == 1
+            and both[0]["omnigate_outbox_pending"] >= 1)
+        assert waiting[0]["omnigate_agents_online"] == 0
+        stuck = await gateway.store.messages.count_documents(
+            {"delivery.status": {"$in": ["pending", "sending"]}})
+        assert waiting[0]["omnigate_outbox_pending"] == stuck
+
+        # an agent comes online and is given the waiting conversation
+        _, alice = await gateway.agent("Alice")
+        async with gateway.http.put(gateway.url + "/api/v1/me/presence", headers=alice,
+                                    json={"presence": "online"}) as response:
+            assert response.status == 200
+        assigned = {**waiting[0], "omnigate_queue_waiting": 0, "omnigate_agents_online": 1}
+        await eventually(gauges, lambda both: both == [assigned, assigned])
+
+
+async def test_metrics_token_and_switch(settings: Settings) -> None:
+    token = "tok-" + "x" * 28
     async with running_gateway(settings.model_copy(update={"metrics_token": token})) as gw:
         async with gw.http.get(gw.url + "/metrics") as response:
             assert response.status == 401
-        async with gw.http.get(gw.url + "/metrics",
-                               headers={"Authorization": "Bearer wrong"}) as response:
-            assert response.status == 401
-        families = await scrape(gw, {"Authorization": f"Bearer {token}"})
-        assert "omnigate_store_commands" in families
+            assert response.headers["WWW-Authenticate"].startswith("Bearer")
+            assert "omnigate_" not in await response.text()
+        for wrong in ("Bearer nope", f"Bearer {token}x", token, f"Basic {token}"):
+            async with gw.http.get(gw.url + "/metrics",
+                                   headers={"Authorization": wrong}) as response:
+                assert response.status == 401, wrong
+        found = await scrape(gw.http, gw.url, Authorization=f"Bearer {token}")
+        assert value(found, "omnigate_worker_processes") == 1
+    async with running_gateway(settings.model_copy(update={"metrics": False})) as gw:
+        async with gw.http.get(gw.url + "/metrics") as response:
+            assert response.status == 404
+        async with gw.http.get(gw.url + "/healthz") as response:
+            assert response.status == 200
 
 
-async def test_metrics_can_be_turned_off(settings: Settings) -> None:
-    async with (running_gateway(settings.model_copy(update={"metrics": False})) as gw,
-                gw.http.get(gw.url + "/metrics") as response):
-        assert response.status == 404
+class Serve:
+    """``omnigate serve`` as a subprocess on its own port (``env`` added to its env)."""
+
+    def __init__(self, settings: Settings, tmp: Path, name: str, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"{name}.log"
+        full = {k: v for k, v in os.environ.items()
+                if not k.startswith("OMNIGATE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
+        assert settings.mongodb_uri is not None
+        full.update(OMNIGATE_MONGODB_URI=settings.mongodb_uri,
+                    OMNIGATE_MONGODB_DB=settings.mongodb_db,
+                    OMNIGATE_DATA_DIR=str(tmp / name), OMNIGATE_FLOWS_HOT_RELOAD="false",
+                    OMNIGATE_LOG_LEVEL="WARNING")
+        full.update(env)
+        self.log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            dies_with_parent([sys.executable, "-m", "gateway", "serve", "--port",
+                              str(self.port)]),
+            env=full, cwd=ROOT, stdout=self.log, stderr=self.log, start_new_session=True)
+
+    async def ready(self, http: aiohttp.ClientSession, timeout: float = 60.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline:
+            assert self.process.poll() is None, (
+                f"gateway exited with {self.process.returncode}: {self.log_path.read_text()}")
+            try:
+                async with http.get(self.url + "/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"gateway on {self.port} not ready")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
 
 
-async def test_healthz_is_liveness_and_readyz_readiness(gateway: Gateway) -> None:
-    async with gateway.http.get(gateway.url + "/healthz") as response:
-        assert response.status == 200 and (await response.json())["status"] == "ok"
-    async with gateway.http.get(gateway.url + "/readyz") as response:
-        body = await response.json()
-        assert response.status == 200 and body["store"] == "ok" and body["pid"] > 0
-
-
-def test_the_log_level_is_accepted_in_any_case() -> None:
-    assert Settings(log_level="debug").log_level == "DEBUG"
-    assert Settings(log_level=" Warning ").log_level == "WARNING"
-    with pytest.raises(ValueError, match="log_level"):
-        Settings(log_level="chatty")
+async def test_multiprocess_mode_sums_over_the_workers_of_the_box(
+    settings: Settings, tmp_path: Path
+) -> None:
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    one = Serve(settings, tmp_path, "one", PROMETHEUS_MULTIPROC_DIR=str(shared))
+    two = Serve(settings, tmp_path, "two", PROMETHEUS_MULTIPROC_DIR=str(shared))
+    try:
+        async with aiohttp.ClientSession() as http:
+            await asyncio.gather(one.ready(http), two.ready(http))
+            for url in (one.url, two.url, two.url):
+                async with http.post(url + "/webhooks/nosuch", json={}) as response:
+                    assert response.status == 404
+            for url in (one.url, two.url):
+                found = await scrape(http, url)
+                assert value(found, "omnigate_webhook_requests_total", channel="other",
+                             status="404") == 3, url
+                assert value(found, "omnigate_worker_processes") == 2, url
+                assert value(found, "omnigate_store_commands_total") > 0
+                assert value(found, "omnigate_queue_waiting") == 0  # from the store, once
+                assert not [s for s in found if s.name.startswith("process_")]
+            kinds = {p.name.split("_")[0] for p in shared.iterdir()}
+            assert kinds == {"counter", "histogram", "gauge"}  # the workers' files
+            assert two.stop() == 0
+            found = await scrape(http, one.url)
+            assert value(found, "omnigate_worker_processes") == 1  # two left the live sum
+            assert value(found, "omnigate_webhook_requests_total", channel="other",
+                         status="404") == 3  # its counts stay: counters never go back
+    finally:
+        one.stop()
+        two.stop()

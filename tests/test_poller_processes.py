@@ -73,7 +73,7 @@ class Process:
         while asyncio.get_running_loop().time() < deadline:
             assert self.process.poll() is None, f"{self.name} exited: {self.text()}"
             try:
-                async with http.get(self.url + "/healthz") as response:
+                async with http.get(self.url + "/readyz") as response:
                     if response.status == 200:
                         return
             except aiohttp.ClientError:
