@@ -180,6 +180,10 @@ class Singleton:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"lease:{self.name}")
 
+    def done(self) -> bool:
+        """Not running (never started, or stopped), as ``asyncio.Task.done``."""
+        return self._task is None or self._task.done()
+
     async def stop(self) -> None:
         """Stop the work (if it runs here) and release the lease at once."""
         task, self._task = self._task, None
