@@ -9,71 +9,23 @@ than its capacity, nor a conversation two agents.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from gateway.keys import PIPELINE, ROUTING
 from gateway.settings import Settings
-from gateway.store.orphan import dies_with_parent
-from tests.conftest import Gateway, free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import Gateway
+from tests.processes import ServeProcess
 
 
-class Process:
-    """One gateway subprocess on its own port."""
+class Process(ServeProcess):
+    """A gateway subprocess whose sweeps run every 0.1 s: they race too."""
 
-    def __init__(self, settings: Settings, tmp: Path, name: str,
-                 extra: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIGATE_")}
-        assert settings.mongodb_uri is not None
-        env.update(
-            OMNIGATE_MONGODB_URI=settings.mongodb_uri,
-            OMNIGATE_MONGODB_DB=settings.mongodb_db,
-            OMNIGATE_DATA_DIR=str(tmp / name),
-            OMNIGATE_FLOWS_HOT_RELOAD="false",
-            OMNIGATE_ROUTING_SWEEP_SECONDS="0.1",  # sweeps race too
-            OMNIGATE_LOG_LEVEL="WARNING",
-        )
-        env.update(extra or {})
-        self.log = (tmp / f"{name}.log").open("wb")
-        self.process = subprocess.Popen(
-            dies_with_parent([sys.executable, "-m", "gateway", "serve", "--port",
-                              str(self.port)]),
-            env=env, cwd=ROOT, stdout=self.log, stderr=self.log, start_new_session=True,
-        )
-
-    async def ready(self, http: aiohttp.ClientSession, timeout: float = 60.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            assert self.process.poll() is None, f"gateway exited with {self.process.returncode}"
-            try:
-                async with http.get(self.url + "/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"gateway on {self.port} not ready")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+    def __init__(self, settings: Settings, tmp: Path, name: str) -> None:
+        super().__init__(settings, tmp, name, {"OMNIGATE_ROUTING_SWEEP_SECONDS": "0.1"})
 
 
 @pytest.fixture

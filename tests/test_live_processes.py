@@ -17,7 +17,7 @@ import aiohttp
 from gateway.settings import Settings
 from tests.conftest import Gateway, Visitor
 from tests.fakes.telegram_api import FakeTelegram
-from tests.test_assign_processes import Process
+from tests.processes import ServeProcess
 
 TOKEN = "123456:TWO-PROCESSES"
 SECRET = "two-processes-secret"
@@ -44,7 +44,7 @@ async def api(http: aiohttp.ClientSession, base: str, method: str, path: str,
 async def test_an_agent_reply_through_process_a_reaches_the_open_socket_on_process_b(
     gateway: Gateway, settings: Settings, tmp_path: Path
 ) -> None:
-    a, b = Process(settings, tmp_path, "a"), Process(settings, tmp_path, "b")
+    a, b = ServeProcess(settings, tmp_path, "a"), ServeProcess(settings, tmp_path, "b")
     try:
         await a.ready(gateway.http)
         await b.ready(gateway.http)
@@ -100,8 +100,8 @@ async def test_a_telegram_update_posted_to_two_processes_at_once_is_answered_onc
     extra = {"OMNIGATE_TELEGRAM_TOKEN": TOKEN, "OMNIGATE_TELEGRAM_MODE": "webhook",
              "OMNIGATE_TELEGRAM_WEBHOOK_SECRET": SECRET,
              "OMNIGATE_TELEGRAM_API_URL": fake.url}
-    a = Process(settings, tmp_path, "a", extra)
-    b = Process(settings, tmp_path, "b", extra)
+    a = ServeProcess(settings, tmp_path, "a", extra)
+    b = ServeProcess(settings, tmp_path, "b", extra)
     try:
         await a.ready(gateway.http)
         await b.ready(gateway.http)

@@ -26,7 +26,7 @@ from gateway.logs import (
 )
 from gateway.settings import Settings, SettingsError, load_settings
 from tests.conftest import Gateway
-from tests.test_metrics import Serve
+from tests.processes import ServeProcess
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -72,8 +72,9 @@ def capture(logger: logging.Logger) -> io.StringIO:
 async def test_json_logs_and_the_access_log_of_a_real_gateway(
     settings: Settings, tmp_path: Path
 ) -> None:
-    serve = Serve(settings, tmp_path, "json", OMNIGATE_LOG_FORMAT="json",
-                  OMNIGATE_ACCESS_LOG="true", OMNIGATE_LOG_LEVEL="debug")
+    serve = ServeProcess(settings, tmp_path, "json", {
+        "OMNIGATE_LOG_FORMAT": "json", "OMNIGATE_ACCESS_LOG": "true",
+        "OMNIGATE_LOG_LEVEL": "debug"})
     try:
         async with aiohttp.ClientSession() as http:
             await serve.ready(http)

@@ -5,11 +5,7 @@ prometheus-client's multiprocess mode with two ``omnigate serve`` processes."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,9 +17,9 @@ from prometheus_client.samples import Sample
 from pymongo.errors import OperationFailure
 
 from gateway.settings import Settings
-from gateway.store.orphan import dies_with_parent
-from tests.conftest import Gateway, Visitor, free_port, running_gateway
+from tests.conftest import Gateway, Visitor, running_gateway
 from tests.fakes.telegram_api import FakeTelegram, People
+from tests.processes import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "metrics.md"
@@ -224,60 +220,13 @@ async def test_metrics_token_and_switch(settings: Settings) -> None:
             assert response.status == 200
 
 
-class Serve:
-    """``omnigate serve`` as a subprocess on its own port (``env`` added to its env)."""
-
-    def __init__(self, settings: Settings, tmp: Path, name: str, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = tmp / f"{name}.log"
-        full = {k: v for k, v in os.environ.items()
-                if not k.startswith("OMNIGATE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        assert settings.mongodb_uri is not None
-        full.update(OMNIGATE_MONGODB_URI=settings.mongodb_uri,
-                    OMNIGATE_MONGODB_DB=settings.mongodb_db,
-                    OMNIGATE_DATA_DIR=str(tmp / name), OMNIGATE_FLOWS_HOT_RELOAD="false",
-                    OMNIGATE_LOG_LEVEL="WARNING")
-        full.update(env)
-        self.log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            dies_with_parent([sys.executable, "-m", "gateway", "serve", "--port",
-                              str(self.port)]),
-            env=full, cwd=ROOT, stdout=self.log, stderr=self.log, start_new_session=True)
-
-    async def ready(self, http: aiohttp.ClientSession, timeout: float = 60.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            assert self.process.poll() is None, (
-                f"gateway exited with {self.process.returncode}: {self.log_path.read_text()}")
-            try:
-                async with http.get(self.url + "/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"gateway on {self.port} not ready")
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
-        return self.process.returncode
-
-
 async def test_multiprocess_mode_sums_over_the_workers_of_the_box(
     settings: Settings, tmp_path: Path
 ) -> None:
     shared = tmp_path / "prometheus"
     shared.mkdir()
-    one = Serve(settings, tmp_path, "one", PROMETHEUS_MULTIPROC_DIR=str(shared))
-    two = Serve(settings, tmp_path, "two", PROMETHEUS_MULTIPROC_DIR=str(shared))
+    one = ServeProcess(settings, tmp_path, "one", {"PROMETHEUS_MULTIPROC_DIR": str(shared)})
+    two = ServeProcess(settings, tmp_path, "two", {"PROMETHEUS_MULTIPROC_DIR": str(shared)})
     try:
         async with aiohttp.ClientSession() as http:
             await asyncio.gather(one.ready(http), two.ready(http))

@@ -10,10 +10,6 @@ once is stored and answered once.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,76 +20,14 @@ import pytest
 from gateway.desk.agents import Agents
 from gateway.settings import Settings
 from gateway.store import Store
-from gateway.store.orphan import dies_with_parent
-from tests.conftest import free_port
 from tests.fakes.telegram_api import FakeTelegram, People
 from tests.mailservers import OURS, Dovecot, SmtpSink, mail, running_dovecot, start_sink, stop_sink
+from tests.processes import ServeProcess as Process
 
-ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "777001:LEASE-token_abc"
 SECRET = "lease-secret_1"
 HOURS = "We're open Monday to Friday"
 TAKEOVER = 30.0  # the promise: another process polls within 30 s of the holder's death
-
-
-class Process:
-    """One ``omnigate serve`` subprocess on its own port, with extra settings."""
-
-    def __init__(self, settings: Settings, tmp: Path, name: str, env: dict[str, str]) -> None:
-        self.name = name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full = {k: v for k, v in os.environ.items() if not k.startswith("OMNIGATE_")}
-        assert settings.mongodb_uri is not None
-        full.update(
-            OMNIGATE_MONGODB_URI=settings.mongodb_uri,
-            OMNIGATE_MONGODB_DB=settings.mongodb_db,
-            OMNIGATE_DATA_DIR=str(tmp / name),
-            OMNIGATE_FLOWS_HOT_RELOAD="false",
-            OMNIGATE_LOG_LEVEL="INFO",
-            **env,
-        )
-        self.log_path = tmp / f"{name}.log"
-        self.log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            dies_with_parent([sys.executable, "-m", "gateway", "serve", "--port",
-                              str(self.port)]),
-            env=full, cwd=ROOT, stdout=self.log, stderr=self.log, start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid  # the shim execs the gateway: the same pid
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    async def ready(self, http: aiohttp.ClientSession, timeout: float = 60.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while asyncio.get_running_loop().time() < deadline:
-            assert self.process.poll() is None, f"{self.name} exited: {self.text()}"
-            try:
-                async with http.get(self.url + "/readyz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-        raise AssertionError(f"{self.name} not ready: {self.text()}")
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
 
 
 @pytest.fixture
@@ -109,7 +43,8 @@ def start(
     started: list[Process] = []
 
     async def two(env: dict[str, str]) -> list[Process]:
-        pair = [Process(settings, tmp_path, f"gw{n}", env) for n in range(2)]
+        pair = [Process(settings, tmp_path, f"gw{n}", {"OMNIGATE_LOG_LEVEL": "INFO", **env})
+                for n in range(2)]
         started.extend(pair)
         for process in pair:
             await process.ready(http)
