@@ -199,7 +199,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     routing.levels.start()  # the SLA breach checker
     if settings.flows_hot_reload:
         await parts.flows.start()
-    context = ConnectorContext(ingest=app[METRICS].counting(pipeline.ingest), store=store,
+    context = ConnectorContext(ingest=pipeline.ingest, store=store,
                                channels=frozenset(connectors), watch=feed.subscribe,
                                delivered=outbox.marks.seen,
                                leases=Leases(store))  # pollers run in one process

@@ -56,8 +56,6 @@ from pymongo.monitoring import (
 from gateway.model import DeliveryStatus, Direction, OwnerState, Presence
 
 if TYPE_CHECKING:
-    from connectors.base import Ingest, IngestResult
-    from gateway.model import InboundMessage
     from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -250,17 +248,6 @@ class Metrics:
 
     def webhook_request(self, channel: str, status: int) -> None:
         self.webhook_requests.labels(channel, str(status)).inc()
-
-    def counting(self, ingest: Ingest) -> Ingest:
-        """``ingest`` that also counts the inbound items it stored (not the duplicates)."""
-
-        async def counted(message: InboundMessage) -> IngestResult:
-            result = await ingest(message)
-            if not result.duplicate:
-                self.message_stored(result.item.channel, Direction.INBOUND)
-            return result
-
-        return counted
 
     # ------------------------------------------------------------------ the page
 

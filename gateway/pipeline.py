@@ -39,6 +39,7 @@ from gateway.identity import Identity, is_link_payload
 from gateway.metrics import Metrics
 from gateway.model import (
     Activity,
+    ActivityType,
     Contact,
     Conversation,
     Direction,
@@ -245,11 +246,9 @@ class Pipeline:
 
     def _stored(self, docs: list[Doc]) -> None:
         """Items this process stored: their seqs are known (no gap to read)."""
-        if self.metrics is not None:  # (inbound ones are counted by the ingest wrapper)
-            for doc in docs:
-                if doc.get("type") == "message" and doc.get("direction") == "out":
-                    self.metrics.message_stored(str(doc["channel"]), Direction.OUTBOUND)
         for doc in docs:
+            if self.metrics is not None and doc.get("type") == ActivityType.MESSAGE.value:
+                self.metrics.message_stored(str(doc["channel"]), Direction(doc["direction"]))
             held = self._held.get(str(doc["conversation_id"]))
             if held is not None and not held.lost:
                 held.note(int(doc["seq"]))
