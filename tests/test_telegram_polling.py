@@ -164,8 +164,8 @@ async def test_stop_ends_the_long_poll_at_once_and_closes_the_session(
         started = time.monotonic()
         await connector.stop()
         assert time.monotonic() - started < 3
-    assert poller is not None  # a Singleton under the polling lease: stopped, not holding
-    assert getattr(poller, "_task", None) is None and not poller.holding.is_set()
+    assert poller is not None and poller.done()  # the lease runner: stopped, not holding
+    assert not poller.holding.is_set()
     assert session._session is None or session._session.closed
     # the webhook route says this gateway polls
     async with running(settings) as gateway, gateway.http.post(
