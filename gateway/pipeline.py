@@ -60,6 +60,8 @@ from gateway.store.writer import Duplicate, Precondition
 
 log = logging.getLogger(__name__)
 
+COUNTED = (Direction.INBOUND.value, Direction.OUTBOUND.value)  # omnigate_messages_total
+
 STALE_AFTER = timedelta(seconds=15)
 # A bot turn that takes longer is abandoned (well inside LEASE, so no other process can
 # take over the conversation while the turn still runs).
@@ -247,7 +249,8 @@ class Pipeline:
     def _stored(self, docs: list[Doc]) -> None:
         """Items this process stored: their seqs are known (no gap to read)."""
         for doc in docs:
-            if self.metrics is not None and doc.get("type") == ActivityType.MESSAGE.value:
+            if (self.metrics is not None and doc.get("type") == ActivityType.MESSAGE.value
+                    and doc.get("direction") in COUNTED):  # not private notes (internal)
                 self.metrics.message_stored(str(doc["channel"]), Direction(doc["direction"]))
             held = self._held.get(str(doc["conversation_id"]))
             if held is not None and not held.lost:
