@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--host", help="address to listen on (OMNIGATE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (OMNIGATE_PORT, default 8080)")
+    serve.add_argument("--workers", type=int, metavar="N",
+                       help="run N gateway processes on the port, sharing the store, to use "
+                       "N cores (OMNIGATE_WORKERS, default 1)")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal
 
     agents = commands.add_parser("agents", help="manage agents")
     agent_commands = agents.add_subparsers(dest="agents_command", required=True, metavar="ACTION")
@@ -143,26 +147,28 @@ def _agents(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _serve(settings: Settings) -> int:
-    from gateway.app import create_app
+def _serve(settings: Settings, *, worker: bool = False) -> int:
+    from gateway.app import build_bot, create_app
 
+    if not worker:
+        store = (settings.mongodb_uri and "MongoDB at OMNIGATE_MONGODB_URI") or (
+            f"embedded store in {settings.data_dir.resolve()}"
+        )
+        log.info(
+            "Omnigate %s: demo page http://%s:%d/  agent API http://%s:%d/api/docs  (%s)",
+            _version(), settings.host, settings.port, settings.host, settings.port, store,
+        )
+    if settings.workers > 1 and not worker:
+        from gateway.workers import serve_workers
+
+        build_bot(settings)  # bad flows fail here, once, not in every worker
+        return serve_workers(settings)  # the master: N of the below, one store
     app = create_app(settings)
-    store = (settings.mongodb_uri and "MongoDB at OMNIGATE_MONGODB_URI") or (
-        f"embedded store in {settings.data_dir.resolve()}"
-    )
-    log.info(
-        "Omnigate %s: demo page http://%s:%d/  agent API http://%s:%d/api/docs  (%s)",
-        _version(),
-        settings.host,
-        settings.port,
-        settings.host,
-        settings.port,
-        store,
-    )
     web.run_app(
         app,
         host=settings.host,
         port=settings.port,
+        reuse_port=worker or None,  # a worker shares the port with the others
         print=None,
         **access_log_options(settings),
         shutdown_timeout=10.0,
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(
             host=getattr(args, "host", None),
             port=getattr(args, "port", None),
+            workers=getattr(args, "workers", None),
             data_dir=getattr(args, "data_dir", None),
             mongodb_uri=getattr(args, "mongodb_uri", None),
         )
@@ -189,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     try:
         if args.command == "serve":
-            return _serve(settings)
+            return _serve(settings, worker=args.worker)
         if args.command == "agents":
             return _agents(args, settings)
         from gateway.desk.api import SPEC, DeskApi

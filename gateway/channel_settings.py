@@ -47,6 +47,7 @@ class EmailSettings:
     imap: MailServer | None  # inbound by IMAP (IDLE, polling fallback)
     smtp: MailServer  # outbound
     smtp_listen: tuple[str, int] | None = None  # also accept mail directly (aiosmtpd)
+    share_listen: bool = False  # serve --workers N: every worker accepts on smtp_listen
 
 
 def default_port(kind: Literal["imap", "smtp"], tls: TlsMode) -> int:

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)  # serve --workers N: N processes on one port
     data_dir: Path = Path(".omnigate")
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     # Observability (gateway/logs.py, gateway/metrics.py, docs/metrics.md)
@@ -226,7 +227,8 @@ class Settings(BaseSettings):
         if self.smtp_listen:
             host, _, port = self.smtp_listen.rpartition(":")
             listen = (host, int(port))
-        return EmailSettings(self.email_address, imap, smtp, listen)
+        return EmailSettings(self.email_address, imap, smtp, listen,
+                             share_listen=self.workers > 1)
 
     @field_validator("mongodb_uri")
     @classmethod

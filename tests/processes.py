@@ -20,22 +20,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class ServeProcess:
-    """One gateway subprocess on its own port, on the store of ``settings``; ``env``
-    adds to (or overrides) its settings. Nothing is inherited from the test's own
-    ``OMNIGATE_*`` or ``PROMETHEUS_MULTIPROC_DIR``."""
+    """One gateway subprocess on its own port, on the store of ``settings`` (None: its
+    own embedded store in ``tmp/<data>``, default ``tmp/<name>``); ``env`` adds to (or
+    overrides) its settings, ``args`` to its command line. Nothing is inherited from the
+    test's own ``OMNIGATE_*`` or ``PROMETHEUS_MULTIPROC_DIR``."""
 
-    def __init__(self, settings: Settings, tmp: Path, name: str,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, settings: Settings | None, tmp: Path, name: str,
+                 env: Mapping[str, str] | None = None, *, args: tuple[str, ...] = (),
+                 port: int | None = None, data: str | None = None) -> None:
         self.name = name
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.data_dir = tmp / (data or name)
         full = {k: v for k, v in os.environ.items()
                 if not k.startswith("OMNIGATE_") and k != "PROMETHEUS_MULTIPROC_DIR"}
-        assert settings.mongodb_uri is not None
+        if settings is not None:
+            assert settings.mongodb_uri is not None
+            full.update(OMNIGATE_MONGODB_URI=settings.mongodb_uri,
+                        OMNIGATE_MONGODB_DB=settings.mongodb_db)
         full.update(
-            OMNIGATE_MONGODB_URI=settings.mongodb_uri,
-            OMNIGATE_MONGODB_DB=settings.mongodb_db,
-            OMNIGATE_DATA_DIR=str(tmp / name),
+            OMNIGATE_DATA_DIR=str(self.data_dir),
             OMNIGATE_FLOWS_HOT_RELOAD="false",
             OMNIGATE_LOG_LEVEL="WARNING",
         )
@@ -44,7 +48,7 @@ class ServeProcess:
         self.log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             dies_with_parent([sys.executable, "-m", "gateway", "serve", "--port",
-                              str(self.port)]),
+                              str(self.port), *args]),
             env=full, cwd=ROOT, stdout=self.log, stderr=self.log, start_new_session=True,
         )
 

@@ -172,17 +172,17 @@ async def test_stale_store_json_is_ignored(tmp_path: Path, stores: list[Embedded
     assert json.loads((tmp_path / "store.json").read_text())["uri"] == uri
 
 
-async def test_second_server_on_a_busy_dir_fails_with_a_clear_error(
+async def test_an_owner_that_does_not_serve_gives_a_clear_error(
     tmp_path: Path, stores: list[EmbeddedStore]
 ) -> None:
     first = embedded(stores, tmp_path)
     await first.start()
-    (tmp_path / "store.json").unlink()  # the second cannot find the first: it starts its own
-    second = embedded(stores, tmp_path)
-    with pytest.raises(StoreError, match="exited with code") as caught:
-        await second.start()
-    assert "another server" in str(caught.value)
-    assert second.process is None
+    (tmp_path / "store.json").unlink()  # the owner's server cannot be found
+    second = EmbeddedStore(tmp_path, attach_timeout=1.0)
+    stores.append(second)
+    with pytest.raises(StoreError, match="belongs to another omnigate process"):
+        await second.start()  # it never starts a second server on the owner's data
+    assert second.process is None and not second.owned
     assert first.process is not None and first.process.returncode is None
 
 
@@ -217,19 +217,71 @@ def test_sync_on_commit_is_the_default() -> None:
     assert EmbeddedStore(Path("unused")).sync_on_commit is True
 
 
-async def test_acknowledged_write_survives_a_crash(
+async def test_a_dead_server_is_restarted_on_the_same_address_with_its_data(
     tmp_path: Path, stores: list[EmbeddedStore]
 ) -> None:
     first = embedded(stores, tmp_path, sync_on_commit=True)
     uri = await first.start()
     assert first.process is not None
+    dead = first.process.pid
     await roundtrip(uri, {"_id": "k", "v": "acknowledged"})  # insert_one returned: acked
 
-    os.kill(first.process.pid, signal.SIGKILL)  # a crash: no shutdown, no checkpoint
-    assert await first.process.wait() == -signal.SIGKILL
-    first.process = None  # nothing left to stop; store.json stays behind, stale
-
-    second = embedded(stores, tmp_path, sync_on_commit=True)
-    uri = await second.start()
-    assert second.owned
+    os.kill(dead, signal.SIGKILL)  # a crash: no shutdown, no checkpoint
+    # the owner notices, restarts it (after RESTART_FIRST) on the same port: a client
+    # that knew the old address reconnects by itself
     assert await roundtrip(uri) == {"_id": "k", "v": "acknowledged"}
+    assert first.restarts == 1 and first.process is not None and first.process.pid != dead
+    assert json.loads((tmp_path / "store.json").read_text()) == {
+        "uri": uri, "pid": first.process.pid}
+
+
+async def test_a_restart_after_the_owner_is_killed_waits_for_the_old_server(
+    tmp_path: Path, stores: list[EmbeddedStore]
+) -> None:
+    # An owner in another process, SIGKILLed: its server gets SIGTERM (orphan.py) and
+    # shuts down. A new owner must not attach to it meanwhile, but wait and start anew.
+    code = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from gateway.store.embedded import EmbeddedStore\n"
+        "async def main():\n"
+        "    store = EmbeddedStore(Path(sys.argv[1]))\n"
+        "    print(await store.start(), flush=True)\n"
+        "    await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    owner = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", code, str(tmp_path), stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1])
+    assert owner.stdout is not None
+    uri = (await asyncio.wait_for(owner.stdout.readline(), 60)).decode().strip()
+    await roundtrip(uri, {"_id": "k", "v": "kept"})
+    old_server = json.loads((tmp_path / "store.json").read_text())["pid"]
+    owner.kill()
+    await owner.wait()
+    await asyncio.sleep(0.2)  # what a supervisor waits before it starts the gateway again
+
+    second = embedded(stores, tmp_path)
+    new_uri = await second.start()
+    assert second.owned and second.process is not None
+    assert not pid_running(old_server)  # it started only once the old one was gone
+    assert second.process.pid != old_server
+    assert new_uri == uri  # the same port again
+    assert await roundtrip(new_uri) == {"_id": "k", "v": "kept"}
+
+
+async def test_an_attached_process_takes_over_when_the_owner_stops(
+    tmp_path: Path, stores: list[EmbeddedStore]
+) -> None:
+    first = embedded(stores, tmp_path)
+    uri = await first.start()
+    await roundtrip(uri, {"_id": "k", "v": 1})
+    second = embedded(stores, tmp_path)
+    assert await second.start() == uri and not second.owned
+    await first.stop()  # e.g. `omnigate agents add` ran first and is done
+    deadline = asyncio.get_running_loop().time() + 30
+    while second.process is None or not await second._answers():
+        assert asyncio.get_running_loop().time() < deadline, "no one took the store over"
+        await asyncio.sleep(0.2)
+    assert second.owned and second.uri == uri
+    assert await roundtrip(uri) == {"_id": "k", "v": 1}

@@ -160,7 +160,8 @@ class EmailConnector(Connector):
             host, port = self.settings.smtp_listen
             handler = InboundHandler(self.address, self._from_smtp)
             self.listener = SmtpListener(host, port, handler, hostname=self.domain,
-                                         max_bytes=limits.max_bytes)
+                                         max_bytes=limits.max_bytes,
+                                         reuse_port=self.settings.share_listen)
             await self.listener.start()
 
     async def stop(self) -> None:

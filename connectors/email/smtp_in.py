@@ -74,8 +74,9 @@ class InboundHandler:
 
 class SmtpListener:
     def __init__(self, host: str, port: int, handler: InboundHandler, *, hostname: str,
-                 max_bytes: int) -> None:
+                 max_bytes: int, reuse_port: bool = False) -> None:
         self.host, self.port = host, port
+        self.reuse_port = reuse_port  # several workers of one gateway share the port
         self.handler = handler
         self.hostname = hostname
         self.max_bytes = max_bytes
@@ -92,7 +93,7 @@ class SmtpListener:
             lambda: SMTP(self.handler, hostname=self.hostname, ident="Omnigate",
                          data_size_limit=self.max_bytes, enable_SMTPUTF8=True,
                          decode_data=False, timeout=120, loop=loop),
-            self.host, self.port)
+            self.host, self.port, reuse_port=self.reuse_port or None)
         log.info("email: accepting mail by SMTP on %s:%s", self.host, self.bound_port)
 
     async def stop(self) -> None:
