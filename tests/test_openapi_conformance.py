@@ -16,6 +16,7 @@ Run alone: ``.venv/bin/python -m pytest -m conformance -q``.
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,3 +110,38 @@ def test_the_served_spec_is_the_one_tested(rig: Rig) -> None:
 def test_the_api_matches_its_openapi(case: schemathesis.Case, rig: Rig) -> None:
     case.call_and_validate(base_url=rig.gateway.url,
                            headers={"Authorization": f"Bearer {rig.token}"})
+
+
+def _call(rig: Rig, method: str, path: str, body: Any = None) -> tuple[int, Any, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        rig.gateway.url + path, data=data, method=method,
+        headers={"Authorization": f"Bearer {rig.token}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.headers, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers, json.load(error)
+
+
+def test_the_issues_findings_stay_fixed(rig: Rig) -> None:
+    """The findings schemathesis reported (issue 9), as plain requests."""
+    status, headers, body = _call(rig, "TRACE", "/api/v1/me")
+    assert (status, body["error"]) == (405, "method_not_allowed")
+    assert "GET" in headers["Allow"]
+    for query in ("limit=0", "limit=201", "limit=7_0", "mine=yes", "owner="):
+        status, _, body = _call(rig, "GET", f"/api/v1/conversations?{query}")
+        assert (status, body["error"]) == (400, "bad_request"), query
+    for query in ("from=", "to=", "from=yesterday"):
+        status, _, body = _call(rig, "GET", f"/api/v1/analytics?{query}")
+        assert (status, body["error"]) == (400, "bad_request"), query
+    for capacity in (False, True, "3", 2.5):
+        status, _, body = _call(rig, "POST", "/api/v1/agents",
+                                {"name": "Strict", "capacity": capacity})
+        assert (status, body["error"]) == (400, "bad_request"), capacity
+        assert "capacity" in body["message"]
+    status, _, body = _call(rig, "POST", "/api/v1/agents", {"name": "Whole", "capacity": 4.0})
+    assert (status, body["agent"]["capacity"]) == (201, 4)
+    status, _, body = _call(rig, "PATCH", f"/api/v1/agents/{rig.ids['agent']}", {"active": 0})
+    assert (status, body["error"]) == (400, "bad_request")
+
