@@ -7,11 +7,13 @@ the usual JSON errors (with ``Retry-After`` on 429).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
+from gateway.desk.agents import EMAIL_PATTERN, LABEL_PATTERN, NAME_PATTERN
 from gateway.desk.auth import (
     ADMIN_ONLY,
     ALL_ROLES,
@@ -28,7 +30,7 @@ from gateway.desk.auth import (
     login,
     set_cookie,
 )
-from gateway.desk.http import json_response, read_body
+from gateway.desk.http import json_response, not_null, read_body
 from gateway.desk.openapi import Endpoint
 from gateway.keys import AGENTS, ROUTING
 from gateway.model import Agent, AgentRole
@@ -60,14 +62,29 @@ class AgentList(BaseModel):
     items: list[AgentOut]
 
 
+def _whole(value: Any) -> Any:
+    """JSON Schema's integer includes 3.0 (not true, not "3": bodies are read strictly)."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Capacity = Annotated[int, Field(ge=0, le=100), BeforeValidator(_whole)]
+# Team and skill names as gateway/desk/agents.py checks them (its messages stay the API's).
+Label = Annotated[str, WithJsonSchema({"type": "string", "pattern": LABEL_PATTERN})]
+
+
 class AgentCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    email: str | None = Field(None, max_length=320, description="needed to sign in")
+    # A password needs an email to sign in with (the store refuses one without).
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "if": {"required": ["password"], "properties": {"password": {"type": "string"}}},
+        "then": {"required": ["email"], "properties": {"email": {"type": "string"}}},
+    })
+    name: str = Field(min_length=1, max_length=200, json_schema_extra={"pattern": NAME_PATTERN})
+    email: str | None = Field(None, max_length=320, description="needed to sign in",
+                              json_schema_extra={"pattern": EMAIL_PATTERN})
     role: AgentRole = AgentRole.AGENT
-    teams: list[str] = Field(default_factory=list, max_length=50)
-    skills: list[str] = Field(default_factory=list, max_length=50)
-    capacity: int = Field(3, ge=0, le=100)
+    teams: list[Label] = Field(default_factory=list, max_length=50)
+    skills: list[Label] = Field(default_factory=list, max_length=50)
+    capacity: Capacity = 3
     password: str | None = Field(None, min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)
 
 
@@ -81,14 +98,20 @@ class AgentUpdate(BaseModel):
     console sessions; a deactivated agent's API token stops working too."""
 
     model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1, max_length=200)
-    email: str | None = Field(None, max_length=320)
-    role: AgentRole | None = None
-    teams: list[str] | None = Field(None, max_length=50)
-    skills: list[str] | None = Field(None, max_length=50)
-    capacity: int | None = Field(None, ge=0, le=100)
-    active: bool | None = None
-    password: str | None = Field(None, min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)
+    # Only email may be null (no email: the agent cannot sign in); the others may be
+    # left out but not sent as null (the handler refuses that, the schema says so).
+    name: Annotated[str, Field(min_length=1, max_length=200)] | SkipJsonSchema[None] = Field(
+        None, json_schema_extra=not_null(pattern=NAME_PATTERN))
+    email: str | None = Field(None, max_length=320, json_schema_extra={"pattern": EMAIL_PATTERN})
+    role: AgentRole | SkipJsonSchema[None] = Field(None, json_schema_extra=not_null())
+    teams: Annotated[list[Label], Field(max_length=50)] | SkipJsonSchema[None] = Field(
+        None, json_schema_extra=not_null())
+    skills: Annotated[list[Label], Field(max_length=50)] | SkipJsonSchema[None] = Field(
+        None, json_schema_extra=not_null())
+    capacity: Capacity | SkipJsonSchema[None] = Field(None, json_schema_extra=not_null())
+    active: bool | SkipJsonSchema[None] = Field(None, json_schema_extra=not_null())
+    password: (Annotated[str, Field(min_length=MIN_PASSWORD, max_length=MAX_PASSWORD)]
+               | SkipJsonSchema[None]) = Field(None, json_schema_extra=not_null())
 
 
 class LoginIn(BaseModel):

@@ -34,6 +34,17 @@ TOKEN_PREFIX = "og_"  # noqa: S105 - a prefix, not a secret
 HIDDEN = ("_id", "token_hash", "password_hash", "email_key")
 EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 LABEL = re.compile(r"^[\w.-]{1,64}$")  # a team or skill name
+# The same rules as JSON Schema patterns for the API's spec (ECMA 262 and Python agree on
+# these explicit classes; str.strip() removes exactly SPACE).
+CONTROL = "\\x00-\\x1f\\x7f-\\x9f"
+SPACE = ("\\t\\n\\x0b\\x0c\\r\\x1c-\\x1f \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028"
+         "\\u2029\\u202f\\u205f\\u3000")
+NAME_PATTERN = (f"^[{SPACE}]*[^{CONTROL}{SPACE}]([^{CONTROL}]*[^{CONTROL}{SPACE}])?"
+                f"[{SPACE}]*$")  # stripped: not empty, no control characters
+BLANK = "\\u0020\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000"  # no control
+EMAIL_PATTERN = (f"^[{BLANK}]*[^@{CONTROL}{SPACE}]{{1,64}}@[^@{CONTROL}{SPACE}]{{1,255}}"
+                 f"[{BLANK}]*$")
+LABEL_PATTERN = f"^[{SPACE}]*[\\w.-]{{1,64}}[{SPACE}]*$"
 
 
 def hash_token(token: str) -> str:
@@ -50,7 +61,7 @@ def _agent(doc: dict[str, Any]) -> Agent:
 
 
 def _check_text(name: str, email: str | None) -> None:
-    if any(ord(c) < 32 or ord(c) == 127 for c in name + (email or "")):
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name + (email or "")):  # C0, C1
         raise BadInput("an agent's name and email cannot contain control characters")
 
 

@@ -33,7 +33,7 @@ from gateway.analytics import (
 )
 from gateway.desk.auth import BadInput, Forbidden
 from gateway.desk.http import json_response, query_time
-from gateway.desk.openapi import STAFF, Endpoint, Query
+from gateway.desk.openapi import STAFF, Endpoint, Query, time_query
 from gateway.keys import ROUTING
 from gateway.model import AgentRole
 
@@ -89,12 +89,14 @@ def _handler(
 
 
 QUERY = (
-    Query("from", "start of the period, inclusive (ISO 8601; default: 7 days before to)"),
-    Query("to", "end of the period, exclusive (ISO 8601; default: now)"),
-    Query("channel", "only this channel (webchat, telegram, slack, email)"),
-    Query("team", "only this team (agents: one of their own teams)"),
+    time_query("from", "start of the period, inclusive (ISO 8601; default: 7 days before to)"),
+    time_query("to", "end of the period, exclusive (ISO 8601; default: now)"),
+    Query("channel", "only this channel (webchat, telegram, slack, email; empty: all)",
+          schema={"maxLength": MAX_FILTER}),
+    Query("team", "only this team (agents: one of their own teams; empty: all)",
+          schema={"maxLength": MAX_FILTER}),
     Query("topic", "only this topic (the bot flow that handed off or resolved, else the "
-          "handoff reason)"),
+          "handoff reason; empty: all)", schema={"maxLength": MAX_FILTER}),
 )
 DESCRIPTION = (
     "Counted over conversations that ended (were resolved) in the period, once per "

@@ -8,6 +8,7 @@ bot. ``GET /api/openapi.json`` is the OpenAPI 3.1 description, ``GET /api/docs``
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
 from gateway.desk.analytics_api import analytics_endpoints
 from gateway.desk.auth import ALL_ROLES, AccessError, BadInput, authenticate, authorize
 from gateway.desk.contacts_api import contact_endpoints
-from gateway.desk.http import json_response, read_body
+from gateway.desk.http import NOT_BLANK, json_response, read_body
 from gateway.desk.live import live_endpoints
 from gateway.desk.notes_api import notes_endpoints
 from gateway.desk.openapi import (
@@ -28,6 +29,7 @@ from gateway.desk.openapi import (
     Query,
     add_routes,
     build_spec,
+    limit_query,
     render_docs,
 )
 from gateway.desk.queue_api import QUEUE_MODELS, queue_endpoints
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 AGENT = web.RequestKey("agent", Agent)
 SPEC = web.AppKey("openapi_spec", dict)
 MAX_INT = 2**53  # query integers above this are no seq (and overflow the store's int64)
+MINE = {"true": True, "false": False, "1": True, "0": False}
 
 
 class ErrorOut(BaseModel):
@@ -122,8 +125,8 @@ class Page(BaseModel):
 
 class ReplyIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    text: str = Field(min_length=1, max_length=4000)
-    channel: str | None = Field(None, min_length=1, max_length=32, description=(
+    text: str = Field(min_length=1, max_length=4000, pattern=NOT_BLANK)
+    channel: str | None = Field(None, min_length=1, max_length=32, pattern=NOT_BLANK, description=(
         "send on this channel of the contact (default: where the customer wrote last)"))
 
 
@@ -175,7 +178,10 @@ class DeskApi:
         except ValueError:
             raise BadInput(
                 "owner must be bot, queued, agent or resolved (comma separated)") from None
-        assignee = request[AGENT].id if request.query.get("mine") in ("1", "true") else None
+        mine = request.query.get("mine", "false")
+        if mine not in MINE:
+            raise BadInput("mine must be true or false (or 1 or 0)")
+        assignee = request[AGENT].id if MINE[mine] else None
         limit = _int(request, "limit", 50, 1, 200)
         if owners == [OwnerState.QUEUED] and assignee is None:  # priority, then waiting time
             conversations = await _routing(request).queue.queue(limit)
@@ -249,8 +255,9 @@ class DeskApi:
 
     def endpoints(self) -> list[Endpoint]:
         page = (
-            Query("before", "only items older than this seq", "integer"),
-            Query("limit", "page size, 1-200 (default 50)", "integer"),
+            Query("before", "only items older than this seq", "integer",
+                  schema={"minimum": 1, "maximum": MAX_INT}),
+            limit_query(),
         )
         conflict = (401, 404, 409, 503)
         return [
@@ -271,9 +278,12 @@ class DeskApi:
                         "owner",
                         "comma-separated owner states (default queued)",
                         enum=tuple(o.value for o in OwnerState),
+                        array=True,
+                        schema={"minItems": 1},
                     ),
-                    Query("mine", "true: only conversations assigned to me"),
-                    Query("limit", "1-200 (default 50)", "integer"),
+                    Query("mine", "true (or 1): only conversations assigned to me",
+                          enum=tuple(MINE)),
+                    limit_query("1-200 (default 50)"),
                 ),
             ),
             Endpoint(
@@ -352,7 +362,7 @@ class DeskApi:
                 TimelinePage,
                 query=(
                     Query("cursor", "next_cursor of the previous page (omit: newest)"),
-                    Query("limit", "page size, 1-200 (default 50)", "integer"),
+                    limit_query(),
                 ),
                 errors=(401, 404, 503),
                 tag="contacts",
@@ -439,7 +449,11 @@ class DeskApi:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+            # Keep what the exception says beyond its body: a 405's Allow (RFC 9110).
+            kept = {k: v for k, v in exc.headers.items()
+                    if k.lower() not in ("content-type", "content-length")}
+            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason,
+                          headers=kept)
 
 
 
@@ -463,10 +477,9 @@ def _int(request: web.Request, name: str, default: int | None, low: int, high: i
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadInput(f"{name} must be an integer") from None
+    if not re.fullmatch(r"-?[0-9]{1,20}", raw):  # int() would take " 7", "7_0", Arabic digits
+        raise BadInput(f"{name} must be an integer")
+    value = int(raw)
     if value < low or value > high:
         raise BadInput(f"{name} must be between {low} and {high}")
     return value

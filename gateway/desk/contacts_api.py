@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.desk.http import json_response, read_body
+from gateway.desk.http import NOT_BLANK, json_response, read_body
 from gateway.desk.openapi import Endpoint
 from gateway.identity import Identity
 from gateway.keys import OUTBOX, STORE
@@ -24,7 +24,7 @@ from gateway.store.contacts import Merge, MergeConflict
 
 class MergeIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    contact_id: str = Field(min_length=1, max_length=64,
+    contact_id: str = Field(min_length=1, max_length=64, pattern=NOT_BLANK,
                             description="the contact merged into this one (it lives on here)")
 
 

@@ -1,11 +1,16 @@
-"""Request bodies and responses of the agent API: JSON read into a pydantic model (or a
-400 that says which field is wrong: ``BadInput``, turned into the error response by the
-API's middleware), and a model written as the JSON answer."""
+"""Request bodies and responses of the agent API: JSON read into a pydantic model, strictly
+(or a 400 that says which field is wrong: ``BadInput``, turned into the error response by
+the API's middleware), and a model written as the JSON answer.
+
+``NOT_BLANK`` and ``not_null`` make a model's JSON Schema say what its validation does:
+text stripped of whitespace must keep a character; a field that may be left out but not
+sent as null."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -13,6 +18,18 @@ from pydantic import BaseModel, ValidationError
 from gateway.desk.auth import BadInput
 
 M = TypeVar("M", bound=BaseModel)
+NOT_BLANK = r"\S"  # with str_strip_whitespace and min_length=1: not only whitespace
+
+
+def not_null(**keywords: Any) -> Callable[[dict[str, Any]], None]:
+    """``json_schema_extra`` of an optional field whose null is refused (type
+    ``X | SkipJsonSchema[None]``): no ``default: null`` in its schema, plus ``keywords``."""
+
+    def edit(schema: dict[str, Any]) -> None:
+        schema.pop("default", None)
+        schema.update(keywords)
+
+    return edit
 
 
 async def read_body(request: web.Request, model: type[M]) -> M:
@@ -22,8 +39,12 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         raise BadInput("the body is JSON nested too deeply") from None
     except (ValueError, UnicodeDecodeError):
         raise BadInput("the body must be JSON") from None
+    del data  # parsed above for the error messages; validated below from the same text
     try:
-        return model.model_validate(data)
+        # Strict: JSON types as they are (``false`` is no integer, ``"3"`` no number,
+        # ``1`` no boolean), as the spec's schemas say. JSON mode keeps enums and times
+        # from their strings.
+        return model.model_validate_json(await request.text(), strict=True)
     except ValidationError as exc:
         raise BadInput(
             "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())

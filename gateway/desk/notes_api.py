@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.desk.auth import ADMIN_ONLY, STAFF, BadInput
-from gateway.desk.http import json_response, read_body
+from gateway.desk.http import NOT_BLANK, json_response, read_body
 from gateway.desk.openapi import Endpoint, Query
 from gateway.keys import STORE
 from gateway.model import Activity
@@ -29,14 +29,14 @@ SHORTCODE = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 
 class NoteIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    text: str = Field(min_length=1, max_length=4000)
+    text: str = Field(min_length=1, max_length=4000, pattern=NOT_BLANK)
 
 
 class CannedIn(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     shortcode: str = Field(pattern=SHORTCODE, description="lower case, what agents type")
     title: str = Field("", max_length=200)
-    text: str = Field(min_length=1, max_length=4000, description=(
+    text: str = Field(min_length=1, max_length=4000, pattern=NOT_BLANK, description=(
         "may hold {contact.name}, {contact.<profile key>}, {agent.name}, {agent.email}; "
         "{{ and }} are literal braces"))
 
@@ -45,7 +45,7 @@ class CannedPatch(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
     shortcode: str | None = Field(None, pattern=SHORTCODE)
     title: str | None = Field(None, max_length=200)
-    text: str | None = Field(None, min_length=1, max_length=4000)
+    text: str | None = Field(None, min_length=1, max_length=4000, pattern=NOT_BLANK)
 
 
 class CannedList(BaseModel):
@@ -159,7 +159,8 @@ def notes_endpoints() -> list[Endpoint]:
         Endpoint(
             "GET", "/v1/canned/{id}/render", render_canned,
             "A canned response with its placeholders filled for a conversation",
-            Rendered, query=(Query("conversation_id", "the conversation (its contact)"),),
+            Rendered, query=(Query("conversation_id", "the conversation (its contact)",
+                                           required=True, schema={"minLength": 1}),),
             errors=(401, 404, 503), tag="canned", roles=STAFF,
         ),
     ]

@@ -28,6 +28,7 @@ ERROR_TEXT = {
     "site or lacks the X-CSRF-Token header",
     404: "No such conversation, contact or agent",
     409: "The conversation (or agent) is not in a state that allows this",
+    413: "The body is larger than the server accepts",
     429: "Too many failed sign-ins: wait Retry-After seconds",
     503: "The store is unavailable; nothing was changed",
 }
@@ -37,10 +38,40 @@ UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
 
 @dataclass(frozen=True)
 class Query:
+    """A query parameter; ``schema`` adds JSON Schema keywords (bounds, format, length).
+    ``array``: comma-separated values of ``enum`` (OpenAPI ``style: form, explode: false``)."""
+
     name: str
     description: str
     type: str = "string"
     enum: tuple[str, ...] = ()
+    required: bool = False
+    schema: dict[str, Any] = field(default_factory=dict)
+    array: bool = False
+
+    def parameter(self) -> dict[str, Any]:
+        values: dict[str, Any] = {"enum": list(self.enum)} if self.enum else {}
+        if self.array:
+            schema: dict[str, Any] = {"type": "array", "items": {"type": self.type, **values},
+                                      **self.schema}
+        else:
+            schema = {"type": self.type, **values, **self.schema}
+        parameter: dict[str, Any] = {"name": self.name, "in": "query",
+                                     "required": self.required,
+                                     "description": self.description, "schema": schema}
+        if self.array:
+            parameter |= {"style": "form", "explode": False}
+        return parameter
+
+
+def limit_query(description: str = "page size, 1-200 (default 50)") -> Query:
+    return Query("limit", description, "integer", schema={"minimum": 1, "maximum": 200})
+
+
+def time_query(name: str, description: str) -> Query:
+    """An ISO 8601 time (RFC 3339 in the spec; the server also takes a date, and a time
+    without a zone as UTC)."""
+    return Query(name, description, schema={"format": "date-time"})
 
 
 @dataclass(frozen=True)
@@ -92,16 +123,7 @@ def build_spec(
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in re.findall(r"{(\w+)}", ep.path)
         ]
-        params += [
-            {
-                "name": q.name,
-                "in": "query",
-                "required": False,
-                "description": q.description,
-                "schema": {"type": q.type, **({"enum": list(q.enum)} if q.enum else {})},
-            }
-            for q in ep.query
-        ]
+        params += [q.parameter() for q in ep.query]
         if ep.auth and ep.method in UNSAFE:
             params.append(
                 {
@@ -124,6 +146,8 @@ def build_spec(
             }
         }
         errors = set(ep.errors) | ({400} if ep.body or ep.query else set())
+        if ep.body:
+            errors.add(413)  # larger than the server's client_max_size
         if ep.auth:
             errors |= {401, 403}
         for status in sorted(errors):

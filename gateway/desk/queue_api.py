@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.desk.http import json_response, read_body
+from gateway.desk.http import NOT_BLANK, json_response, read_body
 from gateway.desk.openapi import Endpoint
 from gateway.keys import ROUTING, SETTINGS
 from gateway.model import Agent, Presence
@@ -51,10 +51,13 @@ class AgentStatus(BaseModel):
 
 
 class TransferIn(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    agent_id: str | None = Field(None, min_length=1, max_length=64,
+    # Exactly one of the two as a string (the other left out or null), in the schema too.
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, json_schema_extra={
+        "oneOf": [{"required": [name], "properties": {name: {"type": "string"}}}
+                  for name in ("agent_id", "team")]})
+    agent_id: str | None = Field(None, min_length=1, max_length=64, pattern=NOT_BLANK,
                                  description="give the conversation to this agent")
-    team: str | None = Field(None, min_length=1, max_length=100,
+    team: str | None = Field(None, min_length=1, max_length=100, pattern=NOT_BLANK,
                              description="or: back to the queue, for this team")
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from gateway.desk.auth import BadInput
 from gateway.desk.http import json_response, query_time
-from gateway.desk.openapi import Endpoint, Query
+from gateway.desk.openapi import Endpoint, Query, time_query
 from gateway.hours import is_open, next_opening
 from gateway.keys import ROUTING
 from gateway.sla import SlaOut, timers
@@ -125,10 +125,11 @@ def sla_endpoints() -> list[Endpoint]:
             "SLA breaches over a period, counted by priority, team, channel and kind",
             BreachesOut, tag="sla",
             query=(
-                Query("since", "ISO 8601 start (default: 7 days before until)"),
-                Query("until", "ISO 8601 end, exclusive (default: now)"),
+                time_query("since", "ISO 8601 start (default: 7 days before until)"),
+                time_query("until", "ISO 8601 end, exclusive (default: now)"),
                 Query("by", f"comma-separated subset of {', '.join(GROUPS)} "
-                      "(default priority,team,kind)"),
+                      "(default priority,team,kind; empty: one total)", enum=tuple(GROUPS),
+                      array=True),
             ),
             description="A breach counts in the period its due time falls in.",
         ),
