@@ -44,6 +44,7 @@ from gateway.logs import setup_request_ids
 from gateway.metrics import Metrics, metrics_handler, multiprocess_dir, webhook_middleware
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
+from gateway.ratelimit import RateLimit, webhook_limit_middleware
 from gateway.routing import Routing
 from gateway.settings import Settings
 from gateway.sla import ServiceLevels
@@ -87,6 +88,10 @@ def build_connectors(settings: Settings) -> dict[str, Connector]:
             allowed_origins=settings.webchat_allowed_origins,
             max_frame_bytes=settings.webchat_max_frame_bytes,
             max_text=settings.webchat_max_text,
+            secret_key=settings.secret_key,
+            connects_per_minute=settings.webchat_connects_per_minute,
+            messages_per_minute=settings.webchat_messages_per_minute,
+            message_burst=settings.webchat_message_burst,
         )
     )
     connectors: dict[str, Connector] = {webchat.channel: webchat}
@@ -265,6 +270,9 @@ def create_app(settings: Settings) -> web.Application:
     metrics.known_channels(connectors)
     setup_request_ids(app)  # X-Request-ID, request_id in log lines (gateway/logs.py)
     app.middlewares.append(webhook_middleware(metrics))
+    # after the counting one: a 429 is counted; per client address, burst 2 s worth
+    per_second = settings.webhook_requests_per_second
+    app.middlewares.append(webhook_limit_middleware(RateLimit(per_second, 2 * per_second)))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     if settings.metrics:

@@ -67,6 +67,16 @@ class Settings(BaseSettings):
     webchat_allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webchat_max_frame_bytes: int = Field(65536, ge=1024, le=1024 * 1024)
     webchat_max_text: int = Field(4000, ge=1, le=100_000)
+    # Rate limits (gateway/ratelimit.py), per gateway process, 0 = off: new sockets per
+    # client address (burst: the same number), messages per visitor (with a burst).
+    webchat_connects_per_minute: int = Field(120, ge=0, le=1_000_000)
+    webchat_messages_per_minute: int = Field(600, ge=0, le=1_000_000)
+    webchat_message_burst: int = Field(30, ge=1, le=1_000_000)
+    # Webhook requests (POST /webhooks/...) per client address per second (burst: 2 s).
+    webhook_requests_per_second: int = Field(200, ge=0, le=1_000_000)
+    # Signs web chat visitor tokens (unset: a random key kept in the store, shared by
+    # every process on it). 32-512 printable characters.
+    secret_key: str | None = Field(None, pattern=r"^[\x21-\x7e]{32,512}$")
 
     # Outbox
     outbox_max_attempts: int = Field(8, ge=1, le=100)

@@ -317,7 +317,8 @@ async def test_store_unavailable_at_hello(
     async def down(*_args: Any, **_kwargs: Any) -> Any:
         raise AutoReconnect("store down (test)")
 
-    monkeypatch.setattr(gateway.store, "put_state", down)
+    # a hello writes nothing (signed tokens), but it reads the visitor's conversation
+    monkeypatch.setattr(gateway.store, "find_conversation", down)
     ws = await gateway.socket()
     await ws.send_json({"type": "hello", "token": None, "watermark": None})
     assert (await ws.receive_json(timeout=5))["code"] == "unavailable"

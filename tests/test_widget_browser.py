@@ -11,6 +11,7 @@ pytest-playwright's fixtures are synchronous; Playwright lives for this module o
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import uuid
 from collections.abc import Callable, Iterator
@@ -378,4 +379,53 @@ def test_continue_on_telegram_button(telegram_gateway: TelegramGateway, page: Pa
     contact = only_conversation(gw)["contact_id"]
     wait_for(lambda: identity_owner(gw, "telegram:4242") == contact, 15,
              "the Telegram user is linked to the visitor's contact")
+    problems.check()
+
+
+@pytest.fixture
+def limited_gateway(mongo_uri: str, tmp_path: Path) -> Iterator[ThreadedGateway]:
+    """Two messages at once per visitor, then one every 10 s."""
+    gw = ThreadedGateway(base_settings(mongo_uri, tmp_path).model_copy(update={
+        "webchat_messages_per_minute": 6, "webchat_message_burst": 2}))
+    try:
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
+
+
+def test_a_rate_limited_message_is_sent_again_after_retry_after(
+    limited_gateway: ThreadedGateway, page: Page
+) -> None:
+    gw = limited_gateway
+    problems = Problems(page)
+    refused: list[dict[str, Any]] = []
+
+    def on_socket(ws: Any) -> None:
+        def received(payload: str | bytes) -> None:
+            if isinstance(payload, str) and '"rate_limited"' in payload:
+                refused.append(json.loads(payload))
+        ws.on("framereceived", received)
+
+    page.on("websocket", on_socket)
+    open_chat(page, gw)
+    texts = ["hello", "opening hours", "shipping costs"]
+    for text in texts:
+        say(page, text)
+    # the third was refused (not stored): the widget keeps it as pending, then sends it
+    # again by itself after retry_after, and it is stored and answered
+    for _ in range(300):  # Playwright delivers events only while it is called: poll it
+        if refused:
+            break
+        page.wait_for_timeout(100)
+    assert refused, "a rate_limited error within 30 s"
+    assert refused[0]["client_id"] and refused[0]["retry_after"] > 0
+    for text in texts:
+        expect(message(page, "customer", text)).to_have_count(1, timeout=60_000)
+    expect(page.locator(f"{MSG}[data-pending]")).to_have_count(0, timeout=60_000)
+    expect(page.locator(f"{MSG}[data-failed]")).to_have_count(0)
+    stored = gw.call(store_of(gw).messages.count_documents(
+        {"channel": "webchat", "direction": "in"}))
+    assert stored == 3
+    expect(message(page, "bot", "ship")).not_to_have_count(0, timeout=WAIT)
     problems.check()

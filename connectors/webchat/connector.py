@@ -2,17 +2,19 @@
 
 Routes (sub-app mounted at ``/webchat``): ``GET /ws`` (the socket, protocol in
 docs/webchat-protocol.md), ``GET /widget.js``, ``GET /widget.css``. The demo page at ``/``
-is ``demo_page``. A visitor token (kept by the browser, stored here only as a SHA-256)
-is bound to one visitor and so to that visitor's one conversation.
+is ``demo_page``. A visitor token (kept by the browser; signed, never stored:
+connectors/webchat/tokens.py) is bound to one visitor and so to that visitor's one
+conversation. A ``hello`` writes nothing; the first message creates the visitor's contact
+and conversation. New sockets per client address and messages per visitor are rate
+limited in this process (gateway/ratelimit.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import secrets
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,8 +40,16 @@ from connectors.webchat.frames import (
     error,
 )
 from connectors.webchat.sockets import CHANNEL, Hub, VisitorSocket
+from connectors.webchat.tokens import (
+    TokenSigner,
+    is_signed,
+    legacy_key,
+    load_secret,
+    new_visitor_id,
+)
 from gateway.feed import Change, ChangeKind
 from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage, Party, Role
+from gateway.ratelimit import RateLimit
 from gateway.store.mongo import from_doc
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,7 @@ HARD_FRAME_LIMIT = 1024 * 1024  # aiohttp closes the socket with 1009 above this
 HELLO_TIMEOUT = 10.0
 CLOSE_INVALID_TOKEN = 4401
 CLOSE_NO_HELLO = 4408
+CLOSE_RATE_LIMITED = 4429
 MAX_TOKEN_CHARS = 200
 PAGE_CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -62,10 +73,10 @@ class WebchatConfig:
     allowed_origins: list[str] = field(default_factory=list)
     max_frame_bytes: int = 65536
     max_text: int = 4000
-
-
-def _token_key(token: str) -> str:
-    return "token:" + hashlib.sha256(token.encode()).hexdigest()
+    secret_key: str | None = None  # signs visitor tokens; None: a random one in the store
+    connects_per_minute: int = 120  # hellos per client address (burst: the same); 0 = off
+    messages_per_minute: int = 600  # messages and actions per visitor; 0 = off
+    message_burst: int = 30
 
 
 class WebchatConnector(Connector):
@@ -77,6 +88,13 @@ class WebchatConnector(Connector):
         self.hub = Hub()
         self._context: ConnectorContext | None = None
         self._unwatch: Callable[[], None] | None = None
+        self._signer: TokenSigner | None = None
+        if self.config.secret_key is not None:
+            self._signer = TokenSigner(self.config.secret_key.encode())
+        self._signer_lock = asyncio.Lock()
+        self.connects = RateLimit.per_minute(self.config.connects_per_minute)
+        self.messages = RateLimit.per_minute(self.config.messages_per_minute,
+                                             self.config.message_burst)
 
     @property
     def context(self) -> ConnectorContext:
@@ -97,6 +115,18 @@ class WebchatConnector(Connector):
     async def start(self, context: ConnectorContext) -> None:
         self._context = context
         self._unwatch = context.watch(self._on_change)
+        try:
+            await self.signer()  # read once now; if the store is down, at the first hello
+        except PyMongoError as exc:
+            log.warning("webchat: token secret not read yet (%s); will retry", exc)
+
+    async def signer(self) -> TokenSigner:
+        """The token signer: OMNIGATE_SECRET_KEY, or the store's secret, read once."""
+        if self._signer is None:
+            async with self._signer_lock:
+                if self._signer is None:
+                    self._signer = TokenSigner(await load_secret(self.context.store))
+        return self._signer
 
     async def stop(self) -> None:
         if self._unwatch is not None:
@@ -194,7 +224,7 @@ class WebchatConnector(Connector):
         await ws.prepare(request)
         socket: VisitorSocket | None = None
         try:
-            socket = await self._handshake(ws)
+            socket = await self._handshake(ws, request)
             if socket is not None:
                 await self._serve(ws, socket, request)
         except (ConnectionError, asyncio.CancelledError):
@@ -242,10 +272,19 @@ class WebchatConnector(Connector):
                 continue
             return frame
 
-    async def _handshake(self, ws: web.WebSocketResponse) -> VisitorSocket | None:
+    async def _handshake(
+        self, ws: web.WebSocketResponse, request: web.Request
+    ) -> VisitorSocket | None:
         """Wait for hello, then open the visitor's session; None if the socket is done."""
         hello = await self._read_hello(ws)
         if hello is None:
+            return None
+        # Per client address (request.remote: behind a proxy, the proxy's address unless
+        # it rewrites it; docs/webchat-protocol.md). Checked before anything is read.
+        wait = self.connects.take(request.remote or "")
+        if wait > 0:
+            await ws.send_json(rate_limited(wait, "too many new chats from this address"))
+            await ws.close(code=CLOSE_RATE_LIMITED, message=b"rate limited")
             return None
         try:
             return await self._open_session(ws, hello)
@@ -280,20 +319,19 @@ class WebchatConnector(Connector):
     ) -> VisitorSocket | None:
         """Check or issue the token, say welcome, replay, join the hub."""
         store = self.context.store
-        if hello.token is None:
-            token, visitor_id = secrets.token_urlsafe(32), "v_" + secrets.token_urlsafe(12)
-            await store.put_state(CHANNEL, _token_key(token), {"visitor_id": visitor_id})
+        signer = await self.signer()
+        if hello.token is None:  # nothing written: the first message creates the visitor
+            visitor_id = new_visitor_id()
+            token = signer.issue(visitor_id)
         else:
             token = hello.token
-            state = None  # a token longer than any we issue is malformed: not looked up
-            if len(token) <= MAX_TOKEN_CHARS:
-                state = await store.get_state(CHANNEL, _token_key(token))
-            if state is None:
+            found = await self._visitor_of(signer, token)
+            if found is None:
                 message = "unknown visitor token; say hello without one"
                 await ws.send_json(error(ErrorCode.INVALID_TOKEN, message))
                 await ws.close(code=CLOSE_INVALID_TOKEN, message=b"invalid token")
                 return None
-            visitor_id = str(state["visitor_id"])
+            visitor_id = found
         socket = VisitorSocket(ws, store, visitor_id)
         conversation_id = await socket.find_conversation()
         await ws.send_json(
@@ -316,6 +354,16 @@ class WebchatConnector(Connector):
             self.hub.remove(socket)
             raise
         return socket
+
+    async def _visitor_of(self, signer: TokenSigner, token: str) -> str | None:
+        """The visitor a token binds: a signed one by its MAC, an older one (a random
+        string) by its stored SHA-256; None if neither."""
+        if len(token) > MAX_TOKEN_CHARS:
+            return None  # longer than any we issue: malformed, not looked up
+        if is_signed(token):
+            return signer.verify(token)
+        state = await self.context.store.get_state(CHANNEL, legacy_key(token))
+        return None if state is None else str(state["visitor_id"])
 
     async def _serve(
         self, ws: web.WebSocketResponse, socket: VisitorSocket, request: web.Request
@@ -406,6 +454,8 @@ class WebchatConnector(Connector):
             await feed.typing(conversation_id, "customer", typing.on)
 
     async def _receive(self, socket: VisitorSocket, frame: dict[str, Any]) -> None:
+        """A message or a button press: checked, then (under the visitor's rate limit)
+        stored and acked."""
         if frame.get("type") == "message":
             sent = SendMessage.model_validate(frame)
             text, value, client_id = sent.text.strip(), None, sent.client_id
@@ -424,6 +474,11 @@ class WebchatConnector(Connector):
         else:
             action = SendAction.model_validate(frame)
             text, value, client_id = action.title.strip(), action.value, action.client_id
+        wait = self.messages.take(socket.visitor_id)
+        if wait > 0:  # not stored, never acked: the client sends it again after the wait
+            await socket.send(rate_limited(wait, "too many messages; this one was not "
+                                           "stored: send it again later", client_id))
+            return
         # The ack comes first on the sender's socket (docs/webchat-protocol.md): the echo
         # and the bot's answer, pushed by the feed or the outbox as soon as the item is
         # stored, wait for the socket's lock until the ack is out.
@@ -453,6 +508,13 @@ class WebchatConnector(Connector):
             await self.hub.push(socket.visitor_id, result.item)
         except PyMongoError as exc:  # stored and acked: the echo comes with the next catch-up
             log.warning("webchat: could not echo %s yet: %s", result.item.id, exc)
+
+
+def rate_limited(wait: float, message: str, client_id: str | None = None) -> dict[str, Any]:
+    """The ``rate_limited`` error: ``retry_after`` seconds (rounded up to 0.1 s)."""
+    frame = error(ErrorCode.RATE_LIMITED, message, client_id)
+    frame["retry_after"] = math.ceil(wait * 10) / 10
+    return frame
 
 
 def _client_id(frame: object) -> str | None:

@@ -87,7 +87,7 @@ class ErrorCode:
     UNAVAILABLE = "unavailable"
     LINK_UNAVAILABLE = "link_unavailable"  # that channel is off, or cannot make links now
     INVALID_ADDRESS = "invalid_address"  # email_link: not an address a code can go to
-    RATE_LIMITED = "rate_limited"  # email_link: too many codes asked for
+    RATE_LIMITED = "rate_limited"  # too many hellos, messages or email codes: retry_after
     # email_verify: the code was not accepted (nothing linked), or the address belongs
     # to another customer (an agent can merge)
     WRONG_CODE = "wrong_code"

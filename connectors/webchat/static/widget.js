@@ -80,6 +80,7 @@
   let handshakeTimer = null;   // gives up on a socket that never reaches `synced`
   let lastHeard = 0;
   let resetPending = false;    // invalid token seen: start over on close
+  let helloWait = null;        // ms the server asked us to wait before the next hello (4429)
   let historyBusy = false;
   let helloWatermark = null;   // the watermark the current hello asked from
   let isOpen = false;
@@ -499,14 +500,21 @@
     setMeta(entry.el, ERROR_TEXT[code] || "Not sent");
   }
 
-  // The store was unreachable: try the queue again a little later.
-  function scheduleRetry() {
+  // The store was unreachable (or the server said `rate_limited`, with how long to
+  // wait): try the queue again a little later, with the same client_ids.
+  function scheduleRetry(waitMs) {
     if (retryTimer) return;
     retryTimer = setTimeout(() => {
       retryTimer = null;
       if (state === "online") flushOutbox();
-    }, retryDelay);
-    retryDelay = Math.min(retryDelay * 2, 30000);
+    }, waitMs === undefined ? retryDelay : waitMs);
+    if (waitMs === undefined) retryDelay = Math.min(retryDelay * 2, 30000);
+  }
+
+  // `retry_after` of a rate_limited error in ms (a little later, never before it).
+  function retryAfterMs(f) {
+    const s = typeof f.retry_after === "number" && f.retry_after > 0 ? f.retry_after : 1;
+    return Math.min(s, 3600) * 1000 + 50 + Math.random() * 200;
   }
 
   // ----------------------------------------------------------------- typing
@@ -692,7 +700,11 @@
     sock.onclose = (e) => {
       if (ws !== sock) return; // already abandoned
       drop(sock);
-      if (e.code === 4401 || resetPending) {
+      if (e.code === 4429) { // too many new chats from this address: wait as told
+        const wait = helloWait === null ? undefined : helloWait;
+        helloWait = null;
+        scheduleReconnect(wait);
+      } else if (e.code === 4401 || resetPending) {
         resetPending = false;
         resetConversation();
         attempt = 0;
@@ -799,8 +811,13 @@
 
   function onError(f) {
     if (f.code === "invalid_token") { resetPending = true; return; } // close 4401 follows
+    if (f.code === "rate_limited" && state !== "online" && !f.client_id) {
+      helloWait = retryAfterMs(f); // at hello; close 4429 follows
+      return;
+    }
     if (f.client_id && pending.has(f.client_id)) {
       if (f.code === "unavailable" || f.code === "internal") scheduleRetry(); // same client_id is safe
+      else if (f.code === "rate_limited") scheduleRetry(retryAfterMs(f)); // not stored: resend later
       else failed(f.client_id, f.code);
       return;
     }
