@@ -198,6 +198,7 @@ async def main() -> None:
         fsync = await run_gateway(n, args.seconds, tmp, profile=args.profile)
         one = await run_gateway(1, args.seconds, tmp)
         nosync = await run_gateway(n, args.seconds, tmp, sync=False)
+        two = await run_gateway(n, args.seconds, tmp, workers=2)
     print(f"web chat round trips, {args.seconds:.0f} s each, {os.cpu_count()} cores\n")
     print("| server | round trips/s | p50 ms | p95 ms | p99 ms | store commands per round trip "
           "| samples |")
@@ -207,10 +208,13 @@ async def main() -> None:
     print(row(f"Omnigate, embedded store, fsync per commit (default), {n} visitors", fsync))
     print(row("Omnigate, embedded store, fsync per commit (default), 1 visitor", one))
     print(row(f"Omnigate, embedded store, no fsync, {n} visitors", nosync))
+    print(row(f"Omnigate --workers 2, one embedded store (fsync), {n} visitors", two))
     print()
     print(f"Omnigate (default) / echo throughput at {n} visitors: "
           f"{fsync['rps'] / echo['rps']:.4f}; p50 latency x{fsync['p50'] / echo['p50']:.1f}")
     print(f"one visitor: p50 {one['p50']:.1f} ms (echo {echo1['p50']:.2f} ms)")
+    print(f"--workers 2 / 1 worker at {n} visitors: throughput x{two['rps'] / fsync['rps']:.2f}, "
+          f"p95 x{two['p95'] / fsync['p95']:.2f}")
     print(f"fsync per commit costs: throughput x{fsync['rps'] / nosync['rps']:.2f}, "
           f"p50 x{fsync['p50'] / nosync['p50']:.2f}")
 

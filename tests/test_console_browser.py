@@ -213,11 +213,25 @@ RAW_SOCKET = """async (token) => {
   });
 }"""
 SEND_MANY = """async (n) => {
+  // as the widget does: a message refused as rate_limited is sent again after retry_after
+  const limited = (id) => window.__raw.frames.find(
+    (f) => f.type === "error" && f.code === "rate_limited" && f.client_id === id && !f.seen);
   for (let i = 1; i <= n; i++) {
     const id = "line-" + i;
     window.__raw.ws.send(JSON.stringify({ type: "message", client_id: id, text: "line " + i }));
     await new Promise((ok) => {
-      const check = () => window.__raw.acks.has(id) ? ok() : setTimeout(check, 10);
+      const check = () => {
+        const refused = limited(id);
+        if (refused) {
+          refused.seen = true;
+          setTimeout(() => {
+            window.__raw.ws.send(JSON.stringify(
+              { type: "message", client_id: id, text: "line " + i }));
+            check();
+          }, 1000 * refused.retry_after);
+        } else if (window.__raw.acks.has(id)) ok();
+        else setTimeout(check, 10);
+      };
       check();
     });
   }
