@@ -58,7 +58,6 @@ class Worker:
         self.env = env
         self.metrics_dir = metrics_dir
         self.process: asyncio.subprocess.Process | None = None
-        self.restarts = 0
         self.stopping = False
 
     async def run(self) -> None:
@@ -80,7 +79,6 @@ class Worker:
                       self.number, process.pid, code, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RESTART_MAX)
-            self.restarts += 1
 
     async def stop(self) -> None:
         self.stopping = True
@@ -99,7 +97,7 @@ class Worker:
             await process.wait()
 
 
-def _metrics_dir(settings: Settings) -> tuple[str, bool]:
+def _metrics_dir() -> tuple[str, bool]:
     """The multiprocess directory the workers share, emptied; True if made here."""
     given = os.environ.get(MULTIPROC_ENV)
     if given:
@@ -121,7 +119,7 @@ async def run_master(settings: Settings) -> int:
     if settings.mongodb_uri is None:
         embedded = EmbeddedStore(settings.data_dir, sync_on_commit=settings.embedded_sync_on_commit)
         await embedded.start()  # before the workers, which attach to it
-    metrics_dir, made = _metrics_dir(settings)
+    metrics_dir, made = _metrics_dir()
     env = dict(os.environ, **{MULTIPROC_ENV: metrics_dir,
                               "OMNIGATE_WORKERS": str(settings.workers)})
     args = worker_command(settings)

@@ -6,6 +6,7 @@ Everything goes over real sockets (web chat) and real HTTP (agent API) to a whol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -486,20 +487,29 @@ TELEGRAM_TOKEN = "123456:TEST-token_abc"
 TELEGRAM_SECRET = "s3cret_Secret-42"
 
 
-@pytest.fixture
-async def telegram_gateway(settings: Settings) -> AsyncIterator[tuple[Gateway, FakeTelegram]]:
-    """A gateway with Telegram on by webhook, against a local fake Bot API."""
+@contextlib.asynccontextmanager
+async def telegram_webhook_gateway(
+    settings: Settings, **more: Any
+) -> AsyncIterator[tuple[Gateway, FakeTelegram]]:
+    """A gateway with Telegram on by webhook (``more`` settings on top), against a local
+    fake Bot API."""
     fake = FakeTelegram(token=TELEGRAM_TOKEN)
     await fake.start()
     try:
         async with running_gateway(settings.model_copy(update={
                 "telegram_token": TELEGRAM_TOKEN, "telegram_mode": "webhook",
                 "telegram_webhook_secret": TELEGRAM_SECRET,
-                "telegram_webhook_url": "https://gw.example/webhooks/telegram",
-                "telegram_api_url": fake.url})) as gw:
+                "telegram_api_url": fake.url, **more})) as gw:
             yield gw, fake
     finally:
         await fake.close()
+
+
+@pytest.fixture
+async def telegram_gateway(settings: Settings) -> AsyncIterator[tuple[Gateway, FakeTelegram]]:
+    async with telegram_webhook_gateway(
+            settings, telegram_webhook_url="https://gw.example/webhooks/telegram") as both:
+        yield both
 
 
 async def test_a_telegram_update_nested_too_deeply_is_a_400(

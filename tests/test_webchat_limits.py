@@ -18,9 +18,7 @@ from connectors.telegram.inbound import message_key
 from gateway.settings import Settings
 from tests.conftest import Gateway, Visitor, running_gateway
 from tests.fakes.telegram_api import FakeTelegram, People
-
-TELEGRAM_TOKEN = "123456:TEST-token_abc"
-TELEGRAM_SECRET = "s3cret_Secret-42"
+from tests.test_bad_input import TELEGRAM_SECRET, telegram_webhook_gateway
 
 
 async def closed_with(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> int | None:
@@ -102,17 +100,8 @@ async def test_messages_over_the_limit_are_refused_unstored_then_accepted_after_
 @pytest.fixture
 async def webhooks(settings: Settings) -> AsyncIterator[tuple[Gateway, FakeTelegram]]:
     """A gateway with Telegram by webhook (local fake Bot API), 1 request/s per address."""
-    fake = FakeTelegram(token=TELEGRAM_TOKEN)
-    await fake.start()
-    try:
-        async with running_gateway(settings.model_copy(update={
-                "telegram_token": TELEGRAM_TOKEN, "telegram_mode": "webhook",
-                "telegram_webhook_secret": TELEGRAM_SECRET,
-                "telegram_api_url": fake.url,
-                "webhook_requests_per_second": 1})) as gw:
-            yield gw, fake
-    finally:
-        await fake.close()
+    async with telegram_webhook_gateway(settings, webhook_requests_per_second=1) as both:
+        yield both
 
 
 async def test_webhooks_over_the_limit_get_429_with_retry_after_and_nothing_stored(

@@ -333,8 +333,9 @@ class EmbeddedStore:
             if process is None:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RESTART_MAX)
+                assert self.port is not None  # set when this process became the owner
                 try:
-                    await self._spawn(self.port or _free_port(self.host))
+                    await self._spawn(self.port)  # the same port: clients reconnect
                 except StoreError as exc:
                     log.error("restarting the embedded store failed: %s", exc)
                     continue
