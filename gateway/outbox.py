@@ -158,9 +158,14 @@ class Outbox:
         return docs
 
     async def enqueue(
-        self, conversation: Conversation, drafts: Sequence[OutboundDraft]
+        self, conversation: Conversation, drafts: Sequence[OutboundDraft],
+        ops: Sequence[Op] = (),
     ) -> list[Activity]:
-        """Store the drafts (idempotent per ``dedupe_key``) and start delivering them."""
+        """Store the drafts (idempotent per ``dedupe_key``) and start delivering them.
+
+        ``ops``: updates written in the same transaction (an owner change and its event:
+        ``Routing._change``); then a ``Precondition`` or ``Duplicate`` means nothing was
+        written and is the caller's to handle."""
         docs = await self.prepare(conversation, drafts)
         if not docs:
             return []
@@ -168,8 +173,10 @@ class Outbox:
         touch = Op("conversations", {"_id": conversation.id},
                    {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}})
         try:
-            items = await self.store.append(conversation.id, docs, [touch])
+            items = await self.store.append(conversation.id, docs, [touch, *ops])
         except Duplicate:  # a re-run: store what is new, one by one; keep what exists
+            if ops:
+                raise
             items = []
             fresh: list[Activity] = []
             for doc in docs:

@@ -1,10 +1,12 @@
 """Ownership of a conversation: bot → queued → agent → resolved (or back to the bot).
 
-Each change is one conditional update in the store (``Store.transition``), so when two
-agents claim at once exactly one wins, and the bot and a human never both own a
-conversation. Every change also leaves an ``event`` item in the conversation's history
-(delivered to the customer's channel like any other item) so agents and customers see the
-chronology.
+Each change is one conditional update in the store, so when two agents claim at once
+exactly one wins, and the bot and a human never both own a conversation. Every change
+also leaves an ``event`` item in the conversation's history (delivered to the customer's
+channel like any other item) so agents and customers see the chronology: the update and
+its event are one writer unit (``_change``), written together or not at all, so the
+events are in the order of the changes even when the next change is made by another
+process the moment the first is visible (assigned, then resolved at once elsewhere).
 
 Agents' load changes in the same store transaction as the owner (gateway/store/queue.py):
 a claim or a transfer adds one, resolve, hand back, transfer away and re-queue take one
@@ -16,8 +18,9 @@ to hand out waiting conversations.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
+from typing import Any
 
 from gateway.analytics import Outcomes
 from gateway.csat import CsatConfig, CsatSurvey
@@ -38,6 +41,7 @@ from gateway.outbox import Outbox
 from gateway.sla import ServiceLevels
 from gateway.store import NotFound, Store
 from gateway.store.queue import Assigned, QueueStore
+from gateway.store.writer import Duplicate, Op, Precondition
 
 __all__ = ["SYSTEM", "Assigned", "Conflict", "Routing"]
 
@@ -78,12 +82,42 @@ class Routing:
         self._wake()
 
     async def _event(
-        self, conversation: Conversation, name: str, text: str, dedupe_key: str | None = None
+        self, conversation: Conversation, name: str, text: str, dedupe_key: str | None = None,
+        ops: list[Op] | None = None,
     ) -> None:
         draft = OutboundDraft(
             type=ActivityType.EVENT, sender=SYSTEM, name=name, text=text, dedupe_key=dedupe_key
         )
-        await self.outbox.enqueue(conversation, [draft])
+        await self.outbox.enqueue(conversation, [draft], ops or [])
+
+    async def _change(
+        self,
+        conversation_id: str,
+        expected: set[OwnerState],
+        to: OwnerState,
+        event: tuple[str, str],
+        *,
+        also: Mapping[str, Any] | None = None,
+        where: Mapping[str, Any] | None = None,
+        joins: str | None = None,
+        leaves: str | None = None,
+        dedupe_key: str | None = None,
+    ) -> Conversation | None:
+        """Move the conversation to ``to`` if it is in an ``expected`` state (and
+        ``where``), with agents' loads (``QueueStore.move_ops``) and the ``event`` (name,
+        text) in the same transaction. Returns the updated conversation, or None if it
+        was not in an expected state (of two concurrent callers exactly one wins) or
+        this change was made before (its ``dedupe_key`` event is stored)."""
+        current = await self.store.get_conversation(conversation_id)
+        if current is None or current.owner not in expected:
+            return None
+        ops = self.queue.move_ops(conversation_id, expected, to, utcnow(), also=also,
+                                  where=where, joins=joins, leaves=leaves)
+        try:
+            await self._event(current, *event, dedupe_key, ops)
+        except (Precondition, Duplicate):
+            return None
+        return await self.store.get_conversation(conversation_id)
 
     async def _get(self, conversation_id: str) -> Conversation:
         conversation = await self.store.get_conversation(conversation_id)
@@ -105,23 +139,17 @@ class Routing:
         """Bot → queue, with a reason. None if the bot did not own the conversation."""
         handoff = Handoff(reason=reason, skill=skill, team=team, priority=priority,
                           requested_at=utcnow(), topic=topic)
-        conversation = await self.store.transition(
-            conversation_id,
-            {OwnerState.BOT},
-            OwnerState.QUEUED,
+        conversation = await self._change(
+            conversation_id, {OwnerState.BOT}, OwnerState.QUEUED,
+            ("handoff", "You are in the queue for a human agent. They will see everything "
+                        "you have written so far."),
             also={"handoff": handoff.model_dump(mode="python"), "assignee_id": None,
                   "sla": self.levels.plan(handoff, self.levels.clock()).model_dump()},
+            dedupe_key=dedupe_key,
         )
         if conversation is None:
             return None
         log.info("conversation %s handed off: %s", conversation_id, reason)
-        await self._event(
-            conversation,
-            "handoff",
-            "You are in the queue for a human agent. They will see everything "
-            "you have written so far.",
-            dedupe_key,
-        )
         await self.levels.handed_off(conversation)  # closed now? tell them when we open
         self.wake()
         return conversation
@@ -130,8 +158,9 @@ class Routing:
         """Queue → this agent. Exactly one of concurrent claimers wins; others get Conflict."""
         # A claim is the agent's own choice: it counts toward the load, but is not held
         # to the capacity (that limits what the assigner hands out).
-        conversation = await self.queue.move(
-            conversation_id, {OwnerState.QUEUED}, OwnerState.AGENT, utcnow(),
+        conversation = await self._change(
+            conversation_id, {OwnerState.QUEUED}, OwnerState.AGENT,
+            ("assigned", f"{agent.name} joined the conversation."),
             also={"assignee_id": agent.id}, joins=agent.id,
         )
         if conversation is None:
@@ -139,18 +168,23 @@ class Routing:
             if current.owner is OwnerState.AGENT and current.assignee_id == agent.id:
                 return current  # claiming twice is harmless
             raise Conflict(f"conversation is {current.owner.value}, not queued", current)
-        await self._event(conversation, "assigned", f"{agent.name} joined the conversation.")
         return conversation
 
     async def assign(self, conversation_id: str, agent: Agent) -> Assigned:
         """Queue → this agent, automatically, never beyond the agent's capacity."""
-        result = await self.queue.assign(conversation_id, agent, utcnow())
-        if result is not Assigned.ASSIGNED:
-            return result
-        conversation = await self._get(conversation_id)
+        current = await self.store.get_conversation(conversation_id)
+        if current is None or current.owner is not OwnerState.QUEUED:
+            return Assigned.TAKEN
+        ops = self.queue.assign_ops(conversation_id, agent, utcnow())
+        try:
+            await self._event(current, "assigned", f"{agent.name} joined the conversation.",
+                              ops=ops)
+        except Precondition:  # which of the two: the conversation tells
+            now = await self.store.get_conversation(conversation_id)
+            queued = now is not None and now.owner is OwnerState.QUEUED
+            return Assigned.AGENT_FULL if queued else Assigned.TAKEN
         log.info("conversation %s assigned to agent %s", conversation_id, agent.id)
-        await self._event(conversation, "assigned", f"{agent.name} joined the conversation.")
-        return result
+        return Assigned.ASSIGNED
 
     async def require_assignee(self, conversation_id: str, agent: Agent) -> Conversation:
         conversation = await self._get(conversation_id)
@@ -173,8 +207,9 @@ class Routing:
         return item
 
     async def resolve(self, conversation_id: str, agent: Agent) -> Conversation:
-        conversation = await self.queue.move(
-            conversation_id, {OwnerState.AGENT}, OwnerState.RESOLVED, utcnow(),
+        conversation = await self._change(
+            conversation_id, {OwnerState.AGENT}, OwnerState.RESOLVED,
+            ("resolved", f"{agent.name} marked this conversation as resolved."),
             where={"assignee_id": agent.id}, leaves=agent.id,
         )
         if conversation is None:
@@ -182,16 +217,14 @@ class Routing:
             raise Conflict("only the assigned agent can resolve this conversation", current)
         conversation = await self.levels.resolved(conversation)  # SLA: resolved_at
         self.wake()
-        await self._event(
-            conversation, "resolved", f"{agent.name} marked this conversation as resolved."
-        )
         await self._ended(conversation, "agent", agent=agent)
         return conversation
 
     async def handback(self, conversation_id: str, agent: Agent) -> Conversation:
         """Agent → bot: the bot answers the customer's next message again."""
-        conversation = await self.queue.move(
-            conversation_id, {OwnerState.AGENT}, OwnerState.BOT, utcnow(),
+        conversation = await self._change(
+            conversation_id, {OwnerState.AGENT}, OwnerState.BOT,
+            ("handback", "You are chatting with the bot again. Ask for a human any time."),
             also={"assignee_id": None, "handoff": None, "bot_state": {}},
             where={"assignee_id": agent.id}, leaves=agent.id,
         )
@@ -199,11 +232,6 @@ class Routing:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can hand this conversation back", current)
         self.wake()
-        await self._event(
-            conversation,
-            "handback",
-            "You are chatting with the bot again. Ask for a human any time.",
-        )
         return conversation
 
     async def transfer_to_agent(
@@ -216,8 +244,9 @@ class Routing:
             raise NotFound(f"agent {target_id} does not exist")
         if target.id == agent.id:
             return await self.require_assignee(conversation_id, agent)
-        conversation = await self.queue.move(
-            conversation_id, {OwnerState.AGENT}, OwnerState.AGENT, utcnow(),
+        conversation = await self._change(
+            conversation_id, {OwnerState.AGENT}, OwnerState.AGENT,
+            ("transferred", f"{agent.name} transferred the conversation to {target.name}."),
             also={"assignee_id": target.id}, where={"assignee_id": agent.id},
             joins=target.id, leaves=agent.id,
         )
@@ -225,10 +254,6 @@ class Routing:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can transfer this conversation", current)
         self.wake()
-        await self._event(
-            conversation, "transferred",
-            f"{agent.name} transferred the conversation to {target.name}.",
-        )
         return conversation
 
     async def transfer_to_team(self, conversation_id: str, agent: Agent, team: str) -> Conversation:
@@ -240,19 +265,17 @@ class Routing:
         current = await self.require_assignee(conversation_id, agent)
         handoff = (current.handoff or Handoff(reason="transferred", requested_at=utcnow()))
         handoff = handoff.model_copy(update={"team": team, "skill": None})
-        conversation = await self.queue.move(
-            conversation_id, {OwnerState.AGENT}, OwnerState.QUEUED, utcnow(),
+        conversation = await self._change(
+            conversation_id, {OwnerState.AGENT}, OwnerState.QUEUED,
+            ("transferred",
+             f"{agent.name} transferred the conversation to the {team} team. You are in the "
+             "queue; they will see everything you have written so far."),
             also={"assignee_id": None, "handoff": handoff.model_dump(mode="python")},
             where={"assignee_id": agent.id}, leaves=agent.id,
         )
         if conversation is None:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can transfer this conversation", current)
-        await self._event(
-            conversation, "transferred",
-            f"{agent.name} transferred the conversation to the {team} team. You are in the "
-            "queue; they will see everything you have written so far.",
-        )
         self.wake()
         return conversation
 
@@ -261,18 +284,16 @@ class Routing:
         Returns how many this call re-queued."""
         moved = 0
         for conversation_id in await self.queue.assigned_to(agent_id):
-            conversation = await self.queue.move(
-                conversation_id, {OwnerState.AGENT}, OwnerState.QUEUED, utcnow(),
+            conversation = await self._change(
+                conversation_id, {OwnerState.AGENT}, OwnerState.QUEUED,
+                ("requeued",
+                 "Your agent is no longer available. You are back in the queue; the next "
+                 "agent will see everything you have written so far."),
                 also={"assignee_id": None}, where={"assignee_id": agent_id}, leaves=agent_id,
             )
             if conversation is None:
                 continue  # it moved on meanwhile (resolved, transferred, ...)
             moved += 1
-            await self._event(
-                conversation, "requeued",
-                "Your agent is no longer available. You are back in the queue; the next "
-                "agent will see everything you have written so far.",
-            )
         if moved:
             log.info("agent %s offline: %d conversation(s) re-queued", agent_id, moved)
             self.wake()
@@ -301,11 +322,12 @@ class Routing:
     ) -> Conversation | None:
         """The bot closed the conversation (the customer's need is met); ``topic``: the
         flow that did it (analytics)."""
-        conversation = await self.store.transition(
-            conversation_id, {OwnerState.BOT}, OwnerState.RESOLVED, also={"bot_state": {}}
+        conversation = await self._change(
+            conversation_id, {OwnerState.BOT}, OwnerState.RESOLVED,
+            ("resolved", "Conversation resolved."), also={"bot_state": {}},
+            dedupe_key=dedupe_key,
         )
         if conversation is not None:
-            await self._event(conversation, "resolved", "Conversation resolved.", dedupe_key)
             await self._ended(conversation, "bot", topic=topic)
         return conversation
 
@@ -322,12 +344,9 @@ class Routing:
 
     async def reopen(self, conversation_id: str, dedupe_key: str) -> Conversation | None:
         """Resolved → bot, when the customer writes again."""
-        conversation = await self.store.transition(
-            conversation_id,
-            {OwnerState.RESOLVED},
-            OwnerState.BOT,
+        return await self._change(
+            conversation_id, {OwnerState.RESOLVED}, OwnerState.BOT,
+            ("reopened", "Conversation reopened."),
             also={"assignee_id": None, "handoff": None, "bot_state": {}},
+            dedupe_key=dedupe_key,
         )
-        if conversation is not None:
-            await self._event(conversation, "reopened", "Conversation reopened.", dedupe_key)
-        return conversation

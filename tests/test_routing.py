@@ -442,3 +442,32 @@ def test_candidates_are_the_able_least_busy_then_idle_longest() -> None:
     teamed = plain.model_copy(update={"team": "sales", "skill": "billing"})
     assert [a.id for a in candidates(agents, teamed)] == ["billing"]
     assert candidates(agents, plain.model_copy(update={"team": "support"})) == []
+
+
+async def test_an_owner_change_is_never_visible_without_its_event(gateway: Gateway) -> None:
+    """The change and its event are written together: whoever sees the agent own the
+    conversation sees the "assigned" event too, and an agent who resolves it the moment
+    they see it gets the events in the order of the changes."""
+    alice_id, alice = await make_agent(gateway, "Alice", capacity=12, online=False)
+    ids = [await handoff(gateway, f"v{n}") for n in range(12)]
+    await presence(gateway, alice, "online")  # the assigner hands all out as we look
+    without: list[str] = []
+    resolved: set[str] = set()
+    deadline = asyncio.get_running_loop().time() + 30
+    while len(resolved) < len(ids):
+        assert asyncio.get_running_loop().time() < deadline, "not all were assigned"
+        for conversation_id in set(ids) - resolved:
+            if await owner(gateway, conversation_id) != ("agent", alice_id):
+                continue
+            items, _ = await gateway.store.history(conversation_id, limit=10)
+            if "assigned" not in [i.name for i in items]:
+                without.append(conversation_id)
+            status, body = await call(
+                gateway, "POST", f"/conversations/{conversation_id}/resolve", alice)
+            assert status == 200, body
+            resolved.add(conversation_id)
+    assert without == []
+    for conversation_id in ids:
+        assert [name for name, _ in await events(gateway, conversation_id)] == [
+            "handoff", "assigned", "resolved"]
+    await assert_loads_true(gateway)

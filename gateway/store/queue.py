@@ -9,10 +9,12 @@ ms per priority with 200 queued among 5,000 conversations; one query on ``owner`
 sorting the 4,800 resolved ones took 127 ms).
 
 An agent's ``load`` is a counter on the agent document, changed in the same transaction
-as the conversation's owner: ``assign`` takes a slot with a conditional update
-(``load < capacity`` for the capacity just read, while online and active) and moves the
-conversation queued → agent, or does neither; ``move`` changes the owner conditionally
-and adjusts the loads of the agents it leaves and joins. So no process ever sees a load
+as the conversation's owner and the event that tells of it (the updates here are
+``Op``s that routing writes in one writer unit with that event): ``assign_ops`` takes a
+slot with a conditional update (``load < capacity`` for the capacity just read, while
+online and active) and moves the conversation queued → agent, or does neither;
+``move_ops`` changes the owner conditionally and adjusts the loads of the agents it
+leaves and joins. So no process ever sees a load
 that disagrees with the conversations (an assignment in flight is invisible until it
 commits), concurrent assignments in several processes conflict in the store and are
 retried (the loser finds the agent full), and a process dying halfway leaves nothing
@@ -32,6 +34,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 
 from gateway.model import Agent, Conversation, OwnerState, Presence
 from gateway.store.mongo import Doc, Store, from_doc
+from gateway.store.writer import Op
 
 PRIORITIES = ("urgent", "high", "normal", "low")  # queue order
 
@@ -42,10 +45,6 @@ class Assigned(Enum):
     ASSIGNED = "assigned"
     AGENT_FULL = "agent_full"  # the agent could not take it (full, offline, changed)
     TAKEN = "taken"  # the conversation is no longer queued (someone else won it)
-
-
-class _Taken(Exception):
-    """Aborts an assignment transaction: the conversation was not queued any more."""
 
 
 def agent_of(doc: dict[str, Any]) -> Agent:
@@ -117,37 +116,22 @@ class QueueStore:
     async def in_team(self, team: str) -> bool:
         return await self.agents.find_one({"teams": team, "active": True}, {"_id": 1}) is not None
 
-    async def assign(self, conversation_id: str, agent: Agent, now: datetime) -> Assigned:
-        """Queue → agent and one slot of the agent's capacity taken, atomically; only if
-        the agent is active, online and below capacity (the capacity just read: if it
-        changed meanwhile, this says AGENT_FULL and the caller reads the agent again)."""
+    def assign_ops(self, conversation_id: str, agent: Agent, now: datetime) -> list[Op]:
+        """Queue → agent and one slot of the agent's capacity taken: both required, so the
+        unit they go in (with its "assigned" event) is written only if the agent is
+        active, online and below capacity (the capacity just read) and the conversation
+        still queued. If not, the caller tells which (``Routing.assign``)."""
+        return [
+            Op("agents",
+               {"_id": agent.id, "active": True, "presence": Presence.ONLINE.value,
+                "capacity": agent.capacity, "load": {"$lt": agent.capacity}},
+               {"$inc": {"load": 1}, "$set": {"last_assigned_at": now}}, required=True),
+            Op("conversations", {"_id": conversation_id, "owner": OwnerState.QUEUED.value},
+               {"$set": {"owner": OwnerState.AGENT.value, "assignee_id": agent.id,
+                         "updated_at": now}}, required=True),
+        ]
 
-        async def txn(session: AsyncClientSession) -> Assigned:
-            reserved = await self.agents.update_one(
-                {"_id": agent.id, "active": True, "presence": Presence.ONLINE.value,
-                 "capacity": agent.capacity, "load": {"$lt": agent.capacity}},
-                {"$inc": {"load": 1}, "$set": {"last_assigned_at": now}},
-                session=session,
-            )
-            if reserved.modified_count == 0:
-                return Assigned.AGENT_FULL
-            moved = await self.conversations.update_one(
-                {"_id": conversation_id, "owner": OwnerState.QUEUED.value},
-                {"$set": {"owner": OwnerState.AGENT.value, "assignee_id": agent.id,
-                          "updated_at": now}},
-                session=session,
-            )
-            if moved.matched_count == 0:
-                raise _Taken  # abort: the reservation is rolled back
-            return Assigned.ASSIGNED
-
-        try:
-            async with self.store.client.start_session() as session:
-                return await session.with_transaction(txn)
-        except _Taken:
-            return Assigned.TAKEN
-
-    async def move(
+    def move_ops(
         self,
         conversation_id: str,
         expected: set[OwnerState],
@@ -158,33 +142,22 @@ class QueueStore:
         where: Mapping[str, Any] | None = None,
         joins: str | None = None,
         leaves: str | None = None,
-    ) -> Conversation | None:
-        """Like ``Store.transition`` (None unless the conversation was in an expected
-        state), and in the same transaction: +1 on the load of the agent it ``joins``
-        (a claim, a transfer: not held to capacity), -1 on the one it ``leaves``."""
-
-        async def txn(session: AsyncClientSession) -> bool:
-            query: Doc = {"_id": conversation_id,
-                          "owner": {"$in": [s.value for s in expected]}, **(where or {})}
-            update: Doc = {"owner": to.value, "updated_at": now, **(also or {})}
-            moved = await self.conversations.update_one(query, {"$set": update},
-                                                        session=session)
-            if moved.matched_count == 0:
-                return False
-            if joins is not None:
-                await self.agents.update_one(
-                    {"_id": joins}, {"$inc": {"load": 1}, "$set": {"last_assigned_at": now}},
-                    session=session)
-            if leaves is not None:
-                await self.agents.update_one(
-                    {"_id": leaves, "load": {"$gt": 0}}, {"$inc": {"load": -1}},
-                    session=session)
-            return True
-
-        async with self.store.client.start_session() as session:
-            if not await session.with_transaction(txn):
-                return None
-        return await self.store.get_conversation(conversation_id)
+    ) -> list[Op]:
+        """The owner changes only if it is one of ``expected`` (and ``where``): a required
+        update; with it +1 on the load of the agent it ``joins`` (a claim, a transfer: not
+        held to capacity), -1 on the one it ``leaves``. Written in one unit, with the
+        change's event (``Routing._change``): all of it or nothing."""
+        query: Doc = {"_id": conversation_id,
+                      "owner": {"$in": [s.value for s in expected]}, **(where or {})}
+        update: Doc = {"owner": to.value, "updated_at": now, **(also or {})}
+        ops = [Op("conversations", query, {"$set": update}, required=True)]
+        if joins is not None:
+            ops.append(Op("agents", {"_id": joins},
+                          {"$inc": {"load": 1}, "$set": {"last_assigned_at": now}}))
+        if leaves is not None:
+            ops.append(Op("agents", {"_id": leaves, "load": {"$gt": 0}},
+                          {"$inc": {"load": -1}}))
+        return ops
 
     async def repair(self, agent_id: str) -> tuple[int, int] | None:
         """Recount the agent's load in one snapshot; if the counter disagrees, set it.

@@ -56,7 +56,9 @@ Doc = dict[str, Any]
 
 MAX_ITEMS = 256  # items per batch
 MAX_OPS = 512  # updates per batch
-ATTEMPTS = 12  # a batch retried this often (write conflicts, stale tops) before units fail
+ATTEMPTS = 16  # a batch retried this often (write conflicts, stale tops) before units fail
+BACKOFF = 0.002  # first retry waits up to this (s), doubling per attempt ...
+BACKOFF_CAP = 0.25  # ... up to this: ~2 s in all before "too many conflicts"
 CACHE = 50_000  # conversations and contacts whose top is remembered
 HINT_EVERY = 32  # a contact's seq hint is written at least every this many items
 CONVERSATION_SEQ = "conversation_id_1_seq_1"  # index names: which unique key an insert hit
@@ -241,7 +243,10 @@ class Writer:
                 if sum(1 for u in pending if not u.future or not u.future.done()) < len(pending):
                     attempts -= 1  # a unit got its answer (a duplicate): that is progress
                 else:  # another process writes the same conversation: let it pass
-                    await asyncio.sleep(random.uniform(0, 0.002 * attempts))  # noqa: S311 (jitter)
+                    # exponential backoff with full jitter, so that two processes
+                    # appending to one conversation in bursts do not keep colliding
+                    delay = min(BACKOFF_CAP, BACKOFF * 2 ** (attempts - 1))
+                    await asyncio.sleep(random.uniform(0, delay))  # noqa: S311 (jitter)
                 continue
             except _Isolate:
                 isolate = True
