@@ -1,6 +1,6 @@
 """Web chat round trips per second and latency: Omnigate vs a bare aiohttp echo server.
 
-    python -m bench.webchat [--visitors 20] [--seconds 10] [--profile DIR]
+    python -m bench.webchat [--visitors 20] [--seconds 10] [--profile DIR] [--before DIR]
 
 Both servers run as child processes on this machine; the load generator (this process)
 drives both with the same web chat protocol client: N visitors, each sending a message and
@@ -10,6 +10,9 @@ Store commands per round trip are read from the gateway's ``/metrics``
 (``omnigate_store_commands_total``, every command the gateway sent, background work
 included) before and after the measured window. ``--profile DIR`` records the default
 run's gateway and store with py-spy (collapsed stacks, one file per process, in DIR).
+``--before DIR`` also runs the default load against the gateway of another checkout
+(``git worktree add DIR <commit>``), so "x times faster than commit C" is measured in the
+same run on the same machine.
 """
 
 from __future__ import annotations
@@ -115,9 +118,11 @@ async def load(url: str, visitors: int, seconds: float, warm: bool,
     return result
 
 
-def start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start(args: list[str], env: dict[str, str], log: Path,
+          cwd: Path | None = None) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
-        return subprocess.Popen(args, env=env, stdout=out, stderr=out, start_new_session=True)
+        return subprocess.Popen(args, env=env, stdout=out, stderr=out, start_new_session=True,
+                                cwd=cwd)
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -141,19 +146,25 @@ async def run_echo(visitors: int, seconds: float, tmp: Path) -> dict[str, float]
 
 
 async def run_gateway(visitors: int, seconds: float, tmp: Path, *, sync: bool = True,
-                      workers: int = 1, profile: Path | None = None) -> dict[str, float]:
+                      workers: int = 1, profile: Path | None = None,
+                      root: Path = ROOT) -> dict[str, float]:
+    """``root``: the checkout whose gateway runs (``--before``: an older commit's)."""
     port = free_port()
-    name = f"{visitors}-{sync}-{workers}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OMNIGATE_")}
+    name = f"{visitors}-{sync}-{workers}-{root.name}"
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("OMNIGATE_") and k != "PYTHONPATH"}
     env.update(OMNIGATE_PORT=str(port), OMNIGATE_DATA_DIR=str(tmp / f"data-{name}"),
-               OMNIGATE_EMBEDDED_SYNC_ON_COMMIT=str(sync).lower(), OMNIGATE_LOG_LEVEL="WARNING",
-               OMNIGATE_WORKERS=str(workers),
-               # a load test, not a test of the limits: one visitor alone sends ~20/s
-               OMNIGATE_WEBCHAT_MESSAGES_PER_MINUTE="0")
-    process = start([sys.executable, "-m", "gateway", "serve"], env, tmp / f"gw-{name}.log")
+               OMNIGATE_EMBEDDED_SYNC_ON_COMMIT=str(sync).lower(), OMNIGATE_LOG_LEVEL="WARNING")
+    if root == ROOT:  # settings an older checkout may not know
+        env.update(OMNIGATE_WORKERS=str(workers),
+                   # a load test, not a test of the limits: one visitor alone sends ~20/s
+                   OMNIGATE_WEBCHAT_MESSAGES_PER_MINUTE="0")
+    process = start([sys.executable, "-m", "gateway", "serve"], env, tmp / f"gw-{name}.log",
+                    cwd=root)
     spies: list[subprocess.Popen[bytes]] = []
     try:
-        await wait_ready(f"http://127.0.0.1:{port}/readyz")
+        # (before /readyz existed, /healthz said whether the store answers)
+        await wait_ready(f"http://127.0.0.1:{port}/{'readyz' if root == ROOT else 'healthz'}")
         if profile is not None:
             spies = [start(["py-spy", "record", "--pid", str(pid), "--duration",
                             str(int(seconds + 10)), "--output", str(profile / f"{label}.txt"),
@@ -178,6 +189,16 @@ def family(pid: int) -> list[tuple[str, int]]:
     return found
 
 
+def _commit(checkout: Path) -> str:
+    """The short commit of a checkout (for the table), or its path."""
+    try:
+        return "commit " + subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], check=True,
+            capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return str(checkout)
+
+
 def row(name: str, r: dict[str, float]) -> str:
     return (f"| {name} | {r['rps']:.1f} | {r['p50']:.1f} | {r['p95']:.1f} | {r['p99']:.1f} "
             f"| {r['commands']:.1f} | {r['n']:.0f} |")
@@ -189,6 +210,9 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the default run with py-spy into this directory")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="a checkout of an older commit (git worktree add DIR COMMIT): "
+                             "its gateway runs the same load, in the same run")
     args = parser.parse_args()
     n = args.visitors
     if args.profile is not None:
@@ -201,6 +225,8 @@ async def main() -> None:
         one = await run_gateway(1, args.seconds, tmp)
         nosync = await run_gateway(n, args.seconds, tmp, sync=False)
         two = await run_gateway(n, args.seconds, tmp, workers=2)
+        before = (await run_gateway(n, args.seconds, tmp, root=args.before.resolve())
+                  if args.before is not None else None)
     print(f"web chat round trips, {args.seconds:.0f} s each, {os.cpu_count()} cores\n")
     print("| server | round trips/s | p50 ms | p95 ms | p99 ms | store commands per round trip "
           "| samples |")
@@ -211,7 +237,14 @@ async def main() -> None:
     print(row("Omnigate, embedded store, fsync per commit (default), 1 visitor", one))
     print(row(f"Omnigate, embedded store, no fsync, {n} visitors", nosync))
     print(row(f"Omnigate --workers 2, one embedded store (fsync), {n} visitors", two))
+    if before is not None and args.before is not None:
+        print(row(f"{_commit(args.before)} (--before), embedded store (fsync), {n} visitors",
+                  before))
     print()
+    if before is not None:
+        print(f"Omnigate (default) / --before at {n} visitors: throughput "
+              f"x{fsync['rps'] / before['rps']:.1f}, "
+              f"p50 latency x{fsync['p50'] / before['p50']:.2f}")
     print(f"Omnigate (default) / echo throughput at {n} visitors: "
           f"{fsync['rps'] / echo['rps']:.4f}; p50 latency x{fsync['p50'] / echo['p50']:.1f}")
     print(f"one visitor: p50 {one['p50']:.1f} ms (echo {echo1['p50']:.2f} ms)")
