@@ -429,3 +429,71 @@ def test_a_rate_limited_message_is_sent_again_after_retry_after(
     assert stored == 3
     expect(message(page, "bot", "ship")).not_to_have_count(0, timeout=WAIT)
     problems.check()
+
+
+CONNECTS = 20  # new chats per minute per address: one more every 3 s
+
+
+@pytest.fixture
+def connect_limited_gateway(mongo_uri: str, tmp_path: Path) -> Iterator[ThreadedGateway]:
+    gw = ThreadedGateway(base_settings(mongo_uri, tmp_path).model_copy(update={
+        "webchat_connects_per_minute": CONNECTS}))
+    try:
+        gw.start()
+        yield gw
+    finally:
+        gw.stop()
+
+
+async def _use_up_new_chats(url: str) -> list[str]:
+    """Open new chats from this address until the gateway refuses one; the frame types
+    of the refused one."""
+    async with aiohttp.ClientSession() as http:
+        for _ in range(CONNECTS + 1):
+            async with http.ws_connect(url + "/webchat/ws") as ws:
+                await ws.send_json({"type": "hello", "token": None, "watermark": None})
+                frames = []
+                async for msg in ws:
+                    if msg.type is not aiohttp.WSMsgType.TEXT:
+                        break
+                    frames.append(json.loads(msg.data))
+                    if frames[-1]["type"] in ("synced", "error"):
+                        break
+                if frames and frames[-1]["type"] == "error":
+                    await ws.receive()  # the close that follows
+                    assert ws.close_code == 4429, ws.close_code
+                    return [f"{f['type']}:{f.get('code')}" for f in frames]
+    raise AssertionError("no hello was refused")
+
+
+def test_a_widget_refused_at_hello_connects_again_after_retry_after(
+    connect_limited_gateway: ThreadedGateway, page: Page
+) -> None:
+    """Too many new chats from one address: the widget's hello gets ``rate_limited`` and
+    close 4429; it waits ``retry_after`` and connects by itself, and the chat works."""
+    gw = connect_limited_gateway
+    problems = Problems(page)
+    assert gw.call(_use_up_new_chats(gw.url)) == ["error:rate_limited"]
+    closes: list[int] = []
+    refused: list[dict[str, Any]] = []
+
+    def on_socket(ws: Any) -> None:
+        def received(payload: str | bytes) -> None:
+            if isinstance(payload, str) and '"rate_limited"' in payload:
+                refused.append(json.loads(payload))
+        ws.on("framereceived", received)
+        ws.on("close", lambda _ws: closes.append(1))
+
+    page.on("websocket", on_socket)
+    page.goto(gw.url + "/")
+    for _ in range(100):  # Playwright delivers events only while it is called: poll it
+        if refused:
+            break
+        page.wait_for_timeout(100)
+    assert refused and refused[0]["retry_after"] > 0, "the widget's hello was refused"
+    expect(page.locator('[data-og="status"]')).to_have_attribute(
+        "data-state", "online", timeout=30_000)
+    assert closes, "the refused socket was closed"
+    say(page, "opening hours")
+    expect(message(page, "bot", "Monday")).not_to_have_count(0, timeout=WAIT)
+    problems.check()

@@ -5,12 +5,14 @@
 - the gateway SIGKILLed and started again 0.2 s later (what a supervisor does): ready
   within 15 s on a fresh server, nothing lost, nothing answered twice;
 - the embedded store SIGKILLed under load: the gateway restarts it; every message the
-  visitors sent (resent on ``unavailable``, as the widget does) is stored and answered once.
+  visitors sent (resent on ``unavailable``, as the widget does) is stored and answered once;
+  the same for Telegram webhooks (5xx, never 200, for what is not stored; redelivered).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -20,8 +22,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from pymongo import AsyncMongoClient
 
 from tests.conftest import Visitor, need, secantus_executable
+from tests.fakes.telegram_api import FakeTelegram
 from tests.processes import ServeProcess
 from tests.test_embedded import pid_running, wait_gone
 from tests.test_live_processes import Remote
@@ -247,3 +251,99 @@ async def test_embedded_store_killed_under_load_is_restarted_and_every_message_a
                 assert got == ([f"{QUESTION} ({n})" for n in range(rounds)], rounds), got
         finally:
             gateway.stop()
+
+
+async def test_telegram_webhooks_while_the_embedded_store_is_killed_lose_nothing(
+    tmp_path: Path,
+) -> None:
+    """Telegram senders keep posting while the embedded store is SIGKILLed again and
+    again (each restart waits longer: the supervisor's backoff, until an outage outlasts
+    the gateway's 5 s store timeout): an update is answered 200 only once it is stored,
+    otherwise with a 5xx, and Telegram delivers it again (as this test does). In the end
+    every update is stored once and every reply sent once (docs/delivery.md: a second
+    copy only after a GATEWAY crash)."""
+    token, secret = "123456:STORE-KILL", "store-kill-secret"
+    fake = FakeTelegram(token=token)
+    await fake.start()
+    env = {"OMNIGATE_LOG_LEVEL": "INFO", "OMNIGATE_TELEGRAM_TOKEN": token,
+           "OMNIGATE_TELEGRAM_MODE": "webhook", "OMNIGATE_TELEGRAM_WEBHOOK_SECRET": secret,
+           "OMNIGATE_TELEGRAM_API_URL": fake.url}
+    statuses: list[int] = []
+    chats = [515100 + n for n in range(3)]
+    sent: dict[int, int] = {}
+    try:
+        async with aiohttp.ClientSession() as http:
+            gateway = ServeProcess(None, tmp_path, "g", env=env)
+            try:
+                await gateway.ready(http)
+                done = asyncio.Event()
+
+                async def post_until_ok(update: dict[str, Any]) -> None:
+                    deadline = asyncio.get_running_loop().time() + 120
+                    while True:
+                        assert asyncio.get_running_loop().time() < deadline, gateway.text()
+                        try:
+                            status, body = await fake.deliver(
+                                http, gateway.url + "/webhooks/telegram", update, secret)
+                        except aiohttp.ClientError:
+                            status, body = 599, "connection"
+                        statuses.append(status)
+                        if status == 200:
+                            return
+                        assert status >= 500, (status, body)  # never a 4xx: retry
+                        await asyncio.sleep(0.3)
+
+                async def sender(chat: int) -> None:
+                    n = 0
+                    while n < 3 or not done.is_set():
+                        text = "hello" if n == 0 else f"{QUESTION} ({n})"
+                        await post_until_ok({"update_id": chat * 100 + n, "message": {
+                            "message_id": n + 1, "date": 1_700_000_000 + n, "text": text,
+                            "from": {"id": chat, "is_bot": False, "first_name": "K"},
+                            "chat": {"id": chat, "type": "private", "first_name": "K"}}})
+                        n += 1
+                        sent[chat] = n
+                        await fake.wait_for(  # greeting + menu, then one answer each
+                            lambda c=chat, e=n + 1: len(fake.texts(c)) >= e, timeout=120)
+
+                async def kill() -> None:
+                    loop = asyncio.get_running_loop()
+                    try:
+                        for _ in range(6):
+                            await asyncio.sleep(0.3)
+                            victim = server_pid(gateway.data_dir)
+                            os.kill(victim, signal.SIGKILL)
+                            deadline = loop.time() + 60
+                            while True:  # store.json is rewritten once it is back
+                                with contextlib.suppress(OSError, ValueError):
+                                    if server_pid(gateway.data_dir) != victim:
+                                        break
+                                assert loop.time() < deadline, gateway.text()
+                                await asyncio.sleep(0.05)
+                            if any(s != 200 for s in statuses):
+                                break  # an outage was long enough to be refused
+                    finally:
+                        done.set()
+
+                await asyncio.gather(kill(), *(sender(c) for c in chats))
+                await asyncio.sleep(1.5)  # time for a second copy, if one were coming
+                print("webhook statuses while the store was killed:",
+                      {s: statuses.count(s) for s in sorted(set(statuses))})
+                assert "embedded store restarted" in gateway.text()
+                assert any(s >= 500 for s in statuses), "no update was ever refused"
+                for chat in chats:
+                    texts = fake.texts(chat)
+                    assert len(texts) == 1 + sent[chat], texts  # greeting, menu, answers
+                    assert sum("Monday" in t for t in texts) == sent[chat] - 1, texts
+                uri = json.loads((gateway.data_dir / "store.json").read_text())["uri"]
+                client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri)
+                try:
+                    stored = await client["omnigate"]["messages"].count_documents(
+                        {"direction": "in", "channel": "telegram"})
+                finally:
+                    await client.close()
+                assert stored == sum(sent.values())
+            finally:
+                gateway.stop()
+    finally:
+        await fake.close()
