@@ -394,20 +394,29 @@ def limited_gateway(mongo_uri: str, tmp_path: Path) -> Iterator[ThreadedGateway]
         gw.stop()
 
 
-def test_a_rate_limited_message_is_sent_again_after_retry_after(
-    limited_gateway: ThreadedGateway, page: Page
-) -> None:
-    gw = limited_gateway
-    problems = Problems(page)
+def watch_rate_limits(page: Page) -> tuple[list[dict[str, Any]], list[int]]:
+    """The ``rate_limited`` frames the page's sockets receive, and one entry per socket
+    closed (filled as Playwright delivers events)."""
     refused: list[dict[str, Any]] = []
+    closes: list[int] = []
 
     def on_socket(ws: Any) -> None:
         def received(payload: str | bytes) -> None:
             if isinstance(payload, str) and '"rate_limited"' in payload:
                 refused.append(json.loads(payload))
         ws.on("framereceived", received)
+        ws.on("close", lambda _ws: closes.append(1))
 
     page.on("websocket", on_socket)
+    return refused, closes
+
+
+def test_a_rate_limited_message_is_sent_again_after_retry_after(
+    limited_gateway: ThreadedGateway, page: Page
+) -> None:
+    gw = limited_gateway
+    problems = Problems(page)
+    refused, _ = watch_rate_limits(page)
     open_chat(page, gw)
     texts = ["hello", "opening hours", "shipping costs"]
     for text in texts:
@@ -474,17 +483,7 @@ def test_a_widget_refused_at_hello_connects_again_after_retry_after(
     gw = connect_limited_gateway
     problems = Problems(page)
     assert gw.call(_use_up_new_chats(gw.url)) == ["error:rate_limited"]
-    closes: list[int] = []
-    refused: list[dict[str, Any]] = []
-
-    def on_socket(ws: Any) -> None:
-        def received(payload: str | bytes) -> None:
-            if isinstance(payload, str) and '"rate_limited"' in payload:
-                refused.append(json.loads(payload))
-        ws.on("framereceived", received)
-        ws.on("close", lambda _ws: closes.append(1))
-
-    page.on("websocket", on_socket)
+    refused, closes = watch_rate_limits(page)
     page.goto(gw.url + "/")
     for _ in range(100):  # Playwright delivers events only while it is called: poll it
         if refused:
