@@ -358,11 +358,8 @@ class Store:
         Returns the updated conversation, or None if the conversation was not in an
         expected state: of two concurrent callers, exactly one wins.
         """
-        query: Doc = {"_id": conversation_id, "owner": {"$in": [s.value for s in expected]}}
-        query.update(where or {})
-        update: Doc = {"owner": to.value, "updated_at": utcnow()}
-        update.update(also or {})
-        result = await self.conversations.update_one(query, {"$set": update})
+        op = transition_op(conversation_id, expected, to, utcnow(), also=also, where=where)
+        result = await self.conversations.update_one(op.filter, op.update)
         if result.matched_count == 0:
             return None
         return await self.get_conversation(conversation_id)
@@ -566,6 +563,18 @@ class Store:
         await self.channel_state.update_one(
             {"_id": f"{channel}:{key}"}, {"$set": {**value, "updated_at": utcnow()}}, upsert=True
         )
+
+
+def transition_op(
+    conversation_id: str, expected: set[OwnerState], to: OwnerState, now: datetime, *,
+    also: Mapping[str, Any] | None = None, where: Mapping[str, Any] | None = None,
+) -> Op:
+    """The owner becomes ``to`` only if it is one of ``expected`` (and ``where``): a
+    required update (``Store.transition`` alone, ``QueueStore.move_ops`` in a unit)."""
+    query: Doc = {"_id": conversation_id,
+                  "owner": {"$in": [s.value for s in expected]}, **(where or {})}
+    update: Doc = {"owner": to.value, "updated_at": now, **(also or {})}
+    return Op("conversations", query, {"$set": update}, required=True)
 
 
 def profile_update(changes: Mapping[str, Any]) -> Doc:

@@ -33,7 +33,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from gateway.model import Agent, Conversation, OwnerState, Presence
-from gateway.store.mongo import Doc, Store, from_doc
+from gateway.store.mongo import Doc, Store, from_doc, transition_op
 from gateway.store.writer import Op
 
 PRIORITIES = ("urgent", "high", "normal", "low")  # queue order
@@ -147,10 +147,7 @@ class QueueStore:
         update; with it +1 on the load of the agent it ``joins`` (a claim, a transfer: not
         held to capacity), -1 on the one it ``leaves``. Written in one unit, with the
         change's event (``Routing._change``): all of it or nothing."""
-        query: Doc = {"_id": conversation_id,
-                      "owner": {"$in": [s.value for s in expected]}, **(where or {})}
-        update: Doc = {"owner": to.value, "updated_at": now, **(also or {})}
-        ops = [Op("conversations", query, {"$set": update}, required=True)]
+        ops = [transition_op(conversation_id, expected, to, now, also=also, where=where)]
         if joins is not None:
             ops.append(Op("agents", {"_id": joins},
                           {"$inc": {"load": 1}, "$set": {"last_assigned_at": now}}))
