@@ -51,7 +51,7 @@ from gateway.aio import raise_if_cancelled
 from gateway.model import utcnow
 from gateway.store import Store
 from gateway.store.mongo import FREE, Doc
-from gateway.store.turns import _dead_here, instance_name
+from gateway.store.turns import dead_here, instance_name
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Leases:
         if doc is None:  # released and removed meanwhile (not done here): try again later
             return Busy(name, None, None)
         owner, held_until = doc.get("owner"), doc.get("until")
-        if isinstance(owner, str) and _dead_here(owner):
+        if isinstance(owner, str) and dead_here(owner):
             dead = await self.collection.update_one(
                 {"_id": name, "owner": owner, "until": held_until}, self._take(until, now))
             if dead.matched_count:

@@ -39,7 +39,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import PyMongoError
 
 from gateway.store.mongo import StoreError
-from gateway.store.orphan import dies_with_parent
+from gateway.store.orphan import dies_with_parent, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +91,6 @@ async def _port_open(host: str, port: int) -> bool:
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
-    return True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -229,7 +219,7 @@ class EmbeddedStore:
         logged = False
         while True:
             if legacy:
-                if pid is None or not _pid_alive(pid) or not _is_server(pid):
+                if pid is None or not pid_alive(pid) or not _is_server(pid):
                     return
             elif (fd := _try_lock(lock_path)) is not None:
                 os.close(fd)
@@ -317,7 +307,7 @@ class EmbeddedStore:
         if info is None:
             return None
         uri, pid = info
-        if _pid_alive(pid) and await _port_open(self.host, _port_of(uri)):
+        if pid_alive(pid) and await _port_open(self.host, _port_of(uri)):
             return uri
         return None
 

@@ -1,4 +1,5 @@
-"""Child processes that die with their parent (Linux), without ``preexec_fn``.
+"""Child processes that die with their parent (Linux), without ``preexec_fn``; and whether
+a process still runs (``pid_alive``).
 
 ``preexec_fn`` is unsafe in a process with threads. Instead the child starts as a tiny
 Python shim that asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``,
@@ -24,3 +25,14 @@ _SHIM = (
 def dies_with_parent(args: list[str]) -> list[str]:
     """``args`` wrapped so the program gets SIGTERM when this process dies."""
     return [sys.executable, "-c", _SHIM, str(os.getpid()), *args]
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this pid runs (one of another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 
 from gateway.model import Direction, utcnow
 from gateway.store.mongo import FREE, Doc, NotFound, Store
+from gateway.store.orphan import pid_alive
 
 LEASE = timedelta(seconds=30)
 SWEEP_STATE = ("pipeline", "sweep")  # channel_state: the sweeper's lower bound
@@ -32,7 +33,7 @@ def instance_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
-def _dead_here(owner: str | None) -> bool:
+def dead_here(owner: str | None) -> bool:
     """A lease owner that was a process on this machine which no longer runs."""
     if not owner:
         return False
@@ -41,15 +42,7 @@ def _dead_here(owner: str | None) -> bool:
     if host != socket.gethostname() or not pid_text.isdigit():
         return False
     pid = int(pid_text)
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +77,7 @@ class Turns:
         if doc is None:
             raise NotFound(f"conversation {conversation_id} does not exist")
         lease = doc.get("lease") or {}
-        if _dead_here(lease.get("owner")):
+        if dead_here(lease.get("owner")):
             taken = await coll.update_one(
                 {"_id": conversation_id, "lease.owner": lease.get("owner")},
                 self._lease(until))
