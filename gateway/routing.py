@@ -113,11 +113,19 @@ class Routing:
             return None
         ops = self.queue.move_ops(conversation_id, expected, to, utcnow(), also=also,
                                   where=where, joins=joins, leaves=leaves)
-        try:
-            await self._event(current, *event, dedupe_key, ops)
-        except (Precondition, Duplicate):
+        if not await self._with_event(current, event, ops, dedupe_key):
             return None
         return await self.store.get_conversation(conversation_id)
+
+    async def _with_event(self, conversation: Conversation, event: tuple[str, str],
+                          ops: list[Op], dedupe_key: str | None = None) -> bool:
+        """Write ``ops`` and the event in one unit. False: nothing was written (a required
+        update matched nothing, or the ``dedupe_key`` event is stored already)."""
+        try:
+            await self._event(conversation, *event, dedupe_key, ops)
+        except (Precondition, Duplicate):
+            return False
+        return True
 
     async def _get(self, conversation_id: str) -> Conversation:
         conversation = await self.store.get_conversation(conversation_id)
@@ -176,10 +184,9 @@ class Routing:
         if current is None or current.owner is not OwnerState.QUEUED:
             return Assigned.TAKEN
         ops = self.queue.assign_ops(conversation_id, agent, utcnow())
-        try:
-            await self._event(current, "assigned", f"{agent.name} joined the conversation.",
-                              ops=ops)
-        except Precondition:  # which of the two: the conversation tells
+        if not await self._with_event(
+                current, ("assigned", f"{agent.name} joined the conversation."), ops):
+            # the agent was full or the conversation taken: the conversation tells which
             now = await self.store.get_conversation(conversation_id)
             queued = now is not None and now.owner is OwnerState.QUEUED
             return Assigned.AGENT_FULL if queued else Assigned.TAKEN
