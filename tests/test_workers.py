@@ -258,8 +258,9 @@ async def test_telegram_webhooks_while_the_embedded_store_is_killed_lose_nothing
 ) -> None:
     """Telegram senders keep posting while the embedded store is SIGKILLed again and
     again (each restart waits longer: the supervisor's backoff, until an outage outlasts
-    the gateway's 5 s store timeout): an update is answered 200 only once it is stored,
-    otherwise with a 5xx, and Telegram delivers it again (as this test does). In the end
+    the gateway's 5 s store timeout; a probe update is posted right after each kill): an
+    update is answered 200 only once it is stored, otherwise with a 5xx, and Telegram
+    delivers it again (as this test does). In the end
     every update is stored once and every reply sent once (docs/delivery.md: a second
     copy only after a GATEWAY crash)."""
     token, secret = "123456:STORE-KILL", "store-kill-secret"
@@ -270,6 +271,7 @@ async def test_telegram_webhooks_while_the_embedded_store_is_killed_lose_nothing
            "OMNIGATE_TELEGRAM_API_URL": fake.url}
     statuses: list[int] = []
     chats = [515100 + n for n in range(3)]
+    probe = 515199  # posted right after each kill
     sent: dict[int, int] = {}
     try:
         async with aiohttp.ClientSession() as http:
@@ -293,16 +295,20 @@ async def test_telegram_webhooks_while_the_embedded_store_is_killed_lose_nothing
                         assert status >= 500, (status, body)  # never a 4xx: retry
                         await asyncio.sleep(0.3)
 
+                async def send(chat: int) -> None:
+                    """The chat's next message (its first: hello), until stored."""
+                    n = sent.get(chat, 0)
+                    text = "hello" if n == 0 else f"{QUESTION} ({n})"
+                    await post_until_ok({"update_id": chat * 100 + n, "message": {
+                        "message_id": n + 1, "date": 1_700_000_000 + n, "text": text,
+                        "from": {"id": chat, "is_bot": False, "first_name": "K"},
+                        "chat": {"id": chat, "type": "private", "first_name": "K"}}})
+                    sent[chat] = n + 1
+
                 async def sender(chat: int) -> None:
-                    n = 0
-                    while n < 3 or not done.is_set():
-                        text = "hello" if n == 0 else f"{QUESTION} ({n})"
-                        await post_until_ok({"update_id": chat * 100 + n, "message": {
-                            "message_id": n + 1, "date": 1_700_000_000 + n, "text": text,
-                            "from": {"id": chat, "is_bot": False, "first_name": "K"},
-                            "chat": {"id": chat, "type": "private", "first_name": "K"}}})
-                        n += 1
-                        sent[chat] = n
+                    while sent.get(chat, 0) < 3 or not done.is_set():
+                        await send(chat)
+                        n = sent[chat]
                         await fake.wait_for(  # greeting + menu, then one answer each
                             lambda c=chat, e=n + 1: len(fake.texts(c)) >= e, timeout=120)
 
@@ -313,6 +319,9 @@ async def test_telegram_webhooks_while_the_embedded_store_is_killed_lose_nothing
                             await asyncio.sleep(0.3)
                             victim = server_pid(gateway.data_dir)
                             os.kill(victim, signal.SIGKILL)
+                            # a probe posted at once: refused while the outage lasts
+                            # longer than the store timeout, then stored
+                            await send(probe)
                             deadline = loop.time() + 60
                             while True:  # store.json is rewritten once it is back
                                 with contextlib.suppress(OSError, ValueError):
@@ -331,7 +340,9 @@ async def test_telegram_webhooks_while_the_embedded_store_is_killed_lose_nothing
                       {s: statuses.count(s) for s in sorted(set(statuses))})
                 assert "embedded store restarted" in gateway.text()
                 assert any(s >= 500 for s in statuses), "no update was ever refused"
-                for chat in chats:
+                await fake.wait_for(lambda: len(fake.texts(probe)) >= 1 + sent[probe],
+                                    timeout=60)
+                for chat in [*chats, probe]:
                     texts = fake.texts(chat)
                     assert len(texts) == 1 + sent[chat], texts  # greeting, menu, answers
                     assert sum("Monday" in t for t in texts) == sent[chat] - 1, texts
