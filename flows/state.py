@@ -1,6 +1,6 @@
 """The flow engine's memory of one conversation, and positions inside a flow.
 
-Everything here is stored as ``Conversation.bot_state`` in MongoDB, so it is plain JSON:
+Everything here is stored as ``TurnState.bot_state`` in MongoDB, so it is plain JSON:
 
     version  the flows version the active flow runs on (pinned while a flow is active)
     greeted  the conversation has had its first bot turn

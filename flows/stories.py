@@ -254,7 +254,6 @@ class _Chat:
                                              thread_key=self.conversation.thread_key),
             sender=Party(role=Role.CUSTOMER, id="customer", name=self.contact.name),
             timestamp=now, created_at=now, text=text, value=value)
-        self.conversation = self.conversation.model_copy(update={"bot_state": self.state})
         self.transcript.append(f"user: {text}" + (f"  [button {value}]" if value else ""))
         turn = await self.engine.respond(
             TurnContext(self.conversation, self.contact, message, dict(self.state)))

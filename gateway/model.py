@@ -224,6 +224,23 @@ class Lease(_Model):
     until: datetime
 
 
+class TurnState(_Model):
+    """What a conversation's turns change, in its own small document (collection
+    ``turn_state``, same id as the conversation): a turn's commit rewrites only this, not
+    the conversation with its many indexes (gateway/store/turns.py)."""
+
+    id: str  # the conversation's id
+    # A copy of ``Conversation.owner``, written in the same transaction as every owner
+    # change, so a bot turn's commit (which requires "bot") conflicts with a claim.
+    owner: OwnerState = OwnerState.BOT
+    bot_state: dict[str, Any] = Field(default_factory=dict)
+    # Every inbound item with a seq up to this one is processed (its turn is done).
+    processed_seq: int = 0
+    # Web chat: the highest seq a visitor's open socket received (delivery, recorded).
+    delivered_seq: int = 0
+    lease: Lease | None = None
+
+
 class Sla(_Model):
     """Targets for one handoff (from its priority) and how they were met."""
 
@@ -252,16 +269,12 @@ class Conversation(_Model):
     owner: OwnerState = OwnerState.BOT
     assignee_id: str | None = None
     handoff: Handoff | None = None
-    bot_state: dict[str, Any] = Field(default_factory=dict)
     seq: int = 0  # a lower bound of the last item's seq (Store.top_seq: the exact one)
-    # Every inbound item with a seq up to this one is processed (its turn is done).
-    processed_seq: int = 0
-    # Web chat: the highest seq a visitor's open socket received (delivery, recorded).
-    delivered_seq: int = 0
     created_at: datetime
     updated_at: datetime
+    # The last turn or reply; while the bot answers, written at most once a minute
+    # (ACTIVITY_EVERY in gateway/pipeline.py): what its turns change is in ``TurnState``.
     last_activity_at: datetime | None = None
-    lease: Lease | None = None
     # One customer, every channel (gateway/identity.py): the contact wrote in this
     # conversation from other channels too (channel -> thread key there), and replies go
     # to the channel they used last (None: this conversation's own channel).

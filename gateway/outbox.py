@@ -18,7 +18,7 @@ Store-backed channels (web chat, ``Connector.store_backed``): the item is stored
 ``stored``; the visitor's sockets read the conversation from the store by ``seq``, live
 through the change feed of whichever process holds them, so there is nothing to send
 and nothing to retry. What a live socket received is recorded per conversation
-(``Conversation.delivered_seq``, ``DeliveredMarks``), written with the conversation's
+(``TurnState.delivered_seq``, ``DeliveredMarks``), written with the conversation's
 next turn or within a second.
 """
 
@@ -95,7 +95,7 @@ class DeliveredMarks:
 
     async def flush(self) -> None:
         marks, self._marks = self._marks, {}
-        ops = [Op("conversations", {"_id": cid}, {"$max": {"delivered_seq": seq}})
+        ops = [Op("turn_state", {"_id": cid}, {"$max": {"delivered_seq": seq}})
                for cid, seq in marks.items()]
         try:
             await self.store.apply(ops)

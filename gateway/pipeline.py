@@ -8,8 +8,9 @@
        owner queued / agent ─► nothing: the agent reads it from the store
        owner resolved ─► reopened to the bot, then as above
 
-Processing state lives in the store: a conversation's ``processed_seq`` says how far its
-inbound items are processed, and its turns run where its lease is (gateway/store/turns.py).
+Processing state lives in the store, in the conversation's turn state: ``processed_seq``
+says how far its inbound items are processed, the bot's memory is there, and its turns
+run where its lease is (gateway/store/turns.py).
 The holder keeps what it needs for the next turn in memory (the conversation, the
 contact's profile, the inbound items waiting) and learns of changes made elsewhere from
 the change feed (a message stored by another process, an agent taking over, a channel
@@ -48,6 +49,7 @@ from gateway.model import (
     OwnerState,
     Party,
     Role,
+    TurnState,
     utcnow,
 )
 from gateway.outbox import Outbox
@@ -70,6 +72,9 @@ RENEW_BELOW = timedelta(seconds=BOT_TIMEOUT + 3)  # lease left before a turn sta
 FIRST_SWEEP = timedelta(hours=1)  # how far back a first sweep ever looks
 MARK_SAVE_EVERY = timedelta(seconds=60)
 CACHE = 10_000  # web chat threads whose conversation is remembered
+# A bot turn writes the conversation's last_activity_at when it is older than this
+# (the turn itself commits to the small turn state only).
+ACTIVITY_EVERY = timedelta(seconds=60)
 # What the customer is told when the bot fails on their message (it raised or timed out).
 BOT_ERROR_TEXT = (
     "Sorry, something went wrong on my side and I could not answer that. "
@@ -87,6 +92,7 @@ class Held:
     processed: int = 0
     pending: dict[int, Activity] = field(default_factory=dict)
     conversation: Conversation | None = None  # None: read it before the next turn
+    bot_state: dict[str, Any] = field(default_factory=dict)  # read with ``conversation``
     contact: Contact | None = None
     lost: bool = False
     # Every item up to ``seen`` is known here (stored by this process, read, or seen on
@@ -380,11 +386,8 @@ class Pipeline:
     async def _load(self, held: Held) -> None:
         """Read what the turns need: the conversation, how far it is processed, and the
         inbound items after that."""
-        conversation = await self.store.get_conversation(held.id)
-        if conversation is None:
-            raise NotFound(f"conversation {held.id} does not exist")
-        held.conversation = conversation
-        held.processed = conversation.processed_seq
+        state = await self._read(held)
+        held.processed = state.processed_seq
         after = held.processed
         while True:
             items = await self.store.items_after(held.id, after, 500)
@@ -416,14 +419,22 @@ class Pipeline:
                 continue
             await self._turn(held, item)
 
+    async def _read(self, held: Held) -> TurnState:
+        """Read the conversation and its turn state (the bot's memory, how far it is
+        processed) into ``held``."""
+        conversation = await self.store.get_conversation(held.id)
+        state = await self.turns.get(held.id)
+        if conversation is None or state is None:
+            raise NotFound(f"conversation {held.id} does not exist")
+        held.conversation, held.bot_state = conversation, state.bot_state
+        return state
+
     async def _conversation(self, held: Held) -> Conversation:
         """The held conversation; read again unless the bot owns it (a cached human
         owner is never trusted: the bot must not stay silent after a hand back)."""
         if held.conversation is None or held.conversation.owner is not OwnerState.BOT:
-            conversation = await self.store.get_conversation(held.id)
-            if conversation is None:
-                raise NotFound(f"conversation {held.id} does not exist")
-            held.conversation = conversation
+            await self._read(held)
+        assert held.conversation is not None
         return held.conversation
 
     async def _contact(self, held: Held, contact_id: str) -> Contact | None:
@@ -437,11 +448,12 @@ class Pipeline:
         now = utcnow()
         held.conversation = None
         try:
-            await self.store.apply([Op(
-                "conversations", self.turns.commit_filter(held.id, bot=False),
-                {"$set": {"updated_at": now, "lease.until": now + LEASE},
-                 "$max": {"processed_seq": item.seq, "last_activity_at": now}},
-                required=True)])
+            await self.store.apply([
+                Op("turn_state", self.turns.commit_filter(held.id, bot=False),
+                   {"$set": {"lease.until": now + LEASE}, "$max": {"processed_seq": item.seq}},
+                   required=True),
+                Op("conversations", {"_id": held.id},
+                   {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}})])
         except Precondition:
             self._lost(held)
             return
@@ -487,30 +499,22 @@ class Pipeline:
 
     async def _bot_turn(self, held: Held, conversation: Conversation, item: Activity) -> None:
         contact = await self._contact(held, conversation.contact_id)
-        context = TurnContext(conversation, contact, item, dict(conversation.bot_state))
-        try:
-            async with asyncio.timeout(BOT_TIMEOUT):
-                turn = await self.bot.respond(context)
-        except PyMongoError:
-            raise  # the store, not the bot: leave the message for the sweeper
-        except Exception:
-            # A bot bug must not wedge the conversation (the message would fail again on
-            # every retry, and block every message after it): apologise, keep the bot's
-            # previous memory, and mark the message processed like any other.
-            log.exception(
-                "pipeline: the bot failed on message %s of %s", item.id, conversation.id
-            )
-            turn = BotTurn([Reply(BOT_ERROR_TEXT)], dict(conversation.bot_state))
+        before = held.bot_state
+        turn = await self._respond(TurnContext(conversation, contact, item, dict(before)),
+                                   before)
         docs = await self.outbox.prepare(conversation, self._drafts(item, turn))
         now = utcnow()
         until = now + LEASE
-        sets: Doc = {"bot_state": dict(turn.state), "updated_at": now,
-                     "last_activity_at": now, "lease.until": until}
+        sets: Doc = {"bot_state": dict(turn.state), "lease.until": until}
         highs: Doc = {"processed_seq": item.seq}
         if (seen := self.outbox.marks.take(conversation.id)) is not None:
             highs["delivered_seq"] = seen
-        ops = [Op("conversations", self.turns.commit_filter(conversation.id, bot=True),
+        ops = [Op("turn_state", self.turns.commit_filter(conversation.id, bot=True),
                   {"$set": sets, "$max": highs}, required=True)]
+        active = conversation.last_activity_at
+        if active is None or now - active >= ACTIVITY_EVERY:
+            ops.append(Op("conversations", {"_id": conversation.id},
+                          {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}}))
         if turn.profile and (profile := profile_update(turn.profile)):
             ops.append(Op("contacts", {"_id": conversation.contact_id}, profile))
         try:
@@ -526,14 +530,16 @@ class Pipeline:
             if seen is not None:
                 self.outbox.marks.seen(conversation.id, seen)
             held.conversation = None
-            fresh = await self.store.get_conversation(conversation.id)
+            fresh = await self.turns.get(conversation.id)
             if fresh is None or fresh.lease is None or fresh.lease.owner != self.instance:
                 self._lost(held)
             return
         held.processed = max(held.processed, item.seq)
         held.pending.pop(item.seq, None)
         held.until = until
-        held.conversation = conversation.model_copy(update={"bot_state": dict(turn.state)})
+        held.bot_state = dict(turn.state)
+        if active is None or now - active >= ACTIVITY_EVERY:
+            held.conversation = conversation.model_copy(update={"last_activity_at": now})
         if turn.profile and contact is not None:
             merged = {**contact.profile, **turn.profile}
             held.contact = contact.model_copy(update={
@@ -541,23 +547,43 @@ class Pipeline:
         self.outbox.deliver(conversation, items)
         if self.metrics is not None:
             self.metrics.turn_done((utcnow() - item.created_at).total_seconds())
+        await self._ends(held, item, before, turn)
+
+    async def _respond(self, context: TurnContext, before: Mapping[str, Any]) -> BotTurn:
+        try:
+            async with asyncio.timeout(BOT_TIMEOUT):
+                return await self.bot.respond(context)
+        except PyMongoError:
+            raise  # the store, not the bot: leave the message for the sweeper
+        except Exception:
+            # A bot bug must not wedge the conversation (the message would fail again on
+            # every retry, and block every message after it): apologise, keep the bot's
+            # previous memory, and mark the message processed like any other.
+            log.exception("pipeline: the bot failed on message %s of %s",
+                          context.message.id, context.conversation.id)
+            return BotTurn([Reply(BOT_ERROR_TEXT)], dict(before))
+
+    async def _ends(self, held: Held, item: Activity, before: Mapping[str, Any],
+                    turn: BotTurn) -> None:
+        """The turn asked for a human, or closed the conversation."""
+        conversation_id = held.id
         if turn.handoff is not None:
             held.conversation = None
             await self.routing.handoff(
-                conversation.id,
+                conversation_id,
                 turn.handoff.reason,
                 skill=turn.handoff.skill,
                 team=turn.handoff.team,
                 priority=turn.handoff.priority,
                 dedupe_key=f"{item.id}:handoff",
                 # a flow begun and handed off in this turn has ended: the handoff names it
-                topic=_flow(conversation.bot_state) or turn.handoff.flow or _flow(turn.state),
+                topic=_flow(before) or turn.handoff.flow or _flow(turn.state),
             )
         elif turn.resolve:
             held.conversation = None
             await self.routing.bot_resolve(
-                conversation.id, f"{item.id}:resolve",
-                topic=_flow(conversation.bot_state) or _flow(turn.state))
+                conversation_id, f"{item.id}:resolve",
+                topic=_flow(before) or _flow(turn.state))
 
     def _drafts(self, item: Activity, turn: BotTurn) -> list[OutboundDraft]:
         """The bot's replies to ``item``; the dedupe key makes a re-run say them once."""

@@ -102,6 +102,7 @@ class Routing:
         joins: str | None = None,
         leaves: str | None = None,
         dedupe_key: str | None = None,
+        reset_bot: bool = False,
     ) -> Conversation | None:
         """Move the conversation to ``to`` if it is in an ``expected`` state (and
         ``where``), with agents' loads (``QueueStore.move_ops``) and the ``event`` (name,
@@ -112,7 +113,8 @@ class Routing:
         if current is None or current.owner not in expected:
             return None
         ops = self.queue.move_ops(conversation_id, expected, to, utcnow(), also=also,
-                                  where=where, joins=joins, leaves=leaves)
+                                  where=where, joins=joins, leaves=leaves,
+                                  reset_bot=reset_bot)
         if not await self._with_event(current, event, ops, dedupe_key):
             return None
         return await self.store.get_conversation(conversation_id)
@@ -232,7 +234,7 @@ class Routing:
         conversation = await self._change(
             conversation_id, {OwnerState.AGENT}, OwnerState.BOT,
             ("handback", "You are chatting with the bot again. Ask for a human any time."),
-            also={"assignee_id": None, "handoff": None, "bot_state": {}},
+            also={"assignee_id": None, "handoff": None}, reset_bot=True,
             where={"assignee_id": agent.id}, leaves=agent.id,
         )
         if conversation is None:
@@ -331,7 +333,7 @@ class Routing:
         flow that did it (analytics)."""
         conversation = await self._change(
             conversation_id, {OwnerState.BOT}, OwnerState.RESOLVED,
-            ("resolved", "Conversation resolved."), also={"bot_state": {}},
+            ("resolved", "Conversation resolved."), reset_bot=True,
             dedupe_key=dedupe_key,
         )
         if conversation is not None:
@@ -354,6 +356,6 @@ class Routing:
         return await self._change(
             conversation_id, {OwnerState.RESOLVED}, OwnerState.BOT,
             ("reopened", "Conversation reopened."),
-            also={"assignee_id": None, "handoff": None, "bot_state": {}},
+            also={"assignee_id": None, "handoff": None}, reset_bot=True,
             dedupe_key=dedupe_key,
         )

@@ -120,9 +120,9 @@ def settings(mongo_uri: str, db_name: str, tmp_path: Path) -> Settings:
 
 
 async def unprocessed(store: Store) -> int:
-    """Inbound items whose turn is not done (above their conversation's processed_seq)."""
+    """Inbound items whose turn is not done (above their turn state's processed_seq)."""
     count = 0
-    async for conv in store.conversations.find({}, {"processed_seq": 1}):
+    async for conv in store.turn_state.find({}, {"processed_seq": 1}):
         count += await store.messages.count_documents(
             {"conversation_id": conv["_id"], "direction": Direction.INBOUND.value,
              "seq": {"$gt": int(conv.get("processed_seq") or 0)}})
@@ -130,11 +130,11 @@ async def unprocessed(store: Store) -> int:
 
 
 async def processed(store: Store, item_id: str) -> bool:
-    """Whether the inbound item's turn is done (at or below its conversation's processed_seq)."""
+    """Whether the inbound item's turn is done (at or below its turn state's processed_seq)."""
     doc = await store.messages.find_one({"_id": item_id}, {"conversation_id": 1, "seq": 1})
     assert doc is not None, f"no item {item_id}"
-    conv = await store.conversations.find_one({"_id": doc["conversation_id"]},
-                                              {"processed_seq": 1})
+    conv = await store.turn_state.find_one({"_id": doc["conversation_id"]},
+                                           {"processed_seq": 1})
     assert conv is not None
     return int(conv.get("processed_seq") or 0) >= int(doc["seq"])
 

@@ -148,7 +148,9 @@ class Customer:
         return (await self.conversation()).owner
 
     async def state(self) -> dict[str, Any]:
-        return dict((await self.conversation()).bot_state)
+        state = await self.gateway.store.get_turn_state((await self.conversation()).id)
+        assert state is not None
+        return dict(state.bot_state)
 
     async def slots(self) -> dict[str, Any]:
         return dict((await self.state()).get("slots") or {})

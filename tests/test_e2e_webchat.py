@@ -109,9 +109,9 @@ async def test_visitor_bot_agent_and_back(gateway: Gateway, visitor: Visitor) ->
     statuses = await gateway.store.messages.distinct("delivery.status",
                                                      {"conversation_id": cid})
     assert statuses == ["stored"]
-    conversation = await gateway.store.conversations.find_one({"_id": cid})
-    assert conversation is not None
-    assert conversation["delivered_seq"] == answer["seq"]
+    state = await gateway.store.turn_state.find_one({"_id": cid})
+    assert state is not None
+    assert state["delivered_seq"] == answer["seq"]
 
 
 async def test_second_tab_sees_the_same_conversation(gateway: Gateway) -> None:

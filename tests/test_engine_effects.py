@@ -169,7 +169,7 @@ async def test_a_rasa_intent_payload_button_is_that_intent(ana: Customer) -> Non
     assert conversation.owner is OwnerState.QUEUED
     assert conversation.handoff is not None
     assert conversation.handoff.reason == "customer asked for a human"
-    assert conversation.bot_state["slots"] == {}  # not taken as the size
+    assert (await ana.state())["slots"] == {}  # not taken as the size
 
 
 @pytest.mark.parametrize(("value", "intent", "entities"), [
@@ -203,8 +203,9 @@ async def test_conversation_paused_hands_off(gateway: Gateway, ana: Customer) ->
     assert conversation.handoff is not None
     assert (conversation.handoff.reason, conversation.handoff.priority) == (PAUSED_REASON,
                                                                            "normal")
-    assert conversation.bot_state["slots"] == {"note": "paused"}  # set before the pause
-    assert conversation.bot_state["flow"] is None
+    state = await ana.state()
+    assert state["slots"] == {"note": "paused"}  # set before the pause
+    assert state["flow"] is None
 
     # the desk sees it in the queue, with the reason
     _, headers = await gateway.agent("Bea")
@@ -426,8 +427,7 @@ async def offline_turn(engine: FlowEngine, state: dict[str, Any], text: str) -> 
     """One customer message, as the pipeline hands it to the bot (no store)."""
     now = utcnow()
     conversation = Conversation(id="c1", channel="story", thread_key="t1",
-                                contact_id="k1", created_at=now, updated_at=now,
-                                bot_state=state)
+                                contact_id="k1", created_at=now, updated_at=now)
     message = Activity(
         id="m1", conversation_id="c1", contact_id="k1", seq=1, contact_seq=1,
         direction=Direction.INBOUND, channel="story",

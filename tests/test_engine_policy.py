@@ -69,7 +69,7 @@ async def test_global_intents_work_in_the_middle_of_a_question(gateway: Gateway)
         assert await ana.send(text) == expected, text
         conversation = await ana.conversation()
         assert conversation.owner is owner, text
-        state = conversation.bot_state
+        state = await ana.state()
         assert (state["flow"], state["ask"]) == (None, None), text
         if text == "talk to a human":
             assert conversation.handoff is not None

@@ -424,7 +424,7 @@ async def test_hot_reload_under_traffic_loses_nothing_and_mixes_no_versions(
     assert len(inbound) == sum(sent)
     replies: dict[str, list[tuple[int, str]]] = {}
     await gateway.app[OUTBOX].marks.flush()
-    delivered = {d["_id"]: d["delivered_seq"] async for d in gateway.store.conversations.find(
+    delivered = {d["_id"]: d["delivered_seq"] async for d in gateway.store.turn_state.find(
         {}, {"delivered_seq": 1})}
     async for doc in gateway.store.messages.find({"direction": Direction.OUTBOUND.value}):
         item = from_doc(Activity, doc)

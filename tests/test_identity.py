@@ -302,7 +302,8 @@ async def test_merge_moves_everything_and_undo_restores_it_exactly(
     assert status == 201, merge
     assert (merge["survivor"], merge["merged"]) == (web, tg)
     assert merge["identities"] == [f"telegram:{ann.id}"]
-    assert merge["conversations"] == {tg_conversation.id: tg_conversation.seq}
+    assert merge["conversations"] == {
+        tg_conversation.id: await gateway.store.top_seq(tg_conversation.id)}
     status, contact = await call(gateway, "GET", f"/contacts/{web}", auth)
     assert status == 200
     assert sorted(i["channel"] for i in contact["identities"]) == ["telegram", "webchat"]

@@ -204,10 +204,10 @@ async def test_turns_run_in_order_and_exactly_once(store: Store) -> None:
     assert rig.bot.seen == in_store  # in seq order, each once
     assert rig.bot.max_busy == 1  # never two turns of one conversation at once
     assert rig.connector.sent == [f"echo: {t}" for t in in_store]
-    conversation = await store.get_conversation(cid)
-    assert conversation is not None and conversation.bot_state == {"turns": 20}
-    assert conversation.lease is not None
-    assert conversation.lease.owner is None  # released
+    state = await store.get_turn_state(cid)
+    assert state is not None and state.bot_state == {"turns": 20}
+    assert state.lease is not None
+    assert state.lease.owner is None  # released
 
 
 # --------------------------------------------------------------- crash recovery
@@ -227,8 +227,8 @@ async def test_sweep_answers_a_message_left_unprocessed(rig: Rig) -> None:
     # the turn's replies and its processed mark commit together, so a crash cannot leave
     # one without the other; if a turn runs again anyway (an operator resets the mark and
     # the sweep's window), what it says is stored once
-    await rig.store.conversations.update_one({"_id": conversation.id},
-                                             {"$set": {"processed_seq": item.seq - 1}})
+    await rig.store.turn_state.update_one({"_id": conversation.id},
+                                          {"$set": {"processed_seq": item.seq - 1}})
     rig.pipeline._mark = item.created_at - timedelta(seconds=1)
     rig.pipeline._held.clear()
     assert await rig.pipeline.sweep_once(timedelta(0)) == 1
@@ -274,7 +274,8 @@ async def test_bot_is_silent_while_a_human_owns_the_conversation(rig: Rig) -> No
     event = await store.find_by_dedupe_key(f"{reopened.item.id}:reopen")
     assert event is not None and event.name == "reopened"
     assert rig.connector.sent[-2:] == ["Conversation reopened.", "echo: one more thing"]
-    assert conversation.bot_state == {"turns": 1}  # reopening starts the bot afresh
+    state = await store.get_turn_state(conversation.id)
+    assert state is not None and state.bot_state == {"turns": 1}  # reopening: afresh
 
 
 # ------------------------------------------------------------------ bot errors
@@ -306,7 +307,9 @@ async def test_a_failing_bot_does_not_wedge_the_conversation(
     assert rig.connector.sent == ["echo: before", fallback, "echo: after"]
     conversation = await store.get_conversation(first.conversation.id)
     assert conversation is not None and conversation.owner is OwnerState.BOT
-    assert conversation.bot_state == {"turns": 2}  # the failed turn kept the old memory
+    state = await store.get_turn_state(conversation.id)
+    assert state is not None
+    assert state.bot_state == {"turns": 2}  # the failed turn kept the old memory
     failures = [r for r in caplog.records if "bot failed" in r.getMessage()]
     assert len(failures) == 1 and failures[0].exc_info is not None
 
@@ -398,20 +401,20 @@ async def test_a_dead_holders_conversation_is_taken_over(
         first = await a.pipeline.ingest(message("m1", "early"))
         await settle(store, a.pipeline)
         cid = first.conversation.id
-        conversation = await store.conversations.find_one({"_id": cid})
-        assert conversation is not None
-        assert conversation["lease"]["owner"] == a.pipeline.instance
+        state = await store.turn_state.find_one({"_id": cid})
+        assert state is not None
+        assert state["lease"]["owner"] == a.pipeline.instance
         await feeds[0].stop()  # A is gone: it hears and answers nothing more ...
         a.pipeline._held.clear()
         await a.pipeline._background.stop(0)
         # ... and its lease runs out a second from now
         soon = datetime.now(UTC) + timedelta(seconds=1)
-        await store.conversations.update_one({"_id": cid}, {"$set": {"lease.until": soon}})
+        await store.turn_state.update_one({"_id": cid}, {"$set": {"lease.until": soon}})
         await b.pipeline.ingest(message("m2", "late"))
         await settle(store, b.pipeline)
-        conversation = await store.conversations.find_one({"_id": cid})
-        assert conversation is not None
-        assert conversation["lease"]["owner"] == b.pipeline.instance
+        state = await store.turn_state.find_one({"_id": cid})
+        assert state is not None
+        assert state["lease"]["owner"] == b.pipeline.instance
     assert bot.seen == ["early", "late"]
     assert connector.sent == ["echo: early", "echo: late"]
 

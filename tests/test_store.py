@@ -403,8 +403,9 @@ async def test_bot_state_is_saved_only_while_the_bot_owns(store: Store) -> None:
     assert await store.set_bot_state(conversation.id, {"misses": 1})
     await store.transition(conversation.id, {OwnerState.BOT}, OwnerState.QUEUED)
     assert not await store.set_bot_state(conversation.id, {"misses": 2})
-    current = await store.get_conversation(conversation.id)
+    current = await store.get_turn_state(conversation.id)
     assert current is not None and current.bot_state == {"misses": 1}
+    assert current.owner is OwnerState.QUEUED  # the copy, written with the change
 
 
 # --------------------------------------------------------------------- indexes

@@ -70,8 +70,7 @@ class VisitorSocket:
                     page, has_more = await self.store.history(conversation_id, limit=50)
                     items = page[::-1]
                 else:
-                    conversation = await self.store.get_conversation(conversation_id)
-                    top = conversation.seq if conversation else 0
+                    top = await self.store.top_seq(conversation_id)
                     start = min(watermark, top)
                     if top - start > 1000:
                         start, truncated = top - 1000, True

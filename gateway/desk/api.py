@@ -147,7 +147,7 @@ async def _conversation_out(request: web.Request, conversation: Conversation) ->
         assignee_id=conversation.assignee_id,
         handoff=conversation.handoff,
         contact=ContactOut.of(contact) if contact else None,
-        last_seq=conversation.seq,
+        last_seq=await _store(request).seq_above(conversation.id, conversation.seq),
         created_at=conversation.created_at,
         last_activity_at=conversation.last_activity_at,
         reply_channel=conversation.reply_channel or conversation.channel,

@@ -288,7 +288,8 @@ class LiveHub:
             else:
                 sock.subscriptions.discard(conversation.id)
             sock.send({"type": f"{kind}d", "conversation_id": conversation.id,
-                       "last_seq": conversation.seq, "ref": frame.ref})
+                       "last_seq": await self.store.seq_above(conversation.id, conversation.seq),
+                       "ref": frame.ref})
         elif kind == "typing":
             typing = TypingIn.model_validate(raw)
             conversation = await self._conversation(typing.conversation_id)

@@ -327,9 +327,11 @@ class ContactStore:
             assert gone is not None
             identities = [str(d["_id"]) async for d in self.store.identities.find(
                 {"contact_id": merged}, {"_id": 1}, session=s)]
-            conversations = {str(d["_id"]): int(d["seq"]) async for d in
-                             self.store.conversations.find({"contact_id": merged},
-                                                           {"seq": 1}, session=s)}
+            conversations = {
+                str(d["_id"]): await self.store.seq_above(str(d["_id"]), int(d["seq"]),
+                                                          session=s)
+                async for d in self.store.conversations.find({"contact_id": merged},
+                                                             {"seq": 1}, session=s)}
             mine: dict[str, Any] = keep.get("profile") or {}
             added = {k: v for k, v in (gone.get("profile") or {}).items() if k not in mine}
             replaced = {k: {"before": mine[k], "after": v}
@@ -438,7 +440,8 @@ class ContactStore:
             if doc["contact_id"] != record.survivor:
                 raise MergeConflict(f"conversation {doc['_id']} was moved to another "
                                     "contact since the merge")
-            if int(doc["seq"]) != record.conversations[str(doc["_id"])]:
+            top = await self.store.seq_above(str(doc["_id"]), int(doc["seq"]), session=s)
+            if top != record.conversations[str(doc["_id"])]:
                 raise MergeConflict(f"conversation {doc['_id']} has new messages since the "
                                     "merge")
         moved = set(record.identities)

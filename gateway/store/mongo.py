@@ -12,17 +12,20 @@ visible in order, so web chat has an exact watermark and history pages by an ind
 range (``seq`` in ``(top - n, top]``): the last 50 items cost the same in a conversation
 of 100 or 100,000 items, even on servers that do not use an index for sort. On the hot
 path items are written once and never updated: what changes (how far a conversation's
-turns are processed, how far a web chat socket got) lives on the conversation.
+turns are processed, how far a web chat socket got, the bot's memory) lives in the
+conversation's small turn state (``turn_state``), not in the conversation document.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
@@ -36,6 +39,7 @@ from gateway.model import (
     InboundMessage,
     OutboundDraft,
     OwnerState,
+    TurnState,
     utcnow,
 )
 from gateway.store.items import (
@@ -52,6 +56,7 @@ from gateway.store.writer import (
     Duplicate,
     Missing,
     Op,
+    Precondition,
     Unit,
     Writer,
     item_id,
@@ -61,7 +66,7 @@ from gateway.store.writer import (
 log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
-M = TypeVar("M", Activity, Contact, Conversation, Identity)
+M = TypeVar("M", Activity, Contact, Conversation, Identity, TurnState)
 
 UPSERT_ATTEMPTS = 5
 FREE = datetime(1970, 1, 1, tzinfo=UTC)  # a lease that expired long ago
@@ -102,6 +107,9 @@ class Store:
         self.contacts: AsyncCollection[Doc] = self.db["contacts"]
         self.identities: AsyncCollection[Doc] = self.db["identities"]
         self.conversations: AsyncCollection[Doc] = self.db["conversations"]
+        # What a conversation's turns change (model.TurnState): one small document per
+        # conversation, with only the _id index, so a turn's commit stays cheap.
+        self.turn_state: AsyncCollection[Doc] = self.db["turn_state"]
         self.messages: AsyncCollection[Doc] = self.db["messages"]
         self.agents: AsyncCollection[Doc] = self.db["agents"]
         self.channel_state: AsyncCollection[Doc] = self.db["channel_state"]
@@ -186,12 +194,37 @@ class Store:
                     {"$set": {"processed_seq": int(doc.get("seq") or 0)}})
             log.info("store: moved processed flags of %d conversation(s) to processed_seq",
                      len(waiting))
+        await self._migrate_turn_state()
         for name in OBSOLETE_INDEXES:
             if name in names:
                 try:
                     await self.messages.drop_index(name)
                 except OperationFailure as exc:  # another process dropped it first
                     log.debug("store: index %s: %s", name, exc)
+
+    async def _migrate_turn_state(self) -> None:
+        """From before 2026-12-04 the turn state (bot memory, processed and delivered
+        marks, lease) was part of the conversation: copied to ``turn_state`` once, then
+        removed from the conversation. Safe to run by several processes at once."""
+        moved = 0
+        async for doc in self.conversations.find(
+                {"bot_state": {"$exists": True}},
+                {"owner": 1, "bot_state": 1, "processed_seq": 1, "delivered_seq": 1,
+                 "lease": 1}):
+            state = turn_state_doc(str(doc["_id"]), OwnerState(doc.get("owner") or "bot"))
+            state.update({k: doc[k] for k in ("bot_state", "processed_seq", "delivered_seq")
+                          if doc.get(k) is not None})
+            if isinstance(doc.get("lease"), dict):
+                state["lease"] = doc["lease"]
+            with contextlib.suppress(DuplicateKeyError):
+                await self.turn_state.insert_one(state)
+            await self.conversations.update_one(
+                {"_id": doc["_id"]},
+                {"$unset": {"bot_state": "", "processed_seq": "", "delivered_seq": "",
+                            "lease": ""}})
+            moved += 1
+        if moved:
+            log.info("store: moved the turn state of %d conversation(s) to turn_state", moved)
 
     @staticmethod
     async def _upsert(
@@ -315,7 +348,7 @@ class Store:
     ) -> Conversation:
         """The conversation for (channel, thread key), created in the bot's hands if new."""
         now = utcnow()
-        doc, _ = await self._upsert(
+        doc, created = await self._upsert(
             self.conversations,
             {"channel": channel, "thread_key": thread_key},
             {
@@ -324,16 +357,15 @@ class Store:
                 "owner": OwnerState.BOT.value,
                 "assignee_id": None,
                 "handoff": None,
-                "bot_state": {},
                 "seq": 0,
-                "processed_seq": 0,
-                "delivered_seq": 0,
                 "created_at": now,
                 "updated_at": now,
                 "last_activity_at": None,
-                "lease": {"owner": None, "until": FREE},
             },
         )
+        if created:  # its turn state; if this is lost, Turns.acquire writes it
+            with contextlib.suppress(DuplicateKeyError):
+                await self.turn_state.insert_one(turn_state_doc(doc["_id"], OwnerState.BOT))
         return from_doc(Conversation, doc)
 
     async def find_conversation(self, channel: str, thread_key: str) -> Conversation | None:
@@ -358,17 +390,22 @@ class Store:
         Returns the updated conversation, or None if the conversation was not in an
         expected state: of two concurrent callers, exactly one wins.
         """
-        op = transition_op(conversation_id, expected, to, utcnow(), also=also, where=where)
-        result = await self.conversations.update_one(op.filter, op.update)
-        if result.matched_count == 0:
+        try:
+            await self.apply(transition_ops(conversation_id, expected, to, utcnow(),
+                                            also=also, where=where))
+        except Precondition:
             return None
         return await self.get_conversation(conversation_id)
 
+    async def get_turn_state(self, conversation_id: str) -> TurnState | None:
+        doc = await self.turn_state.find_one({"_id": conversation_id})
+        return None if doc is None else from_doc(TurnState, doc)
+
     async def set_bot_state(self, conversation_id: str, state: Mapping[str, Any]) -> bool:
         """Save the bot's memory, only while the bot still owns the conversation."""
-        result = await self.conversations.update_one(
+        result = await self.turn_state.update_one(
             {"_id": conversation_id, "owner": OwnerState.BOT.value},
-            {"$set": {"bot_state": dict(state), "updated_at": utcnow()}},
+            {"$set": {"bot_state": dict(state)}},
         )
         return result.matched_count == 1
 
@@ -490,9 +527,16 @@ class Store:
         conv = await self.conversations.find_one({"_id": conversation_id}, {"seq": 1})
         if conv is None:
             raise NotFound(f"conversation {conversation_id} does not exist")
-        hint = int(conv.get("seq") or 0)
+        return await self.seq_above(conversation_id, int(conv.get("seq") or 0))
+
+    async def seq_above(self, conversation_id: str, hint: int, *,
+                        session: AsyncClientSession | None = None) -> int:
+        """The conversation's last seq, from its ``seq`` hint (``Conversation.seq``, read
+        already): the hint and what is stored above it (an index range of < HINT_EVERY
+        keys, the hint being written every HINT_EVERY items)."""
         above = await self.messages.find(
-            {"conversation_id": conversation_id, "seq": {"$gt": hint}}, {"seq": 1}).to_list()
+            {"conversation_id": conversation_id, "seq": {"$gt": hint}}, {"seq": 1},
+            session=session).to_list()
         return max([hint, *(int(d["seq"]) for d in above)])
 
     async def contact_top(self, contact_id: str) -> int | None:
@@ -565,16 +609,39 @@ class Store:
         )
 
 
-def transition_op(
+def turn_state_doc(conversation_id: str, owner: OwnerState) -> Doc:
+    """A conversation's turn state as it starts (model.TurnState)."""
+    return {"_id": conversation_id, "owner": owner.value, "bot_state": {},
+            "processed_seq": 0, "delivered_seq": 0, "lease": {"owner": None, "until": FREE}}
+
+
+def owner_copy_op(conversation_id: str, to: OwnerState, *, reset_bot: bool = False) -> Op:
+    """The turn state's copy of the owner (and, ``reset_bot``, the bot's memory cleared):
+    written in the same unit as every owner change, so a bot turn's commit, which
+    requires the copy to say "bot", conflicts with the change. Upserted: a conversation
+    whose turn state was never written gets one."""
+    sets: Doc = {"owner": to.value}
+    if reset_bot:
+        sets["bot_state"] = {}
+    fresh = {k: v for k, v in turn_state_doc(conversation_id, to).items()
+             if k not in sets and k != "_id"}
+    return Op("turn_state", {"_id": conversation_id},
+              {"$set": sets, "$setOnInsert": fresh}, upsert=True)
+
+
+def transition_ops(
     conversation_id: str, expected: set[OwnerState], to: OwnerState, now: datetime, *,
     also: Mapping[str, Any] | None = None, where: Mapping[str, Any] | None = None,
-) -> Op:
+    reset_bot: bool = False,
+) -> list[Op]:
     """The owner becomes ``to`` only if it is one of ``expected`` (and ``where``): a
-    required update (``Store.transition`` alone, ``QueueStore.move_ops`` in a unit)."""
+    required update, with the turn state's copy of the owner (``Store.transition`` alone,
+    ``QueueStore.move_ops`` in a unit)."""
     query: Doc = {"_id": conversation_id,
                   "owner": {"$in": [s.value for s in expected]}, **(where or {})}
     update: Doc = {"owner": to.value, "updated_at": now, **(also or {})}
-    return Op("conversations", query, {"$set": update}, required=True)
+    return [Op("conversations", query, {"$set": update}, required=True),
+            owner_copy_op(conversation_id, to, reset_bot=reset_bot)]
 
 
 def profile_update(changes: Mapping[str, Any]) -> Doc:

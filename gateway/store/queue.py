@@ -33,7 +33,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from gateway.model import Agent, Conversation, OwnerState, Presence
-from gateway.store.mongo import Doc, Store, from_doc, transition_op
+from gateway.store.mongo import Doc, Store, from_doc, owner_copy_op, transition_ops
 from gateway.store.writer import Op
 
 PRIORITIES = ("urgent", "high", "normal", "low")  # queue order
@@ -129,6 +129,7 @@ class QueueStore:
             Op("conversations", {"_id": conversation_id, "owner": OwnerState.QUEUED.value},
                {"$set": {"owner": OwnerState.AGENT.value, "assignee_id": agent.id,
                          "updated_at": now}}, required=True),
+            owner_copy_op(conversation_id, OwnerState.AGENT),
         ]
 
     def move_ops(
@@ -142,12 +143,14 @@ class QueueStore:
         where: Mapping[str, Any] | None = None,
         joins: str | None = None,
         leaves: str | None = None,
+        reset_bot: bool = False,
     ) -> list[Op]:
         """The owner changes only if it is one of ``expected`` (and ``where``): a required
         update; with it +1 on the load of the agent it ``joins`` (a claim, a transfer: not
         held to capacity), -1 on the one it ``leaves``. Written in one unit, with the
         change's event (``Routing._change``): all of it or nothing."""
-        ops = [transition_op(conversation_id, expected, to, now, also=also, where=where)]
+        ops = transition_ops(conversation_id, expected, to, now, also=also, where=where,
+                             reset_bot=reset_bot)
         if joins is not None:
             ops.append(Op("agents", {"_id": joins},
                           {"$inc": {"load": 1}, "$set": {"last_assigned_at": now}}))

@@ -1,14 +1,22 @@
 """Who runs a conversation's turns, and how far they got: the store side of the pipeline.
 
+What a conversation's turns change lives in its turn state (``TurnState``, collection
+``turn_state``, one document per conversation with the conversation's id and no other
+index): a turn's commit rewrites that small document, not the conversation with its
+indexes (on the embedded store an update rewrites every index entry of the document:
+BENCHMARKS.md). The turn state carries a copy of the conversation's ``owner``, written
+in the same unit as every owner change (``transition_ops``, ``QueueStore.assign_ops``),
+so a bot turn's commit, which requires it to say "bot", still conflicts with a claim.
+
 A conversation's turns run in one gateway process at a time, the holder of its lease
-(``Conversation.lease``: owner, until), as Rasa's lock store does across replicas. The
+(``TurnState.lease``: owner, until), as Rasa's lock store does across replicas. The
 holder keeps it while the conversation is busy: every turn's commit extends it (the
 commit requires ``lease.owner`` to still be this process, so a process whose lease was
 taken over writes nothing). An idle lease just expires; a clean shutdown releases every
 lease at once; a process that died on this machine is recognised by its pid and its
 leases are taken over at once, anyone else's after ``LEASE``.
 
-``processed_seq`` on the conversation says how far its inbound items are processed; the
+``processed_seq`` in the turn state says how far its inbound items are processed; the
 sweeper finds recent inbound items above it (index ``recent``: direction, created_at),
 so a message stored by a process that died before its turn is answered by another.
 """
@@ -20,8 +28,10 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from gateway.model import Direction, utcnow
-from gateway.store.mongo import FREE, Doc, NotFound, Store
+from pymongo.errors import DuplicateKeyError
+
+from gateway.model import Direction, OwnerState, TurnState, utcnow
+from gateway.store.mongo import FREE, Doc, NotFound, Store, from_doc, turn_state_doc
 from gateway.store.orphan import pid_alive
 
 LEASE = timedelta(seconds=30)
@@ -63,7 +73,7 @@ class Turns:
         """Take the conversation's lease: ``Acquired``, or until when another holds it."""
         now = utcnow()
         until = now + LEASE
-        coll = self.store.conversations
+        coll = self.store.turn_state
         # Plain conditions, not one $or: SecantusDB scans the collection for an $or.
         mine = await coll.update_one(
             {"_id": conversation_id, "lease.owner": self.instance}, self._lease(until))
@@ -75,7 +85,7 @@ class Turns:
             return Acquired(until, continuous=False)
         doc = await coll.find_one({"_id": conversation_id}, {"lease": 1})
         if doc is None:
-            raise NotFound(f"conversation {conversation_id} does not exist")
+            return await self._create(conversation_id, until)
         lease = doc.get("lease") or {}
         if dead_here(lease.get("owner")):
             taken = await coll.update_one(
@@ -86,19 +96,40 @@ class Turns:
         held_until = lease.get("until")
         return held_until if isinstance(held_until, datetime) else now + LEASE
 
+    async def _create(self, conversation_id: str, until: datetime) -> Acquired | datetime:
+        """The conversation has no turn state (its creator died before writing it): write
+        it, leased to this process, with the conversation's owner. An owner change
+        meanwhile upserts it too (``owner_copy_op``): then take the lease as usual."""
+        conversation = await self.store.conversations.find_one(
+            {"_id": conversation_id}, {"owner": 1})
+        if conversation is None:
+            raise NotFound(f"conversation {conversation_id} does not exist")
+        doc = turn_state_doc(conversation_id, OwnerState(conversation.get("owner") or "bot"))
+        doc["lease"] = {"owner": self.instance, "until": until}
+        try:
+            await self.store.turn_state.insert_one(doc)
+        except DuplicateKeyError:
+            return await self.acquire(conversation_id)
+        return Acquired(until, continuous=False)
+
     def commit_filter(self, conversation_id: str, *, bot: bool) -> Doc:
-        """What a turn's commit requires: still this process's lease (and the bot's)."""
+        """What a turn's commit (an update of the turn state) requires: still this
+        process's lease (and the bot's)."""
         query: Doc = {"_id": conversation_id, "lease.owner": self.instance}
         if bot:
-            query["owner"] = "bot"
+            query["owner"] = OwnerState.BOT.value
         return query
 
+    async def get(self, conversation_id: str) -> TurnState | None:
+        doc = await self.store.turn_state.find_one({"_id": conversation_id})
+        return None if doc is None else from_doc(TurnState, doc)
+
     async def release_all(self) -> None:
-        await self.store.conversations.update_many(
+        await self.store.turn_state.update_many(
             {"lease.owner": self.instance}, {"$set": {"lease": {"owner": None, "until": FREE}}})
 
     async def processed(self, conversation_id: str) -> int | None:
-        doc = await self.store.conversations.find_one(
+        doc = await self.store.turn_state.find_one(
             {"_id": conversation_id}, {"processed_seq": 1})
         return None if doc is None else int(doc.get("processed_seq") or 0)
 
@@ -128,9 +159,14 @@ class Turns:
         for doc in docs:
             cid = str(doc["conversation_id"])
             latest[cid] = max(latest.get(cid, 0), int(doc["seq"]))
-        convs = await self.store.conversations.find(
+        convs = await self.store.turn_state.find(
             {"_id": {"$in": list(latest)}}, {"processed_seq": 1}).to_list()
         done = {str(c["_id"]): int(c.get("processed_seq") or 0) for c in convs}
+        if missing := [cid for cid in latest if cid not in done]:
+            # no turn state: its conversation's creator died before writing it (nothing
+            # processed), or the conversation is gone (nothing to do)
+            alive = await self.store.conversations.distinct("_id", {"_id": {"$in": missing}})
+            done.update({str(cid): 0 for cid in alive})
         waiting = {cid: seq for cid, seq in latest.items() if seq > done.get(cid, seq)}
         oldest = min((d["created_at"] for d in docs
                       if str(d["conversation_id"]) in waiting

@@ -27,8 +27,10 @@ and the caller reads the stored one. That also makes a batch whose commit outcom
 unknown (the store went away mid-commit) safe to retry: what was committed collides.
 
 The conversation's ``seq`` field and the contact's ``seq`` field are hints (a lower
-bound of the last seq), kept close by ``$max`` in the same batches; readers that need the
-exact top probe above the hint (``Store.top_seq``).
+bound of the last seq), kept close by ``$max`` in the same batches: with any update of
+the unit to the conversation, else once the hint lags by ``HINT_EVERY`` items (a turn's
+commit writes the turn state, not the conversation); readers that need the exact top
+probe above the hint (``Store.top_seq``).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ ATTEMPTS = 16  # a batch retried this often (write conflicts, stale tops) before
 BACKOFF = 0.002  # first retry waits up to this (s), doubling per attempt ...
 BACKOFF_CAP = 0.25  # ... up to this: ~2 s in all before "too many conflicts"
 CACHE = 50_000  # conversations and contacts whose top is remembered
-HINT_EVERY = 32  # a contact's seq hint is written at least every this many items
+HINT_EVERY = 32  # a conversation's and a contact's seq hint: written every this many items
 CONVERSATION_SEQ = "conversation_id_1_seq_1"  # index names: which unique key an insert hit
 CONTACT_SEQ = "contact_id_1_contact_seq_1"
 
@@ -93,12 +95,17 @@ class Missing(Exception):
 
 @dataclass(eq=False)
 class Op:
-    """An ``update_one``. ``required``: the unit is written only if it matches."""
+    """An ``update_one``. ``required``: the unit is written only if it matches;
+    ``upsert``: inserted if nothing matches (never required)."""
 
     collection: str
     filter: Doc
     update: Doc
     required: bool = False
+    upsert: bool = False
+
+    def request(self) -> UpdateOne:
+        return UpdateOne(self.filter, self.update, upsert=self.upsert)
 
 
 @dataclass(eq=False)
@@ -119,6 +126,7 @@ class Unit:
 class _Top:
     seq: int
     contact_id: str
+    hint: int = 0  # the seq hint last written (or read) on the conversation
 
 
 class _Lru(OrderedDict[str, Any]):
@@ -271,7 +279,8 @@ class Writer:
         ops = [o for u in units for o in u.ops]
         if len(ops) == 1 and not ops[0].required and not any(u.items for u in units):
             # one update alone is atomic as it is: no transaction (one command)
-            await self.store.db[ops[0].collection].update_one(ops[0].filter, ops[0].update)
+            await self.store.db[ops[0].collection].update_one(
+                ops[0].filter, ops[0].update, upsert=ops[0].upsert)
             for unit in units:
                 _done(unit)
             return
@@ -305,7 +314,7 @@ class Writer:
         above = await self.store.messages.find(
             {"conversation_id": cid, "seq": {"$gt": hint}}).to_list()
         seq = max([hint, *(int(d["seq"]) for d in above)])
-        top = _Top(seq, str(doc["contact_id"]))
+        top = _Top(seq, str(doc["contact_id"]), hint)
         self._tops.put(cid, top)
         if above and self.on_foreign is not None:
             self.on_foreign(sorted(above, key=lambda d: int(d["seq"])))
@@ -322,15 +331,15 @@ class Writer:
 
     def _number(self, units: list[Unit]) -> dict[str, tuple[int, int]]:
         """Give every item its seq and contact_seq (staged: the caches move on only when
-        the write succeeds). Returns the staged tops: conversation and contact id ->
-        (seq, hint written)."""
+        the write succeeds). Returns the staged tops: conversation id and "c:" contact id
+        -> (seq, hint written)."""
         staged: dict[str, tuple[int, int]] = {}
         for unit in units:
             if not unit.items or unit.conversation_id is None:
                 continue
             cid = unit.conversation_id
             top: _Top = self._tops[cid]
-            seq = staged.get(cid, (top.seq, 0))[0]
+            seq, conversation_hint = staged.get(cid, (top.seq, top.hint))
             contact = self._contacts.get(top.contact_id) or [0, 0]
             cseq, hint = staged.get("c:" + top.contact_id, (contact[0], contact[1]))
             for doc in unit.items:
@@ -340,32 +349,45 @@ class Writer:
                 doc["contact_id"] = top.contact_id
                 doc["seq"] = seq
                 doc["contact_seq"] = cseq
-            staged[cid] = (seq, 0)
-            staged["c:" + top.contact_id] = (cseq, hint)
             for op in unit.ops:  # the unit writes its conversation anyway: keep the hint
                 if op.collection == "conversations" and op.filter.get("_id") == cid:
                     op.update.setdefault("$max", {})["seq"] = seq
+                    conversation_hint = seq
+            staged[cid] = (seq, conversation_hint)
+            staged["c:" + top.contact_id] = (cseq, hint)
         return staged
 
     def _hint_ops(self, staged: Mapping[str, tuple[int, int]]) -> list[Op]:
-        """Contacts whose seq hint lags by HINT_EVERY items get it written."""
-        return [Op("contacts", {"_id": key[2:]}, {"$max": {"seq": seq}})
-                for key, (seq, hint) in staged.items()
-                if key.startswith("c:") and seq - hint >= HINT_EVERY]
+        """Conversations and contacts whose seq hint lags by HINT_EVERY items get it
+        written."""
+        return [Op("contacts", {"_id": key[2:]}, {"$max": {"seq": seq}}) if key[:2] == "c:"
+                else Op("conversations", {"_id": key}, {"$max": {"seq": seq}})
+                for key, (seq, hint) in staged.items() if seq - hint >= HINT_EVERY]
+
+    @staticmethod
+    def _hinted(staged: Mapping[str, tuple[int, int]], hints: list[Op]) -> set[str]:
+        """The conversations ("c:" contacts) whose hint the batch writes."""
+        written = {("c:" if o.collection == "contacts" else "") + str(o.filter["_id"])
+                   for o in hints}
+        return written | {k for k, (seq, hint) in staged.items()
+                          if k[:2] != "c:" and seq == hint}
 
     def _advance(self, unit: Unit, hinted: set[str]) -> None:
-        """The unit's items are stored: remember their seqs."""
+        """The unit's items are stored: remember their seqs (and the hints written)."""
         if unit.items and self.on_stored is not None:
             self.on_stored(unit.items)
         for doc in unit.items:
-            top = self._tops.get(str(doc["conversation_id"]))
+            cid = str(doc["conversation_id"])
+            top = self._tops.get(cid)
             if top is not None:
                 top.seq = max(top.seq, int(doc["seq"]))
+                if cid in hinted:
+                    top.hint = top.seq
             contact_id = str(doc["contact_id"])
             contact = self._contacts.get(contact_id)
             if contact is not None:
                 contact[0] = max(contact[0], int(doc["contact_seq"]))
-                if contact_id in hinted:
+                if "c:" + contact_id in hinted:
                     contact[1] = contact[0]
 
     def _forget_unit(self, unit: Unit) -> None:
@@ -419,10 +441,16 @@ class Writer:
             self._advance(unit, set())
             _done(unit)
         hints = self._hint_ops(staged)
-        if hints:  # rare: a contact's hint lags; not worth holding the answer for
-            with contextlib.suppress(PyMongoError):
-                await self.store.contacts.bulk_write(
-                    [UpdateOne(o.filter, o.update) for o in hints], ordered=False)
+        if hints:  # every HINT_EVERY items: not worth holding the answer for
+            written: list[Op] = []
+            for name in ("conversations", "contacts"):
+                mine = [o for o in hints if o.collection == name]
+                if mine:
+                    with contextlib.suppress(PyMongoError):
+                        await self.store.db[name].bulk_write(
+                            [o.request() for o in mine], ordered=False)
+                        written += mine
+            self._advance_hints(self._hinted({}, written), staged)
 
     async def _transaction(self, units: list[Unit], staged: Mapping[str, tuple[int, int]],
                            *, exact: bool) -> None:
@@ -453,10 +481,21 @@ class Writer:
                 if outcome == "isolate":
                     raise _Isolate
                 return  # "final": every unit has its answer (a failed precondition)
-        hinted = {o.filter["_id"] for o in hints}
+        hinted = self._hinted(staged, hints)
         for unit in units:
             self._advance(unit, hinted)
             _done(unit)
+
+    def _advance_hints(self, hinted: set[str], staged: Mapping[str, tuple[int, int]]) -> None:
+        """Hints written after the items (a plain insert's): remember them."""
+        for key in hinted:
+            seq = staged[key][0]
+            if key[:2] == "c:":
+                contact = self._contacts.get(key[2:])
+                if contact is not None:
+                    contact[1] = max(contact[1], seq)
+            elif (top := self._tops.get(key)) is not None:
+                top.hint = max(top.hint, seq)
 
 
     async def _statements(
@@ -475,7 +514,7 @@ class Writer:
                 return "retry"
         for name, ops in required.items():
             result = await self.store.db[name].bulk_write(
-                [UpdateOne(o.filter, o.update) for o in ops], ordered=True, session=session)
+                [o.request() for o in ops], ordered=True, session=session)
             if result.matched_count < len(ops):
                 if not exact and len(units) > 1:
                     return "isolate"
@@ -484,7 +523,7 @@ class Writer:
                 return "final"
         for name, ops in optional.items():
             await self.store.db[name].bulk_write(
-                [UpdateOne(o.filter, o.update) for o in ops], ordered=False, session=session)
+                [o.request() for o in ops], ordered=False, session=session)
         return None
 
 
