@@ -423,7 +423,7 @@ class Pipeline:
         """Read the conversation and its turn state (the bot's memory, how far it is
         processed) into ``held``."""
         conversation = await self.store.get_conversation(held.id)
-        state = await self.turns.get(held.id)
+        state = await self.store.get_turn_state(held.id)
         if conversation is None or state is None:
             raise NotFound(f"conversation {held.id} does not exist")
         held.conversation, held.bot_state = conversation, state.bot_state
@@ -512,7 +512,7 @@ class Pipeline:
         ops = [Op("turn_state", self.turns.commit_filter(conversation.id, bot=True),
                   {"$set": sets, "$max": highs}, required=True)]
         active = conversation.last_activity_at
-        if active is None or now - active >= ACTIVITY_EVERY:
+        if touch := active is None or now - active >= ACTIVITY_EVERY:
             ops.append(Op("conversations", {"_id": conversation.id},
                           {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}}))
         if turn.profile and (profile := profile_update(turn.profile)):
@@ -530,7 +530,7 @@ class Pipeline:
             if seen is not None:
                 self.outbox.marks.seen(conversation.id, seen)
             held.conversation = None
-            fresh = await self.turns.get(conversation.id)
+            fresh = await self.store.get_turn_state(conversation.id)
             if fresh is None or fresh.lease is None or fresh.lease.owner != self.instance:
                 self._lost(held)
             return
@@ -538,7 +538,7 @@ class Pipeline:
         held.pending.pop(item.seq, None)
         held.until = until
         held.bot_state = dict(turn.state)
-        if active is None or now - active >= ACTIVITY_EVERY:
+        if touch:
             held.conversation = conversation.model_copy(update={"last_activity_at": now})
         if turn.profile and contact is not None:
             merged = {**contact.profile, **turn.profile}

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from gateway.model import OwnerState, utcnow
 from gateway.store import Store
-from gateway.store.mongo import FREE
+from gateway.store.mongo import FREE, TURN_STATE_MOVED
 from gateway.store.writer import HINT_EVERY, item_id
 from tests.conftest import processed
 from tests.test_pipeline import EchoBot, Rig, bot_replies, build, message, settle
@@ -114,7 +114,9 @@ async def test_conversations_from_before_the_turn_state_are_moved_at_start(
 ) -> None:
     now = utcnow()
     identity = await store.resolve_identity("test", "cust-1")
-    # a conversation as stored before 2026-12-04, with a message its turn did not reach
+    # a store written before 2026-12-04 (the fixture's start-up marked this one done) ...
+    await store.channel_state.delete_one({"_id": ":".join(TURN_STATE_MOVED)})
+    # ... with a conversation as stored then, with a message its turn did not reach
     await store.conversations.insert_one({
         "_id": "old1", "channel": "test", "thread_key": "chat-1",
         "contact_id": identity.contact_id, "owner": "bot", "assignee_id": None,

@@ -70,6 +70,7 @@ M = TypeVar("M", Activity, Contact, Conversation, Identity, TurnState)
 
 UPSERT_ATTEMPTS = 5
 FREE = datetime(1970, 1, 1, tzinfo=UTC)  # a lease that expired long ago
+TURN_STATE_MOVED = ("store", "turn_state_moved")  # channel_state: the migration is done
 
 
 class StoreError(Exception):
@@ -205,7 +206,11 @@ class Store:
     async def _migrate_turn_state(self) -> None:
         """From before 2026-12-04 the turn state (bot memory, processed and delivered
         marks, lease) was part of the conversation: copied to ``turn_state`` once, then
-        removed from the conversation. Safe to run by several processes at once."""
+        removed from the conversation. Safe to run by several processes at once. Once done,
+        a mark in ``channel_state`` says so: later start-ups do not scan the conversations
+        again (no index has ``bot_state``)."""
+        if await self.get_state(*TURN_STATE_MOVED) is not None:
+            return
         moved = 0
         async for doc in self.conversations.find(
                 {"bot_state": {"$exists": True}},
@@ -225,6 +230,7 @@ class Store:
             moved += 1
         if moved:
             log.info("store: moved the turn state of %d conversation(s) to turn_state", moved)
+        await self.put_state(*TURN_STATE_MOVED, {"moved": moved})
 
     @staticmethod
     async def _upsert(

@@ -33,7 +33,7 @@ from pymongo import ASCENDING, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 
 from gateway.model import Agent, Conversation, OwnerState, Presence
-from gateway.store.mongo import Doc, Store, from_doc, owner_copy_op, transition_ops
+from gateway.store.mongo import Doc, Store, from_doc, transition_ops
 from gateway.store.writer import Op
 
 PRIORITIES = ("urgent", "high", "normal", "low")  # queue order
@@ -126,10 +126,8 @@ class QueueStore:
                {"_id": agent.id, "active": True, "presence": Presence.ONLINE.value,
                 "capacity": agent.capacity, "load": {"$lt": agent.capacity}},
                {"$inc": {"load": 1}, "$set": {"last_assigned_at": now}}, required=True),
-            Op("conversations", {"_id": conversation_id, "owner": OwnerState.QUEUED.value},
-               {"$set": {"owner": OwnerState.AGENT.value, "assignee_id": agent.id,
-                         "updated_at": now}}, required=True),
-            owner_copy_op(conversation_id, OwnerState.AGENT),
+            *transition_ops(conversation_id, {OwnerState.QUEUED}, OwnerState.AGENT, now,
+                            also={"assignee_id": agent.id}),
         ]
 
     def move_ops(

@@ -5,7 +5,7 @@ What a conversation's turns change lives in its turn state (``TurnState``, colle
 index): a turn's commit rewrites that small document, not the conversation with its
 indexes (on the embedded store an update rewrites every index entry of the document:
 BENCHMARKS.md). The turn state carries a copy of the conversation's ``owner``, written
-in the same unit as every owner change (``transition_ops``, ``QueueStore.assign_ops``),
+in the same unit as every owner change (``transition_ops``),
 so a bot turn's commit, which requires it to say "bot", still conflicts with a claim.
 
 A conversation's turns run in one gateway process at a time, the holder of its lease
@@ -30,8 +30,8 @@ from datetime import datetime, timedelta
 
 from pymongo.errors import DuplicateKeyError
 
-from gateway.model import Direction, OwnerState, TurnState, utcnow
-from gateway.store.mongo import FREE, Doc, NotFound, Store, from_doc, turn_state_doc
+from gateway.model import Direction, OwnerState, utcnow
+from gateway.store.mongo import FREE, Doc, NotFound, Store, turn_state_doc
 from gateway.store.orphan import pid_alive
 
 LEASE = timedelta(seconds=30)
@@ -119,10 +119,6 @@ class Turns:
         if bot:
             query["owner"] = OwnerState.BOT.value
         return query
-
-    async def get(self, conversation_id: str) -> TurnState | None:
-        doc = await self.store.turn_state.find_one({"_id": conversation_id})
-        return None if doc is None else from_doc(TurnState, doc)
 
     async def release_all(self) -> None:
         await self.store.turn_state.update_many(

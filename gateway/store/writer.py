@@ -364,31 +364,31 @@ class Writer:
                 else Op("conversations", {"_id": key}, {"$max": {"seq": seq}})
                 for key, (seq, hint) in staged.items() if seq - hint >= HINT_EVERY]
 
-    @staticmethod
-    def _hinted(staged: Mapping[str, tuple[int, int]], hints: list[Op]) -> set[str]:
-        """The conversations ("c:" contacts) whose hint the batch writes."""
-        written = {("c:" if o.collection == "contacts" else "") + str(o.filter["_id"])
-                   for o in hints}
-        return written | {k for k, (seq, hint) in staged.items()
-                          if k[:2] != "c:" and seq == hint}
 
-    def _advance(self, unit: Unit, hinted: set[str]) -> None:
-        """The unit's items are stored: remember their seqs (and the hints written)."""
+    def _advance(self, unit: Unit) -> None:
+        """The unit's items are stored: remember their seqs."""
         if unit.items and self.on_stored is not None:
             self.on_stored(unit.items)
         for doc in unit.items:
-            cid = str(doc["conversation_id"])
-            top = self._tops.get(cid)
+            top = self._tops.get(str(doc["conversation_id"]))
             if top is not None:
                 top.seq = max(top.seq, int(doc["seq"]))
-                if cid in hinted:
-                    top.hint = top.seq
-            contact_id = str(doc["contact_id"])
-            contact = self._contacts.get(contact_id)
+            contact = self._contacts.get(str(doc["contact_id"]))
             if contact is not None:
                 contact[0] = max(contact[0], int(doc["contact_seq"]))
-                if "c:" + contact_id in hinted:
-                    contact[1] = contact[0]
+
+    def _advance_hints(self, staged: Mapping[str, tuple[int, int]], hints: list[Op]) -> None:
+        """The batch is stored and wrote ``hints`` (and the hints its units' own updates
+        of their conversations carried, ``_number``): remember them."""
+        written = {("c:" if o.collection == "contacts" else "") + str(o.filter["_id"])
+                   for o in hints}
+        for key, (seq, hint) in staged.items():
+            if key[:2] == "c:":
+                contact = self._contacts.get(key[2:])
+                if key in written and contact is not None:
+                    contact[1] = max(contact[1], seq)
+            elif (key in written or seq == hint) and (top := self._tops.get(key)) is not None:
+                top.hint = max(top.hint, seq)
 
     def _forget_unit(self, unit: Unit) -> None:
         for doc in unit.items:
@@ -430,7 +430,7 @@ class Writer:
             errors = exc.details.get("writeErrors") or [{}]
             stored = int(exc.details.get("nInserted", 0))
             for unit in units[:stored]:
-                self._advance(unit, set())
+                self._advance(unit)
                 _done(unit)
             index = int(errors[0].get("index", stored))
             failing = units[index] if index < len(units) else None
@@ -438,7 +438,7 @@ class Writer:
                 raise _Retry from exc
             return
         for unit in units:
-            self._advance(unit, set())
+            self._advance(unit)
             _done(unit)
         hints = self._hint_ops(staged)
         if hints:  # every HINT_EVERY items: not worth holding the answer for
@@ -450,7 +450,7 @@ class Writer:
                         await self.store.db[name].bulk_write(
                             [o.request() for o in mine], ordered=False)
                         written += mine
-            self._advance_hints(self._hinted({}, written), staged)
+            self._advance_hints(staged, written)
 
     async def _transaction(self, units: list[Unit], staged: Mapping[str, tuple[int, int]],
                            *, exact: bool) -> None:
@@ -481,21 +481,10 @@ class Writer:
                 if outcome == "isolate":
                     raise _Isolate
                 return  # "final": every unit has its answer (a failed precondition)
-        hinted = self._hinted(staged, hints)
         for unit in units:
-            self._advance(unit, hinted)
+            self._advance(unit)
             _done(unit)
-
-    def _advance_hints(self, hinted: set[str], staged: Mapping[str, tuple[int, int]]) -> None:
-        """Hints written after the items (a plain insert's): remember them."""
-        for key in hinted:
-            seq = staged[key][0]
-            if key[:2] == "c:":
-                contact = self._contacts.get(key[2:])
-                if contact is not None:
-                    contact[1] = max(contact[1], seq)
-            elif (top := self._tops.get(key)) is not None:
-                top.hint = max(top.hint, seq)
+        self._advance_hints(staged, hints)
 
 
     async def _statements(
