@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -51,6 +50,17 @@ def raise_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+async def cancel_and_wait(task: asyncio.Task[Any], *, every: float = 0.5) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again every ``every``
+    seconds: a cancellation the driver swallowed (see ``raise_if_cancelled``) would
+    otherwise leave a stop waiting for the driver's whole server-selection timeout."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure was logged where it happened
+
+
 class Background:
     """Background tasks with their references kept, a periodic sweep, and a graceful stop."""
 
@@ -84,11 +94,7 @@ class Background:
     async def stop(self, grace: float = 5.0) -> None:
         """Stop sweeping; give running tasks ``grace`` seconds, then cancel them."""
         if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+            await cancel_and_wait(self._sweeper)
         if self.tasks:
             _, pending = await asyncio.wait(set(self.tasks), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.gather(*(cancel_and_wait(task) for task in pending))

@@ -19,7 +19,7 @@ from connectors.webchat import WebchatConfig, WebchatConnector
 from flows.actions import InProcessActions, RemoteActions, make_runner
 from flows.engine import FlowEngine
 from flows.registry import FlowRegistry
-from gateway.aio import raise_if_cancelled
+from gateway.aio import cancel_and_wait, raise_if_cancelled
 from gateway.assign import Assigner
 from gateway.csat import csat_config
 from gateway.desk.agents import Agents
@@ -153,9 +153,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        while not indexer.done():  # cancel again if the driver swallowed it (see above)
-            indexer.cancel()
-            await asyncio.wait({indexer}, timeout=0.5)
+        await cancel_and_wait(indexer)
         if not indexer.cancelled() and (failure := indexer.exception()) is not None:
             log.error("creating the store's indexes failed: %r", failure)
         metrics.store_gauges.store = None

@@ -44,7 +44,7 @@ from typing import Any
 from pymongo import ASCENDING, IndexModel
 from pymongo.errors import OperationFailure, PyMongoError
 
-from gateway.aio import raise_if_cancelled
+from gateway.aio import cancel_and_wait, raise_if_cancelled
 from gateway.model import utcnow
 from gateway.store import Store
 from gateway.store.mongo import new_id
@@ -168,9 +168,7 @@ class Feed:
         task, self._task = self._task, None
         if task is None:
             return
-        while not task.done():  # cancel again if the driver swallowed it (see gateway/aio)
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.5)
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         delay = 0.2

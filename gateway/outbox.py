@@ -47,7 +47,7 @@ from gateway.model import (
 from gateway.store import Store
 from gateway.store.contacts import ContactStore
 from gateway.store.items import delivery, outbound_doc
-from gateway.store.mongo import Doc, Op, from_doc
+from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, from_doc
 from gateway.store.writer import Duplicate
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class DeliveredMarks:
         self.store = store
         self._marks: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
 
     def seen(self, conversation_id: str, seq: int) -> None:
         if seq > self._marks.get(conversation_id, 0):
@@ -94,24 +95,31 @@ class DeliveredMarks:
         await self.flush()
 
     async def flush(self) -> None:
-        marks, self._marks = self._marks, {}
-        ops = [Op("turn_state", {"_id": cid}, {"$max": {"delivered_seq": seq}})
-               for cid, seq in marks.items()]
-        try:
-            await self.store.apply(ops)
-        except PyMongoError as exc:  # informational: the next one carries it
-            log.info("outbox: delivered marks not written (%s)", exc)
-            for cid, seq in marks.items():
-                self._marks[cid] = max(seq, self._marks.get(cid, 0))
+        """Write the marks seen so far; when it returns, they are in the store (or kept
+        for the next flush if the store refused): one in flight is waited for."""
+        async with self._flushing:
+            marks, self._marks = self._marks, {}
+            if not marks:
+                return
+            ops = [Op("turn_state", {"_id": cid}, {"$max": {"delivered_seq": seq}})
+                   for cid, seq in marks.items()]
+            try:
+                await self.store.apply(ops)
+            except BaseException as exc:  # kept: the next flush or turn carries them
+                for cid, seq in marks.items():
+                    self._marks[cid] = max(seq, self._marks.get(cid, 0))
+                if not isinstance(exc, PyMongoError):
+                    raise
+                log.info("outbox: delivered marks not written (%s)", exc)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._marks:
-            with contextlib.suppress(PyMongoError):
-                await self.flush()
+        if self._marks:  # flush() keeps what it could not write: lost with the process
+            with contextlib.suppress(PyMongoError, TimeoutError):
+                await asyncio.wait_for(self.flush(), SHUTDOWN_WAIT)
 
 
 class Outbox:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+import pymongo
 from pymongo.errors import PyMongoError
 
 from connectors.base import IngestResult
@@ -56,7 +57,7 @@ from gateway.outbox import Outbox
 from gateway.routing import Routing
 from gateway.store import NotFound, Store
 from gateway.store.contacts import NO_SWITCH_FROM
-from gateway.store.mongo import Doc, Op, from_doc, profile_update
+from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, from_doc, profile_update
 from gateway.store.turns import LEASE, Acquired, Turns, instance_name
 from gateway.store.writer import Duplicate, Precondition
 
@@ -524,11 +525,13 @@ class Pipeline:
                 # The replies are stored already (a re-run of a turn done before, since
                 # replies and the mark commit together): record the turn, say nothing twice.
                 items = await self.store.append(conversation.id, [], ops)
-        except Precondition:
+        except BaseException as exc:
+            if seen is not None:  # not written: the next write carries it
+                self.outbox.marks.seen(conversation.id, seen)
+            if not isinstance(exc, Precondition):
+                raise
             # The bot no longer owns it (an agent took over while it was thinking) or the
             # lease went to another process: read again; the turn is decided anew.
-            if seen is not None:
-                self.outbox.marks.seen(conversation.id, seen)
             held.conversation = None
             fresh = await self.store.get_turn_state(conversation.id)
             if fresh is None or fresh.lease is None or fresh.lease.owner != self.instance:
@@ -636,7 +639,8 @@ class Pipeline:
         self._timers.clear()
         await self._background.stop(grace)
         try:
-            await self.turns.release_all()
+            with pymongo.timeout(SHUTDOWN_WAIT):
+                await self.turns.release_all()
         except PyMongoError as exc:
             log.info("pipeline: leases not released (they expire): %s", exc)
 

@@ -139,11 +139,15 @@ async def test_two_workers_share_one_port_and_one_embedded_store(tmp_path: Path)
             await gateway.ready(http)
             store = server_pid(gateway.data_dir)
             pids: set[int] = set()
-            for _ in range(200):  # a new connection each time: the kernel spreads them
+            # A new connection each time: the kernel spreads them over the workers that
+            # listen. The first to answer made `ready` true; the other may still be
+            # starting (on a loaded machine, seconds later), so this waits for it.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 60
+            while len(pids) < 2 and loop.time() < deadline:
                 if (pid := await healthz_pid(gateway.url)) is not None:
                     pids.add(pid)
-                if len(pids) == 2:
-                    break
+                await asyncio.sleep(0.02)
             assert len(pids) == 2 and gateway.pid not in pids, pids
 
             async with http.get(gateway.url + "/metrics") as response:
@@ -156,7 +160,6 @@ async def test_two_workers_share_one_port_and_one_embedded_store(tmp_path: Path)
 
             victim = pids.pop()
             os.kill(victim, signal.SIGKILL)  # the master starts it again
-            loop = asyncio.get_running_loop()
             deadline = loop.time() + 60
             while True:
                 pid = await healthz_pid(gateway.url)

@@ -23,6 +23,7 @@ import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -99,6 +100,18 @@ def to_doc(item: Activity | Contact | Conversation | Identity) -> Doc:
     return data
 
 
+# Seconds a write made while shutting down waits for the store at most: it is a courtesy
+# (leases expire, a delivered mark is carried by the next), and a stop must not take a
+# server-selection timeout per step when the store is gone.
+SHUTDOWN_WAIT = 2.0
+
+
+def _uri_sets(uri: str, option: str) -> bool:
+    """Whether the connection string sets ``option`` (options are case-insensitive)."""
+    query = urlsplit(uri).query
+    return any(key.lower() == option.lower() for key in parse_qs(query))
+
+
 class Store:
     """Typed access to the collections. One per app, opened in a cleanup context."""
 
@@ -120,12 +133,15 @@ class Store:
     @classmethod
     def connect(cls, uri: str, db_name: str, *, timeout_ms: int = 5000,
                 event_listeners: list[Any] | None = None) -> Store:
+        # The URI's own timeouts win (keyword arguments would override them).
+        timeouts: dict[str, Any] = {option: timeout_ms for option in ("serverSelectionTimeoutMS",
+                                                      "connectTimeoutMS")
+                    if not _uri_sets(uri, option)}
         client: AsyncMongoClient[Doc] = AsyncMongoClient(
             uri,
             tz_aware=True,
-            serverSelectionTimeoutMS=timeout_ms,
-            connectTimeoutMS=timeout_ms,
             appname="omnigate",
+            **timeouts,
             event_listeners=list(event_listeners or ()),
         )
         return cls(client, db_name)
