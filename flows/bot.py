@@ -9,6 +9,7 @@ will implement this same protocol.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +37,9 @@ class TurnContext:
     contact: Contact | None
     message: Activity
     state: dict[str, Any]  # the bot's memory from the previous turn (copy; return a new one)
+    # The events earlier turns returned (BotTurn.events), oldest first, since the bot's
+    # memory was last cleared: read from the store only when called (None: there are none).
+    history: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
 
 
 @dataclass(slots=True)
@@ -47,6 +51,10 @@ class BotTurn:
     # The pipeline stores each under contact.profile[key]; None deletes the key.
     profile: dict[str, Any] = field(default_factory=dict)
     resolve: bool = False  # the bot closed the conversation (it reopens when they write)
+    # This turn's entries of the bot's event log (Rasa events, for custom actions): kept by
+    # the pipeline with the turn, handed to later turns as TurnContext.history. Not in
+    # ``state``, so the memory rewritten every turn stays small.
+    events: list[dict[str, Any]] = field(default_factory=list)
 
 
 class Bot(Protocol):

@@ -77,7 +77,16 @@ from flows.expr import ExpressionError, evaluate, render
 from flows.menu import MENU_COUNTS, counted_choice, menu_buttons, menu_order
 from flows.ports import ActionCall, ActionError, ActionRunner, Understanding
 from flows.registry import FlowSource, LoadedFlows
-from flows.state import FlowState, Path, advance, enter, find_step, step_at, unique_replies
+from flows.state import (
+    EVENT_LOG_CAP,
+    FlowState,
+    Path,
+    advance,
+    enter,
+    find_step,
+    step_at,
+    unique_replies,
+)
 from flows.steps import (
     call_http,
     coerce,
@@ -141,6 +150,7 @@ class _Turn:
         self.now = engine.now()
         self.state = FlowState.load(turn.state)
         self.out = BotTurn()
+        self.earlier: list[dict[str, Any]] | None = None  # earlier turns' events (on demand)
         contact = turn.contact
         self.profile: dict[str, Any] = dict(contact.profile) if contact is not None else {}
         self.contact_name = contact.name if contact is not None else None
@@ -229,7 +239,15 @@ class _Turn:
     def _finish(self) -> BotTurn:
         self.state.greeted = True
         self.out.state = self.state.dump()
+        self.out.events = self.state.events[-EVENT_LOG_CAP:]
         return self.out
+
+    async def _event_log(self) -> list[dict[str, Any]]:
+        """The conversation so far as Rasa events: earlier turns' (from the pipeline) and
+        this one's, the last EVENT_LOG_CAP of them."""
+        if self.earlier is None:  # read once per turn, when the first action runs
+            self.earlier = await self.turn.history() if self.turn.history is not None else []
+        return [*self.earlier, *self.state.events][-EVENT_LOG_CAP:]
 
     # -------------------------------------------------------------- what to do
 
@@ -301,9 +319,15 @@ class _Turn:
             self._reply(Reply(self._render(menu.say), self._menu_buttons()))
 
     def _count_choice(self, flow: str) -> None:
+        """Count a menu option once per conversation (``chosen``): the history says in how
+        many conversations the contact chose it, and a turn that picks it again writes
+        nothing to the contact."""
+        if flow in self.state.chosen:
+            return
         counts = counted_choice(self.domain.menu, self.profile, flow)
         if counts is not None:
             self.profile[MENU_COUNTS] = self.out.profile[MENU_COUNTS] = counts
+            self.state.chosen.append(flow)
 
     # -------------------------------------------------------------------- slots
 
@@ -620,7 +644,7 @@ class _Turn:
             sender_id=self.turn.conversation.contact_id,
             slots=self._values(),
             latest_message=parse_data(self.understanding),
-            events=list(self.state.events),
+            events=await self._event_log(),
             domain=self.engine.rasa_domain(self.flows),
         )
         self.state.log({"event": "action", "timestamp": self._ts(), "name": name})

@@ -9,7 +9,9 @@ from typing import Any
 from flows.dsl import Menu
 from gateway.model import Button
 
-MENU_COUNTS = "_menu_counts"  # profile key: flow name -> times this contact chose it
+# profile key: flow name -> in how many conversations this contact chose it (counted once
+# per conversation, however often it is chosen there: FlowState.chosen)
+MENU_COUNTS = "_menu_counts"
 
 
 def menu_order(menu: Menu | None, profile: Mapping[str, Any]) -> list[str]:

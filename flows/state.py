@@ -11,7 +11,14 @@ Everything here is stored as ``TurnState.bot_state`` in MongoDB, so it is plain 
     slots    conversation slots (profile slots live on the contact)
     misses   misunderstandings in a row (the fallback policy)
     menu     the menu's order for this conversation (fixed at its start)
-    events   a capped Rasa-style event log (user/bot/slot/action), for custom actions
+    chosen   the menu options counted in this conversation (each once: see flows/menu.py)
+
+and, not stored in it, ``events``: this turn's entries of the Rasa-style event log
+(user/bot/slot/action), for custom actions. The pipeline keeps each turn's entries apart
+(``BotTurn.events``; the store's ``bot_events``) and hands the earlier ones back on demand
+(``TurnContext.history``): the memory rewritten every turn stays a few hundred bytes
+instead of growing with the log. A state stored by an older version still holds its log
+under ``events``: it is read, and handed on as this turn's entries (moved once).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class FlowState:
     slots: dict[str, Any] = field(default_factory=dict)
     misses: int = 0
     menu: list[str] | None = None
+    chosen: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
@@ -53,6 +61,7 @@ class FlowState:
         slots = data.get("slots")
         menu = data.get("menu")
         events = data.get("events")
+        chosen = data.get("chosen")
         version = data.get("version")
         misses = data.get("misses")
         return cls(
@@ -64,6 +73,8 @@ class FlowState:
             slots=dict(slots) if isinstance(slots, dict) else {},
             misses=misses if isinstance(misses, int) else 0,
             menu=[m for m in menu if isinstance(m, str)] if isinstance(menu, list) else None,
+            chosen=[c for c in chosen if isinstance(c, str)] if isinstance(chosen, list)
+            else [],
             events=[e for e in events if isinstance(e, dict)] if isinstance(events, list)
             else [],
         )
@@ -78,21 +89,21 @@ class FlowState:
             "slots": dict(self.slots),
             "misses": self.misses,
             "menu": list(self.menu) if self.menu is not None else None,
-            "events": self.events[-EVENT_LOG_CAP:],
+            "chosen": list(self.chosen),
         }
 
     def log(self, event: dict[str, Any]) -> None:
         self.events.append(event)
-        del self.events[:-EVENT_LOG_CAP]
 
     def end_flow(self) -> None:
         self.flow, self.pos, self.ask = None, None, None
 
     def restarted(self, timestamp: float) -> FlowState:
-        """A fresh memory (no flow, no slots) that keeps the greeting, the menu's order and
-        the event log, with a Rasa ``restart`` event (rasa-sdk's ``applied_events()`` then
-        starts after it)."""
-        fresh = FlowState(greeted=self.greeted, menu=self.menu, events=self.events)
+        """A fresh memory (no flow, no slots) that keeps the greeting, the menu's order, the
+        options counted and this turn's events, with a Rasa ``restart`` event (rasa-sdk's
+        ``applied_events()`` then starts after it)."""
+        fresh = FlowState(greeted=self.greeted, menu=self.menu, chosen=self.chosen,
+                          events=self.events)
         fresh.log({"event": "restart", "timestamp": timestamp})
         return fresh
 

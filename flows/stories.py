@@ -230,6 +230,7 @@ class _Chat:
         self.contact = Contact(id=f"contact{number}", name=story.contact_name,
                                profile=dict(story.profile), created_at=now)
         self.state: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []  # the bot's event log (the pipeline's store)
         self.seq = 0
         self.transcript: list[str] = []
         self.pending: list[Reply] = []  # replies of the last turn not yet expected
@@ -256,11 +257,13 @@ class _Chat:
             timestamp=now, created_at=now, text=text, value=value)
         self.transcript.append(f"user: {text}" + (f"  [button {value}]" if value else ""))
         turn = await self.engine.respond(
-            TurnContext(self.conversation, self.contact, message, dict(self.state)))
+            TurnContext(self.conversation, self.contact, message, dict(self.state),
+                        history=self._history))
         # What the pipeline does with a turn: keep the memory, save the profile changes,
         # then hand off or resolve (a resolved conversation starts afresh when they write).
         self.turn = turn
         self.state = dict(turn.state)
+        self.events.extend(turn.events)
         if turn.profile:
             profile = dict(self.contact.profile)
             for key, value_ in turn.profile.items():
@@ -276,7 +279,10 @@ class _Chat:
         if turn.handoff is not None:
             self.handed_off = True
         elif turn.resolve:
-            self.state = {}
+            self.state, self.events = {}, []
+
+    async def _history(self) -> list[dict[str, Any]]:
+        return list(self.events)
 
     def settle(self, when: str) -> None:
         """Everything the last turn did must have been expected by now."""

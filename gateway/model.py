@@ -234,6 +234,9 @@ class TurnState(_Model):
     # change, so a bot turn's commit (which requires "bot") conflicts with a claim.
     owner: OwnerState = OwnerState.BOT
     bot_state: dict[str, Any] = Field(default_factory=dict)
+    # The bot's event log (gateway/store/bot_events.py) counts from the turn of this seq:
+    # the first turn after the bot's memory was last cleared.
+    bot_since: int = 0
     # Every inbound item with a seq up to this one is processed (its turn is done).
     processed_seq: int = 0
     # Web chat: the highest seq a visitor's open socket received (delivery, recorded).

@@ -56,6 +56,8 @@ from gateway.model import (
 from gateway.outbox import Outbox
 from gateway.routing import Routing
 from gateway.store import NotFound, Store
+from gateway.store.bot_events import events_op
+from gateway.store.bot_events import history as bot_history
 from gateway.store.contacts import NO_SWITCH_FROM
 from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, from_doc, profile_update
 from gateway.store.turns import LEASE, Acquired, Turns, instance_name
@@ -94,6 +96,7 @@ class Held:
     pending: dict[int, Activity] = field(default_factory=dict)
     conversation: Conversation | None = None  # None: read it before the next turn
     bot_state: dict[str, Any] = field(default_factory=dict)  # read with ``conversation``
+    bot_since: int = 0  # TurnState.bot_since, read with it
     contact: Contact | None = None
     lost: bool = False
     # Every item up to ``seen`` is known here (stored by this process, read, or seen on
@@ -428,6 +431,7 @@ class Pipeline:
         if conversation is None or state is None:
             raise NotFound(f"conversation {held.id} does not exist")
         held.conversation, held.bot_state = conversation, state.bot_state
+        held.bot_since = state.bot_since
         return state
 
     async def _conversation(self, held: Held) -> Conversation:
@@ -501,12 +505,20 @@ class Pipeline:
     async def _bot_turn(self, held: Held, conversation: Conversation, item: Activity) -> None:
         contact = await self._contact(held, conversation.contact_id)
         before = held.bot_state
-        turn = await self._respond(TurnContext(conversation, contact, item, dict(before)),
-                                   before)
+        # A cleared memory (a new conversation, a hand back): the event log starts here.
+        since = held.bot_since if before else item.seq
+
+        async def earlier() -> list[dict[str, Any]]:
+            return await bot_history(self.store, conversation.id, since, item.seq)
+
+        turn = await self._respond(
+            TurnContext(conversation, contact, item, dict(before), history=earlier), before)
         docs = await self.outbox.prepare(conversation, self._drafts(item, turn))
         now = utcnow()
         until = now + LEASE
         sets: Doc = {"bot_state": dict(turn.state), "lease.until": until}
+        if since != held.bot_since:
+            sets["bot_since"] = since
         highs: Doc = {"processed_seq": item.seq}
         if (seen := self.outbox.marks.take(conversation.id)) is not None:
             highs["delivered_seq"] = seen
@@ -518,6 +530,8 @@ class Pipeline:
                           {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}}))
         if turn.profile and (profile := profile_update(turn.profile)):
             ops.append(Op("contacts", {"_id": conversation.contact_id}, profile))
+        if turn.events:
+            ops.append(events_op(conversation.id, item.seq, turn.events, now))
         try:
             try:
                 items = await self.store.append(conversation.id, docs, ops)
@@ -540,7 +554,7 @@ class Pipeline:
         held.processed = max(held.processed, item.seq)
         held.pending.pop(item.seq, None)
         held.until = until
-        held.bot_state = dict(turn.state)
+        held.bot_state, held.bot_since = dict(turn.state), since
         if touch:
             held.conversation = conversation.model_copy(update={"last_activity_at": now})
         if turn.profile and contact is not None:

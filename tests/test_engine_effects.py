@@ -157,7 +157,7 @@ async def test_a_rasa_intent_payload_button_carries_its_entities(ana: Customer) 
     assert await ana.press('/inform{"size": "small"}', "Small") == [Said("Size small.", MENU)]
     state = await ana.state()
     assert state["slots"] == {"size": "small"}
-    user = [e for e in state["events"] if e["event"] == "user"][-1]
+    user = [e for e in await ana.events() if e["event"] == "user"][-1]
     assert user["parse_data"]["intent"]["name"] == "inform"  # what the next action sees
     assert user["parse_data"]["entities"][0]["value"] == "small"
 
@@ -228,7 +228,7 @@ async def test_restarted_forgets_the_slots_and_ends_the_flow(gateway: Gateway,
     state = await ana.state()
     assert (state["slots"], state["flow"], state["pos"]) == ({}, None, None)
     # what an action gets next: rasa-sdk's applied_events() starts after the restart
-    assert "restart" in [e["event"] for e in state["events"]][-3:]
+    assert "restart" in [e["event"] for e in await ana.events()][-3:]
     assert await ana.owner() is OwnerState.BOT
     found = await gateway.store.get_contact(contact)
     assert found is not None and found.profile["tier"] == "gold"  # the contact is kept
@@ -243,7 +243,7 @@ async def test_all_slots_reset_then_later_slot_sets(gateway: Gateway, ana: Custo
     state = await ana.state()
     assert state["slots"] == {"colour": "after"}
     # the tracker the next action gets shows the reset, as Rasa's would
-    events = [(e["event"], e.get("name")) for e in state["events"]]
+    events = [(e["event"], e.get("name")) for e in await ana.events()]
     assert events[-3:-1] == [("reset_slots", None), ("slot", "colour")]
     found = await gateway.store.get_contact(contact)
     assert found is not None and found.profile["email"]["value"] == "ana@shop.example"

@@ -136,19 +136,29 @@ async def test_the_menu_puts_what_this_contact_chose_before_first(gateway: Gatew
     assert await ana.send("hi") == GREETING
     await ana.press("flow:order", "Order")
     await ana.send("12345")
-    await ana.press("flow:order", "Order")  # chosen twice
+    await ana.press("flow:order", "Order")  # chosen twice in this conversation
     await ana.send("blorp")
     await ana.press("flow:survey", "Survey")  # once
     # the menu does not move in the middle of a conversation
     assert (await ana.send("main menu"))[-1] == Said("Pick one:", MENU)
     contact = await gateway.store.get_contact((await ana.conversation()).contact_id)
     assert contact is not None
-    assert contact.profile["_menu_counts"] == {"order": 2, "survey": 1}
+    # counted once per conversation: a second choice of the same option writes nothing
+    assert contact.profile["_menu_counts"] == {"order": 1, "survey": 1}
 
-    # a second conversation of the same contact (another thread): most chosen first
-    later = Customer(gateway, id="v-ana-history", thread="second")
+    # a second conversation of the same contact (another thread): the chosen ones first,
+    # in the designer's order among equals
+    again = Customer(gateway, id="v-ana-history", thread="second")
+    replies = await again.send("hi")
+    assert again.conversation_id != ana.conversation_id
+    assert replies[-1] == Said("Pick one:", [MENU[1], MENU[2], MENU[0]])
+    await again.press("flow:order", "Order")  # now in two conversations
+    contact = await gateway.store.get_contact((await again.conversation()).contact_id)
+    assert contact is not None and contact.profile["_menu_counts"] == {"order": 2, "survey": 1}
+
+    # a third: most chosen first
+    later = Customer(gateway, id="v-ana-history", thread="third")
     replies = await later.send("hi")
-    assert later.conversation_id != ana.conversation_id
     assert replies[-1] == Said("Pick one:", [MENU[2], MENU[1], MENU[0]])
     # someone else still gets the designer's order
     assert (await Customer(gateway).send("hi"))[-1] == Said("Pick one:", MENU)

@@ -35,6 +35,7 @@ class ActionEchoTracker(Action):
             "entities": list(tracker.get_latest_entity_values("order_number")),
             "channel": tracker.get_latest_input_channel(),
             "events": [e["event"] for e in tracker.events],
+            "said": [e.get("text") for e in tracker.events if e["event"] == "user"],
             "latest_action_name": tracker.latest_action_name,
             "paused": tracker.is_paused(),
             "active_loop": tracker.active_loop_name,
