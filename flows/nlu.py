@@ -41,12 +41,13 @@ and recall 1.000 (19/19).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from flows.dsl import Domain, Entity
@@ -56,6 +57,7 @@ DEFAULT_THRESHOLD = 0.35  # on bench/data/nlu_dev.yaml's best plateau, 0.32-0.35
 WORD_WEIGHT = 0.3  # share of the word features in the cosine; the rest: char n-grams
 CHAR_NGRAMS = (2, 4)
 NEAREST_WEIGHT = 0.5  # intent score = this * nearest example + the rest * centroid
+FUZZY_CACHE = 8192  # typed spans whose typo-tolerant lookup is remembered, per domain
 
 _TOKEN = re.compile(r"[^\W_]+")  # letters and digits; "_", "-", "'" split words
 _NUMBER = re.compile(r"\d+")
@@ -256,6 +258,10 @@ class EntityExtractor:
             for joined in (" ".join(key) for key in self._phrases)
             for d in range(-allowed_edits(joined), allowed_edits(joined) + 1)
         }
+        # The typo-tolerant lookup of one typed span (its deletion variants are most of a
+        # parse's time) depends on the span and this domain only, and customers' words
+        # repeat: remembered per span, for this domain (rebuilt with it on a reload).
+        self._fuzzy = functools.lru_cache(maxsize=FUZZY_CACHE)(self._fuzzy_uncached)
 
     def extract(self, text: str) -> list[EntityMatch]:
         candidates = self._pattern_matches(text) + self._value_matches(text)
@@ -294,7 +300,7 @@ class EntityExtractor:
                 ]
         return found
 
-    def _fuzzy(self, typed: str) -> Iterable[tuple[str, str]]:
+    def _fuzzy_uncached(self, typed: str) -> tuple[tuple[str, str], ...]:
         if len(typed) < 4 or typed.isdigit() or len(typed) not in self._near_lengths:
             return ()
         keys: set[tuple[str, ...]] = set()
@@ -307,7 +313,7 @@ class EntityExtractor:
                 typed, phrase, allowed_edits(phrase)
             ) <= allowed_edits(phrase):
                 hits += [pair for pair in self._phrases[key] if pair not in hits]
-        return hits
+        return tuple(hits)
 
 
 def _listed(spec: Entity) -> list[tuple[str, str]]:
