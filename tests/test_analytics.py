@@ -83,10 +83,10 @@ class Day:
             channel=channel, external_id=f"{thread}:{ObjectId()}", thread_key=thread,
             sender=Party(role=Role.CUSTOMER, id=thread), sender_external_id=thread, text=text))
 
-        async def answered() -> bool:
-            stored = await self.gateway.store.get_conversation(cid)
-            return stored is not None and stored.csat is not None and \
-                stored.csat.score is not None
+        async def answered() -> bool:  # the outcome is written after the conversation
+            outcome = await self.gateway.store.db["outcomes"].find_one(
+                {"conversation_id": cid, "csat_score": {"$ne": None}})
+            return outcome is not None
 
         await eventually(answered)
 
