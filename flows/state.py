@@ -15,10 +15,11 @@ Everything here is stored as ``TurnState.bot_state`` in MongoDB, so it is plain 
 
 and, not stored in it, ``events``: this turn's entries of the Rasa-style event log
 (user/bot/slot/action), for custom actions. The pipeline keeps each turn's entries apart
-(``BotTurn.events``; the store's ``bot_events``) and hands the earlier ones back on demand
-(``TurnContext.history``): the memory rewritten every turn stays a few hundred bytes
-instead of growing with the log. A state stored by an older version still holds its log
-under ``events``: it is read, and handed on as this turn's entries (moved once).
+(``BotTurn.events``, stored on the turn's first reply: gateway/store/bot_events.py) and
+hands the earlier ones back on demand (``TurnContext.history``): the memory rewritten
+every turn stays a few hundred bytes instead of growing with the log. A state stored by
+an older version still holds its log under ``events``: it is read, and handed on as this
+turn's entries (moved once).
 """
 
 from __future__ import annotations

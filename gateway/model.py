@@ -148,6 +148,10 @@ class Activity(_Model):
     # A private note (gateway/desk/notes_api.py): agents see it in the history in order;
     # no channel ever sends it to the customer (web chat sends a content-free "skip").
     private: bool = False
+    # A bot reply: the bot's event log entries of the turn that said it (first reply of
+    # the turn only; gateway/store/bot_events.py). Read by custom actions' trackers,
+    # never shown: not in any dump (API, console, web chat).
+    bot_events: dict[str, Any] | None = Field(default=None, exclude=True)
 
 
 class InboundMessage(_Model):

@@ -56,8 +56,8 @@ from gateway.model import (
 from gateway.outbox import Outbox
 from gateway.routing import Routing
 from gateway.store import NotFound, Store
-from gateway.store.bot_events import events_op
 from gateway.store.bot_events import history as bot_history
+from gateway.store.bot_events import keep_events
 from gateway.store.contacts import NO_SWITCH_FROM
 from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, from_doc, profile_update
 from gateway.store.turns import LEASE, Acquired, Turns, instance_name
@@ -530,8 +530,8 @@ class Pipeline:
                           {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}}))
         if turn.profile and (profile := profile_update(turn.profile)):
             ops.append(Op("contacts", {"_id": conversation.contact_id}, profile))
-        if turn.events:
-            ops.append(events_op(conversation.id, item.seq, turn.events, now))
+        if (kept := keep_events(conversation.id, item.seq, turn.events, docs, now)) is not None:
+            ops.append(kept)
         try:
             try:
                 items = await self.store.append(conversation.id, docs, ops)

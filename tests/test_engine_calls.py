@@ -65,10 +65,16 @@ async def test_an_action_sees_the_earlier_turns_and_the_memory_stays_small(
     conversation = await ana.conversation()
     state = await gateway.store.get_turn_state(conversation.id)
     assert state is not None and "events" not in state.bot_state
-    # each turn's entries are a document of their own, written once with the turn
-    logged = await gateway.store.db["bot_events"].find(
-        {"conversation_id": conversation.id}).to_list()
-    assert len(logged) == 3 and all(d["events"] for d in logged)
+    # each turn's entries ride on its first reply, written once with the turn: no
+    # statement of their own, and never shown (not in the API's items)
+    carried = await gateway.store.messages.find(
+        {"conversation_id": conversation.id, "bot_events": {"$exists": True}}).to_list()
+    assert len(carried) == 3 and all(d["bot_events"]["events"] for d in carried)
+    assert [d["bot_events"]["seq"] < d["seq"] for d in carried] == [True] * 3
+    assert not await gateway.store.db["bot_events"].count_documents({})
+    [shown] = [i for i in (await gateway.store.history(conversation.id))[0]
+               if i.id == carried[0]["_id"]]
+    assert shown.bot_events is not None and "bot_events" not in shown.model_dump()
 
 
 async def test_a_cleared_memory_starts_the_event_log_afresh(
