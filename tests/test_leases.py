@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from pymongo.errors import PyMongoError
 
 from gateway.leases import Busy, Held, Leases, Singleton, Work
 from gateway.model import utcnow
@@ -209,3 +210,27 @@ async def test_work_stops_before_the_lease_ends_when_the_store_is_unreachable(
     finally:
         server.send_signal(signal.SIGCONT)
         await runner.stop()
+
+
+async def test_a_frozen_store_fails_commands_after_the_socket_timeout(
+    own_server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    """A store that stops answering but keeps its connections open: a command fails
+    after the socket timeout (30 s by default, 1 s here) instead of waiting for ever,
+    and the same client works again once the store answers."""
+    uri, server = own_server
+    assert Store.connect(uri, "frozen").client.options.pool_options.socket_timeout == 30.0
+    store = Store.connect(uri, "frozen", timeout_ms=2000, socket_timeout_ms=1000)
+    try:
+        await store.db["t"].insert_one({"_id": 1})
+        server.send_signal(signal.SIGSTOP)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(PyMongoError):
+            await asyncio.wait_for(store.db["t"].insert_one({"_id": 2}), 20)
+        assert asyncio.get_running_loop().time() - started < 5
+        server.send_signal(signal.SIGCONT)
+        assert await store.db["t"].find_one({"_id": 1}) == {"_id": 1}
+    finally:
+        server.send_signal(signal.SIGCONT)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(store.close(), 5)

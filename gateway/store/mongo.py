@@ -104,6 +104,9 @@ def to_doc(item: Activity | Contact | Conversation | Identity) -> Doc:
 # (leases expire, a delivered mark is carried by the next), and a stop must not take a
 # server-selection timeout per step when the store is gone.
 SHUTDOWN_WAIT = 2.0
+# How long any one command may wait for the store's answer (``socketTimeoutMS``, unless
+# the connection string sets it).
+SOCKET_TIMEOUT_MS = 30_000
 
 
 def _uri_sets(uri: str, option: str) -> bool:
@@ -132,11 +135,17 @@ class Store:
 
     @classmethod
     def connect(cls, uri: str, db_name: str, *, timeout_ms: int = 5000,
+                socket_timeout_ms: int = SOCKET_TIMEOUT_MS,
                 event_listeners: list[Any] | None = None) -> Store:
         # The URI's own timeouts win (keyword arguments would override them).
         timeouts: dict[str, Any] = {option: timeout_ms for option in ("serverSelectionTimeoutMS",
                                                       "connectTimeoutMS")
                     if not _uri_sets(uri, option)}
+        # A store that stops answering without closing its connections (frozen, a network
+        # partition) fails every waiting command after this, instead of leaving requests
+        # waiting for ever (nothing on the message path takes more than a second).
+        if not _uri_sets(uri, "socketTimeoutMS"):
+            timeouts["socketTimeoutMS"] = socket_timeout_ms
         client: AsyncMongoClient[Doc] = AsyncMongoClient(
             uri,
             tz_aware=True,
