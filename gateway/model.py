@@ -148,10 +148,11 @@ class Activity(_Model):
     # A private note (gateway/desk/notes_api.py): agents see it in the history in order;
     # no channel ever sends it to the customer (web chat sends a content-free "skip").
     private: bool = False
-    # A bot reply: the bot's event log entries of the turn that said it (first reply of
-    # the turn only; gateway/store/bot_events.py). Read by custom actions' trackers,
-    # never shown: not in any dump (API, console, web chat).
-    bot_events: dict[str, Any] | None = Field(default=None, exclude=True)
+    # The first reply of a bot turn: the turn's record (the inbound seq it answered, the
+    # bot's memory after it, its event-log entries: gateway/store/turn_records.py). Read
+    # by the pipeline and custom actions' trackers, never shown: not in any dump (API,
+    # console, web chat).
+    turn: dict[str, Any] | None = Field(default=None, exclude=True)
 
 
 class InboundMessage(_Model):
@@ -230,17 +231,21 @@ class Lease(_Model):
 
 class TurnState(_Model):
     """What a conversation's turns change, in its own small document (collection
-    ``turn_state``, same id as the conversation): a turn's commit rewrites only this, not
-    the conversation with its many indexes (gateway/store/turns.py)."""
+    ``turn_state``, same id as the conversation), as of its last checkpoint; a bot turn
+    with replies records what it changed on its first reply instead (the two together:
+    ``turn_records.current``; gateway/store/turns.py)."""
 
     id: str  # the conversation's id
     # A copy of ``Conversation.owner``, written in the same transaction as every owner
     # change, so a bot turn's commit (which requires "bot") conflicts with a claim.
     owner: OwnerState = OwnerState.BOT
     bot_state: dict[str, Any] = Field(default_factory=dict)
-    # The bot's event log (gateway/store/bot_events.py) counts from the turn of this seq:
-    # the first turn after the bot's memory was last cleared.
+    # The bot's event log (gateway/store/turn_records.py) counts from the turn of this
+    # seq: the first turn after the bot's memory was last cleared.
     bot_since: int = 0
+    # +1 each time the bot's memory is cleared (hand back, resolve, reopen): a turn
+    # record of an earlier epoch holds a memory from before that.
+    epoch: int = 0
     # Every inbound item with a seq up to this one is processed (its turn is done).
     processed_seq: int = 0
     # Web chat: the highest seq a visitor's open socket received (delivery, recorded).

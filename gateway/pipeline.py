@@ -8,9 +8,11 @@
        owner queued / agent ─► nothing: the agent reads it from the store
        owner resolved ─► reopened to the bot, then as above
 
-Processing state lives in the store, in the conversation's turn state: ``processed_seq``
-says how far its inbound items are processed, the bot's memory is there, and its turns
-run where its lease is (gateway/store/turns.py).
+Processing state lives in the store: a bot turn that answers records what it changed
+(the item it answered, the bot's memory) on its first reply, written with the replies
+and nothing else; the conversation's turn state is a checkpoint of that, written every
+few seconds while it is busy and when it goes idle (gateway/store/turn_records.py). Its
+turns run where its lease is (gateway/store/turns.py).
 The holder keeps what it needs for the next turn in memory (the conversation, the
 contact's profile, the inbound items waiting) and learns of changes made elsewhere from
 the change feed (a message stored by another process, an agent taking over, a channel
@@ -24,7 +26,9 @@ answered only once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -56,12 +60,12 @@ from gateway.model import (
 from gateway.outbox import Outbox
 from gateway.routing import Routing
 from gateway.store import NotFound, Store
-from gateway.store.bot_events import history as bot_history
-from gateway.store.bot_events import keep_events
 from gateway.store.contacts import NO_SWITCH_FROM
-from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, from_doc, profile_update
+from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, epoch_is, from_doc, profile_update
+from gateway.store.turn_records import brought_forward, events_op, keep_record
+from gateway.store.turn_records import history as bot_history
 from gateway.store.turns import LEASE, Acquired, Turns, instance_name
-from gateway.store.writer import Duplicate, Precondition
+from gateway.store.writer import Duplicate, Missing, Precondition
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ CACHE = 10_000  # web chat threads whose conversation is remembered
 # A bot turn writes the conversation's last_activity_at when it is older than this
 # (the turn itself commits to the small turn state only).
 ACTIVITY_EVERY = timedelta(seconds=60)
+# A conversation whose turn records are ahead of its checkpoint gets the checkpoint
+# written once it has been idle this long (the sweeper looks every sweep_seconds).
+CHECKPOINT_IDLE = 2.0
 # What the customer is told when the bot fails on their message (it raised or timed out).
 BOT_ERROR_TEXT = (
     "Sorry, something went wrong on my side and I could not answer that. "
@@ -97,6 +104,14 @@ class Held:
     conversation: Conversation | None = None  # None: read it before the next turn
     bot_state: dict[str, Any] = field(default_factory=dict)  # read with ``conversation``
     bot_since: int = 0  # TurnState.bot_since, read with it
+    epoch: int = 0  # TurnState.epoch, read with it
+    # The seq up to which what the turns decide on (owner, memory) is known: a turn's
+    # commit is fenced there (Unit.fence).
+    fence: int = 0
+    # Turn records are ahead of the turn state's checkpoint (``_checkpoint`` writes it).
+    dirty: bool = False
+    checkpoint_due: bool = False
+    active_at: float = 0.0  # time.monotonic() of the last turn
     contact: Contact | None = None
     lost: bool = False
     # Every item up to ``seen`` is known here (stored by this process, read, or seen on
@@ -135,6 +150,16 @@ class Held:
     def gap(self) -> bool:
         """An unanswered item waits behind seqs this process has not seen."""
         return any(seq > self.seen + 1 for seq in self.pending if seq > self.processed)
+
+
+@dataclass(eq=False)
+class _Commit:
+    """What a bot turn's commit writes besides its replies (``Pipeline._commit``)."""
+
+    ops: list[Op] = field(default_factory=list)
+    until: datetime | None = None  # the lease's new end, if the commit renews it
+    seen: int | None = None  # a delivered mark it carries
+    touch: bool = False  # it brings the conversation's last activity forward
 
 
 class Pipeline:
@@ -352,6 +377,8 @@ class Pipeline:
         now = utcnow()
         if held is not None and not held.lost and held.until - now > RENEW_BELOW:
             return held
+        if held is not None and not held.lost and held.dirty and await self._checkpoint(held):
+            return held  # renewed with the checkpoint
         got = await self.turns.acquire(conversation_id)
         if not isinstance(got, Acquired):
             self._forget(conversation_id)
@@ -414,6 +441,8 @@ class Pipeline:
                 await self._load(held)
             item = held.next()
             if item is None:
+                if held.dirty and held.checkpoint_due:
+                    await self._checkpoint(held)
                 return
             if held.until - utcnow() <= RENEW_BELOW:
                 renewed = await self._hold(conversation_id)
@@ -425,13 +454,20 @@ class Pipeline:
 
     async def _read(self, held: Held) -> TurnState:
         """Read the conversation and its turn state (the bot's memory, how far it is
-        processed) into ``held``."""
+        processed: the checkpoint and the turn records after it) into ``held``. What is
+        read reflects every item up to the fence, taken before reading."""
+        try:
+            fence = await self.store.writer.known_top(held.id)
+        except Missing as exc:
+            raise NotFound(f"conversation {held.id} does not exist") from exc
         conversation = await self.store.get_conversation(held.id)
-        state = await self.store.get_turn_state(held.id)
-        if conversation is None or state is None:
+        checkpoint = await self.store.get_turn_checkpoint(held.id)
+        if conversation is None or checkpoint is None:
             raise NotFound(f"conversation {held.id} does not exist")
+        state = await brought_forward(self.store, checkpoint)
         held.conversation, held.bot_state = conversation, state.bot_state
-        held.bot_since = state.bot_since
+        held.bot_since, held.epoch, held.fence = state.bot_since, state.epoch, fence
+        held.dirty = state.processed_seq != checkpoint.processed_seq
         return state
 
     async def _conversation(self, held: Held) -> Conversation:
@@ -457,6 +493,7 @@ class Pipeline:
                 Op("turn_state", self.turns.commit_filter(held.id, bot=False),
                    {"$set": {"lease.until": now + LEASE}, "$max": {"processed_seq": item.seq}},
                    required=True),
+                *self._memory_ops(held),
                 Op("conversations", {"_id": held.id},
                    {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}})])
         except Precondition:
@@ -464,6 +501,41 @@ class Pipeline:
             return
         held.processed = max(held.processed, item.seq)
         held.until = now + LEASE
+        held.dirty = False
+
+    def _memory_ops(self, held: Held) -> list[Op]:
+        """The checkpoint moves past turn records: the bot's memory goes with it (unless it
+        was cleared meanwhile: another epoch)."""
+        if not held.dirty:
+            return []
+        return [Op("turn_state", {"_id": held.id, **epoch_is(held.epoch)},
+                   {"$set": {"bot_state": dict(held.bot_state), "bot_since": held.bot_since}})]
+
+    async def _checkpoint(self, held: Held) -> bool:
+        """Write the turn state from what the held conversation's turns recorded, with
+        its lease renewed. False: not written (the bot no longer owns it, its memory was
+        cleared, or the lease is gone): read again before the next turn."""
+        held.checkpoint_due = False
+        now = utcnow()
+        until = now + LEASE
+        highs: Doc = {"processed_seq": held.processed}
+        if (seen := self.outbox.marks.take(held.id)) is not None:
+            highs["delivered_seq"] = seen
+        query = {**self.turns.commit_filter(held.id, bot=True), **epoch_is(held.epoch)}
+        try:
+            await self.store.apply([Op("turn_state", query, {
+                "$set": {"bot_state": dict(held.bot_state), "bot_since": held.bot_since,
+                         "lease.until": until},
+                "$max": highs}, required=True)])
+        except BaseException as exc:
+            if seen is not None:
+                self.outbox.marks.seen(held.id, seen)
+            if not isinstance(exc, Precondition):
+                raise
+            held.conversation, held.known = None, False
+            return False
+        held.until, held.dirty = until, False
+        return True
 
     def _lost(self, held: Held) -> None:
         log.info("pipeline: lease of %s taken over by another process", held.id)
@@ -507,6 +579,7 @@ class Pipeline:
         before = held.bot_state
         # A cleared memory (a new conversation, a hand back): the event log starts here.
         since = held.bot_since if before else item.seq
+        held.active_at = time.monotonic()
 
         async def earlier() -> list[dict[str, Any]]:
             return await bot_history(self.store, conversation.id, since, item.seq)
@@ -515,47 +588,41 @@ class Pipeline:
             TurnContext(conversation, contact, item, dict(before), history=earlier), before)
         docs = await self.outbox.prepare(conversation, self._drafts(item, turn))
         now = utcnow()
-        until = now + LEASE
-        sets: Doc = {"bot_state": dict(turn.state), "lease.until": until}
-        if since != held.bot_since:
-            sets["bot_since"] = since
-        highs: Doc = {"processed_seq": item.seq}
-        if (seen := self.outbox.marks.take(conversation.id)) is not None:
-            highs["delivered_seq"] = seen
-        ops = [Op("turn_state", self.turns.commit_filter(conversation.id, bot=True),
-                  {"$set": sets, "$max": highs}, required=True)]
-        active = conversation.last_activity_at
-        if touch := active is None or now - active >= ACTIVITY_EVERY:
-            ops.append(Op("conversations", {"_id": conversation.id},
-                          {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}}))
-        if turn.profile and (profile := profile_update(turn.profile)):
-            ops.append(Op("contacts", {"_id": conversation.contact_id}, profile))
-        if (kept := keep_events(conversation.id, item.seq, turn.events, docs, now)) is not None:
-            ops.append(kept)
+        commit = self._commit(held, conversation, item, turn, docs=docs, since=since, now=now)
         try:
             try:
-                items = await self.store.append(conversation.id, docs, ops)
+                items = await self.store.append(conversation.id, docs, commit.ops,
+                                                fence=held.fence)
             except Duplicate:
-                # The replies are stored already (a re-run of a turn done before, since
-                # replies and the mark commit together): record the turn, say nothing twice.
-                items = await self.store.append(conversation.id, [], ops)
+                # The replies are stored already (a re-run of a turn done before): say
+                # nothing twice; record the turn in the turn state, and read again.
+                commit = self._commit(held, conversation, item, turn, docs=[], since=since,
+                                      now=now)
+                items = await self.store.append(conversation.id, [], commit.ops)
+                held.conversation, held.known = None, False
         except BaseException as exc:
-            if seen is not None:  # not written: the next write carries it
-                self.outbox.marks.seen(conversation.id, seen)
+            if commit.seen is not None:  # not written: the next write carries it
+                self.outbox.marks.seen(conversation.id, commit.seen)
             if not isinstance(exc, Precondition):
                 raise
-            # The bot no longer owns it (an agent took over while it was thinking) or the
-            # lease went to another process: read again; the turn is decided anew.
-            held.conversation = None
-            fresh = await self.store.get_turn_state(conversation.id)
+            # Something the turn did not see came first (an agent took over while it was
+            # thinking, another process's turn) or the lease went to another process:
+            # read again; the turn is decided anew.
+            held.conversation, held.known = None, False
+            fresh = await self.store.get_turn_checkpoint(conversation.id)
             if fresh is None or fresh.lease is None or fresh.lease.owner != self.instance:
                 self._lost(held)
             return
         held.processed = max(held.processed, item.seq)
         held.pending.pop(item.seq, None)
-        held.until = until
         held.bot_state, held.bot_since = dict(turn.state), since
-        if touch:
+        if items:
+            held.fence = max(held.fence, items[-1].seq)
+        if commit.until is None:
+            held.dirty = True
+        else:
+            held.until, held.dirty = commit.until, False
+        if commit.touch and held.conversation is not None:
             held.conversation = conversation.model_copy(update={"last_activity_at": now})
         if turn.profile and contact is not None:
             merged = {**contact.profile, **turn.profile}
@@ -565,6 +632,37 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.turn_done((utcnow() - item.created_at).total_seconds())
         await self._ends(held, item, before, turn)
+
+    def _commit(self, held: Held, conversation: Conversation, item: Activity,
+                turn: BotTurn, *, docs: list[Doc], since: int, now: datetime) -> _Commit:
+        """What a bot turn writes besides its replies. A turn that answers records itself
+        on its first reply and writes no turn state (``until`` None: the lease is not
+        renewed by it); a silent one writes the turn state (memory, processed mark,
+        lease) and keeps its event-log entries apart."""
+        commit = _Commit()
+        if docs:
+            keep_record(docs, seq=item.seq, epoch=held.epoch, state=dict(turn.state),
+                        since=since, events=turn.events)
+        else:
+            commit.until = now + LEASE
+            highs: Doc = {"processed_seq": item.seq}
+            if (seen := self.outbox.marks.take(conversation.id)) is not None:
+                highs["delivered_seq"] = commit.seen = seen
+            commit.ops.append(Op(
+                "turn_state", self.turns.commit_filter(conversation.id, bot=True),
+                {"$set": {"bot_state": dict(turn.state), "bot_since": since,
+                          "lease.until": commit.until}, "$max": highs}, required=True))
+            if turn.events:
+                commit.ops.append(events_op(conversation.id, item.seq, turn.events, now))
+        active = conversation.last_activity_at
+        if active is None or now - active >= ACTIVITY_EVERY:
+            commit.touch = True
+            commit.ops.append(Op(
+                "conversations", {"_id": conversation.id},
+                {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}}))
+        if turn.profile and (profile := profile_update(turn.profile)):
+            commit.ops.append(Op("contacts", {"_id": conversation.contact_id}, profile))
+        return commit
 
     async def _respond(self, context: TurnContext, before: Mapping[str, Any]) -> BotTurn:
         try:
@@ -626,6 +724,7 @@ class Pipeline:
             self._mark = await self.turns.load_mark() or now - FIRST_SWEEP
         since = min(self._mark, before)
         waiting, oldest = await self.turns.unprocessed(since, before)
+        self._checkpoint_idle()
         for conversation_id in waiting:
             held = self._held.get(conversation_id)
             if held is not None and conversation_id not in self._running:
@@ -636,6 +735,15 @@ class Pipeline:
             await self.turns.save_mark(self._mark)
             self._mark_saved = self._mark
         return len(waiting)
+
+    def _checkpoint_idle(self) -> None:
+        """Conversations whose turns recorded more than their checkpoint says, idle for
+        CHECKPOINT_IDLE: their turn state is written (in their turn, by ``_process``)."""
+        idle_since = time.monotonic() - CHECKPOINT_IDLE
+        for held in list(self._held.values()):
+            if held.dirty and not held.lost and held.active_at <= idle_since:
+                held.checkpoint_due = True
+                self.schedule(held.id)
 
     async def _sweep(self, first: bool) -> None:
         # At start-up everything unprocessed is left over from before; later, only what
@@ -652,6 +760,11 @@ class Pipeline:
             timer.cancel()
         self._timers.clear()
         await self._background.stop(grace)
+        dirty = [h for h in self._held.values() if h.dirty and not h.lost]
+        if dirty:  # a courtesy (the turn records count anyway), in one group commit
+            with contextlib.suppress(TimeoutError, PyMongoError):
+                await asyncio.wait_for(asyncio.gather(
+                    *(self._checkpoint(h) for h in dirty)), SHUTDOWN_WAIT)
         try:
             with pymongo.timeout(SHUTDOWN_WAIT):
                 await self.turns.release_all()

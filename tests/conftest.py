@@ -31,6 +31,7 @@ from gateway.model import Direction
 from gateway.settings import Settings
 from gateway.store import Store
 from gateway.store.orphan import dies_with_parent
+from gateway.store.turn_records import processed_after
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -120,23 +121,27 @@ def settings(mongo_uri: str, db_name: str, tmp_path: Path) -> Settings:
 
 
 async def unprocessed(store: Store) -> int:
-    """Inbound items whose turn is not done (above their turn state's processed_seq)."""
+    """Inbound items whose turn is not done (above their turn state's processed_seq, as
+    the turn records written after its checkpoint bring it forward)."""
     count = 0
     async for conv in store.turn_state.find({}, {"processed_seq": 1}):
+        done = await processed_after(store, conv["_id"], int(conv.get("processed_seq") or 0))
         count += await store.messages.count_documents(
             {"conversation_id": conv["_id"], "direction": Direction.INBOUND.value,
-             "seq": {"$gt": int(conv.get("processed_seq") or 0)}})
+             "seq": {"$gt": done}})
     return count
 
 
 async def processed(store: Store, item_id: str) -> bool:
-    """Whether the inbound item's turn is done (at or below its turn state's processed_seq)."""
+    """Whether the inbound item's turn is done (at or below its processed_seq)."""
     doc = await store.messages.find_one({"_id": item_id}, {"conversation_id": 1, "seq": 1})
     assert doc is not None, f"no item {item_id}"
     conv = await store.turn_state.find_one({"_id": doc["conversation_id"]},
                                            {"processed_seq": 1})
     assert conv is not None
-    return int(conv.get("processed_seq") or 0) >= int(doc["seq"])
+    done = await processed_after(store, doc["conversation_id"],
+                                 int(conv.get("processed_seq") or 0))
+    return done >= int(doc["seq"])
 
 
 class Gateway:

@@ -18,7 +18,8 @@ from aiohttp.test_utils import TestServer
 from gateway.keys import PIPELINE
 from gateway.model import Conversation, InboundMessage, OwnerState, Party, Role
 from gateway.settings import Settings
-from gateway.store.bot_events import history as bot_history
+from gateway.store.turn_records import current as current_turn_state
+from gateway.store.turn_records import history as bot_history
 from tests.conftest import Gateway
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "flows" / "engine" / "all"
@@ -149,14 +150,14 @@ class Customer:
         return (await self.conversation()).owner
 
     async def state(self) -> dict[str, Any]:
-        state = await self.gateway.store.get_turn_state((await self.conversation()).id)
+        state = await current_turn_state(self.gateway.store, (await self.conversation()).id)
         assert state is not None
         return dict(state.bot_state)
 
     async def events(self) -> list[dict[str, Any]]:
         """The bot's event log as the next custom action would get it (before its turn)."""
         conversation = await self.conversation()
-        state = await self.gateway.store.get_turn_state(conversation.id)
+        state = await current_turn_state(self.gateway.store, conversation.id)
         assert state is not None
         top = await self.gateway.store.seq_above(conversation.id, 0)
         return await bot_history(self.gateway.store, conversation.id, state.bot_since, top + 1)

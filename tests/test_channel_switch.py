@@ -15,6 +15,7 @@ from gateway.model import Conversation, OwnerState, utcnow
 from gateway.store import Store
 from gateway.store.contacts import SWITCH_WINDOW, ContactStore
 from gateway.store.mongo import from_doc
+from gateway.store.turn_records import current as current_turn_state
 from tests import test_identity as rig
 from tests.conftest import Gateway, Visitor
 from tests.fakes.telegram_api import FakeTelegram, People
@@ -129,7 +130,7 @@ async def test_the_bot_flow_goes_on_on_telegram_with_its_pending_question(
     await gateway.settle()
     conversation = await only_conversation(gateway)
     assert conversation.channel == "webchat" and conversation.owner is OwnerState.BOT
-    turn_state = await gateway.store.get_turn_state(conversation.id)
+    turn_state = await current_turn_state(gateway.store, conversation.id)
     assert turn_state is not None
     state = turn_state.bot_state
     assert state["flow"] == "start_return" and state["ask"]["slot"] == "email"

@@ -16,6 +16,7 @@ from flows.engine import ACTION_FAILED_TEXT, HTTP_FAILED_TEXT
 from gateway.keys import AGENTS, PIPELINE, ROUTING
 from gateway.model import OwnerState
 from gateway.settings import DEFAULT_FLOWS_DIR, Settings
+from gateway.store.turn_records import current as current_turn_state
 from tests.conftest import Gateway, running_gateway
 from tests.engine_rig import Customer, Said, Shop, copy_flows, engine_settings
 from tests.rasa_server import ActionServer, action_server
@@ -63,18 +64,18 @@ async def test_an_action_sees_the_earlier_turns_and_the_memory_stays_small(
     seen = (await ana.slots())["seen"]
     assert seen["said"] == ["hi", "blorp", "flow:action_ok"]
     conversation = await ana.conversation()
-    state = await gateway.store.get_turn_state(conversation.id)
+    state = await current_turn_state(gateway.store, conversation.id)
     assert state is not None and "events" not in state.bot_state
-    # each turn's entries ride on its first reply, written once with the turn: no
-    # statement of their own, and never shown (not in the API's items)
+    # each turn's entries ride on its first reply, in the turn's record, written once
+    # with the turn: no statement of their own, and never shown (not in the API's items)
     carried = await gateway.store.messages.find(
-        {"conversation_id": conversation.id, "bot_events": {"$exists": True}}).to_list()
-    assert len(carried) == 3 and all(d["bot_events"]["events"] for d in carried)
-    assert [d["bot_events"]["seq"] < d["seq"] for d in carried] == [True] * 3
+        {"conversation_id": conversation.id, "turn": {"$exists": True}}).to_list()
+    assert len(carried) == 3 and all(d["turn"]["events"] for d in carried)
+    assert [d["turn"]["seq"] < d["seq"] for d in carried] == [True] * 3
     assert not await gateway.store.db["bot_events"].count_documents({})
     [shown] = [i for i in (await gateway.store.history(conversation.id))[0]
                if i.id == carried[0]["_id"]]
-    assert shown.bot_events is not None and "bot_events" not in shown.model_dump()
+    assert shown.turn is not None and "turn" not in shown.model_dump()
 
 
 async def test_a_cleared_memory_starts_the_event_log_afresh(
@@ -97,12 +98,18 @@ async def test_an_event_log_stored_by_an_older_version_is_moved_out_of_the_memor
 ) -> None:
     conversation = await ana.conversation()
     old = {"event": "user", "timestamp": 1.0, "text": "from before", "parse_data": {}}
-    await gateway.store.turn_state.update_one(
-        {"_id": conversation.id}, {"$set": {"bot_state.events": [old]}})
+    # as an older version left it: everything in the turn state, no turn records
+    now = await current_turn_state(gateway.store, conversation.id)
+    assert now is not None
+    await gateway.store.turn_state.update_one({"_id": conversation.id}, {"$set": {
+        "bot_state": {**now.bot_state, "events": [old]},
+        "processed_seq": now.processed_seq}})
+    await gateway.store.messages.update_many({"conversation_id": conversation.id},
+                                             {"$unset": {"turn": ""}})
     gateway.app[PIPELINE]._held.clear()  # as after the upgrade's restart: read it again
     await ana.press("flow:action_ok")
     assert (await ana.slots())["seen"]["said"][-2:] == ["from before", "flow:action_ok"]
-    state = await gateway.store.get_turn_state(conversation.id)
+    state = await current_turn_state(gateway.store, conversation.id)
     assert state is not None and "events" not in state.bot_state
     await ana.press("flow:action_ok")  # read back from the event log now
     assert (await ana.slots())["seen"]["said"][-3:] == [

@@ -31,6 +31,7 @@ from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
 from gateway.store import Store
+from gateway.store.turn_records import current as current_turn_state
 from tests.conftest import Gateway, processed, unprocessed
 
 
@@ -204,7 +205,7 @@ async def test_turns_run_in_order_and_exactly_once(store: Store) -> None:
     assert rig.bot.seen == in_store  # in seq order, each once
     assert rig.bot.max_busy == 1  # never two turns of one conversation at once
     assert rig.connector.sent == [f"echo: {t}" for t in in_store]
-    state = await store.get_turn_state(cid)
+    state = await current_turn_state(store, cid)
     assert state is not None and state.bot_state == {"turns": 20}
     assert state.lease is not None
     assert state.lease.owner is None  # released
@@ -224,11 +225,13 @@ async def test_sweep_answers_a_message_left_unprocessed(rig: Rig) -> None:
     assert await processed(rig.store, item.id)
     assert await rig.pipeline.sweep_once(timedelta(0)) == 0
 
-    # the turn's replies and its processed mark commit together, so a crash cannot leave
-    # one without the other; if a turn runs again anyway (an operator resets the mark and
-    # the sweep's window), what it says is stored once
+    # the turn's replies and its record (the processed mark) commit together, so a
+    # crash cannot leave one without the other; if a turn runs again anyway (an operator
+    # resets the mark, the record and the sweep's window), what it says is stored once
     await rig.store.turn_state.update_one({"_id": conversation.id},
                                           {"$set": {"processed_seq": item.seq - 1}})
+    await rig.store.messages.update_many({"conversation_id": conversation.id},
+                                         {"$unset": {"turn": ""}})
     rig.pipeline._mark = item.created_at - timedelta(seconds=1)
     rig.pipeline._held.clear()
     assert await rig.pipeline.sweep_once(timedelta(0)) == 1
@@ -274,7 +277,7 @@ async def test_bot_is_silent_while_a_human_owns_the_conversation(rig: Rig) -> No
     event = await store.find_by_dedupe_key(f"{reopened.item.id}:reopen")
     assert event is not None and event.name == "reopened"
     assert rig.connector.sent[-2:] == ["Conversation reopened.", "echo: one more thing"]
-    state = await store.get_turn_state(conversation.id)
+    state = await current_turn_state(store, conversation.id)
     assert state is not None and state.bot_state == {"turns": 1}  # reopening: afresh
 
 
@@ -307,7 +310,7 @@ async def test_a_failing_bot_does_not_wedge_the_conversation(
     assert rig.connector.sent == ["echo: before", fallback, "echo: after"]
     conversation = await store.get_conversation(first.conversation.id)
     assert conversation is not None and conversation.owner is OwnerState.BOT
-    state = await store.get_turn_state(conversation.id)
+    state = await current_turn_state(store, conversation.id)
     assert state is not None
     assert state.bot_state == {"turns": 2}  # the failed turn kept the old memory
     failures = [r for r in caplog.records if "bot failed" in r.getMessage()]

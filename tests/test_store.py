@@ -20,6 +20,7 @@ from gateway.model import (
 )
 from gateway.store import NotFound, Store, StoreError
 from gateway.store.mongo import to_doc
+from gateway.store.turn_records import current as current_turn_state
 from tests.conftest import processed
 
 CUSTOMER = Party(role=Role.CUSTOMER, id="u1")
@@ -403,7 +404,7 @@ async def test_bot_state_is_saved_only_while_the_bot_owns(store: Store) -> None:
     assert await store.set_bot_state(conversation.id, {"misses": 1})
     await store.transition(conversation.id, {OwnerState.BOT}, OwnerState.QUEUED)
     assert not await store.set_bot_state(conversation.id, {"misses": 2})
-    current = await store.get_turn_state(conversation.id)
+    current = await current_turn_state(store, conversation.id)
     assert current is not None and current.bot_state == {"misses": 1}
     assert current.owner is OwnerState.QUEUED  # the copy, written with the change
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 from gateway.model import OwnerState, utcnow
 from gateway.store import Store
 from gateway.store.mongo import FREE, TURN_STATE_MOVED
+from gateway.store.turn_records import current as current_turn_state
 from gateway.store.writer import HINT_EVERY, item_id
 from tests.conftest import processed
 from tests.test_pipeline import EchoBot, Rig, bot_replies, build, message, settle
@@ -44,7 +45,7 @@ async def test_a_claim_while_the_bot_thinks_wins_and_the_bot_says_nothing(store:
     assert await bot_replies(store, cid) == []  # the turn's commit lost: nothing said
     assert rig.connector.sent == []
     assert await processed(store, first.item.id)  # and the message is not lost
-    state = await store.get_turn_state(cid)
+    state = await current_turn_state(store, cid)
     assert state is not None and state.owner is OwnerState.QUEUED
     assert state.bot_state == {}  # the lost turn's memory was not written either
 
@@ -63,7 +64,7 @@ async def test_bot_turns_leave_the_conversation_document_alone(store: Store) -> 
         after = await store.conversations.find_one({"_id": cid})
         # within ACTIVITY_EVERY: the conversation is not rewritten by the turns ...
         assert after == before
-        state = await store.get_turn_state(cid)
+        state = await current_turn_state(store, cid)
         assert state is not None and state.bot_state == {"turns": 4}  # ... their state is
         assert state.processed_seq == await store.top_seq(cid) - 1  # the last reply above
 
@@ -98,7 +99,7 @@ async def test_a_conversation_whose_turn_state_was_lost_is_answered(store: Store
         other = await rig.pipeline.open_conversation("test", "chat-2", "cust-1")
         await store.turn_state.delete_one({"_id": other.id})
         assert await store.transition(other.id, {OwnerState.BOT}, OwnerState.QUEUED)
-        state = await store.get_turn_state(other.id)
+        state = await current_turn_state(store, other.id)
         assert state is not None and state.owner is OwnerState.QUEUED
         assert state.processed_seq == 0 and state.lease is not None
         await rig.pipeline.ingest(message("m2", "still here", thread="chat-2"))
@@ -127,7 +128,7 @@ async def test_conversations_from_before_the_turn_state_are_moved_at_start(
     await store.ensure_indexes()  # again (another process starting): nothing twice
     conversation = await store.get_conversation("old1")  # loads: the old fields are gone
     assert conversation is not None and conversation.owner is OwnerState.BOT
-    state = await store.get_turn_state("old1")
+    state = await current_turn_state(store, "old1")
     assert state is not None
     assert (state.bot_state, state.processed_seq, state.delivered_seq) == ({"turns": 3}, 6, 5)
     rig = await started(store, EchoBot())
@@ -136,7 +137,7 @@ async def test_conversations_from_before_the_turn_state_are_moved_at_start(
         await settle(store, rig.pipeline)
     finally:
         await stopped(rig)
-    state = await store.get_turn_state("old1")
+    state = await current_turn_state(store, "old1")
     assert state is not None and state.bot_state == {"turns": 4}  # the memory went on
     assert rig.connector.sent == ["echo: back again"]
 

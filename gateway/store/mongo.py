@@ -33,6 +33,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 
 from gateway.model import (
     Activity,
+    ActivityType,
     Contact,
     Conversation,
     DeliveryStatus,
@@ -40,6 +41,8 @@ from gateway.model import (
     InboundMessage,
     OutboundDraft,
     OwnerState,
+    Party,
+    Role,
     TurnState,
     utcnow,
 )
@@ -416,19 +419,31 @@ class Store:
         also: Mapping[str, Any] | None = None,
         where: Mapping[str, Any] | None = None,
     ) -> Conversation | None:
-        """Change the owner state atomically if it is one of ``expected`` (and ``where``).
+        """Change the owner state atomically if it is one of ``expected`` (and ``where``),
+        with an ``owner`` event in the same unit (as every owner change: a bot turn's
+        fenced commit sees it, gateway/store/turn_records.py). The desk's changes go
+        through ``Routing`` (their events say more); this one is the bare change.
 
         Returns the updated conversation, or None if the conversation was not in an
         expected state: of two concurrent callers, exactly one wins.
         """
+        conversation = await self.get_conversation(conversation_id)
+        if conversation is None:
+            return None
+        now = utcnow()
+        event = outbound_doc(conversation, OutboundDraft(
+            type=ActivityType.EVENT, sender=Party(role=Role.SYSTEM), name="owner",
+            text=to.value), now, delivery(DeliveryStatus.SKIPPED, now))
         try:
-            await self.apply(transition_ops(conversation_id, expected, to, utcnow(),
-                                            also=also, where=where))
+            await self.append(conversation_id, [event], transition_ops(
+                conversation_id, expected, to, now, also=also, where=where))
         except Precondition:
             return None
         return await self.get_conversation(conversation_id)
 
-    async def get_turn_state(self, conversation_id: str) -> TurnState | None:
+    async def get_turn_checkpoint(self, conversation_id: str) -> TurnState | None:
+        """The turn state as last written; what is current is this and the turn records
+        after it (``turn_records.current``)."""
         doc = await self.turn_state.find_one({"_id": conversation_id})
         return None if doc is None else from_doc(TurnState, doc)
 
@@ -464,14 +479,17 @@ class Store:
         return None if doc is None else from_doc(Activity, doc)
 
     async def append(
-        self, conversation_id: str, docs: list[Doc], ops: list[Op] | None = None
+        self, conversation_id: str, docs: list[Doc], ops: list[Op] | None = None,
+        *, fence: int | None = None,
     ) -> list[Activity]:
-        """Append items (built by gateway/store/items.py) and apply ``ops``, together.
+        """Append items (built by gateway/store/items.py) and apply ``ops``, together;
+        ``fence``: only if nothing but inbound items came after that seq (Unit.fence).
 
         Raises ``Duplicate`` (an item is stored already: nothing written), ``Precondition``
-        (a required op matched nothing), NotFound, or the store's error."""
+        (a required op matched nothing, or the fence), NotFound, or the store's error."""
         try:
-            stored = await self.writer.submit(Unit(conversation_id, docs, list(ops or [])))
+            stored = await self.writer.submit(
+                Unit(conversation_id, docs, list(ops or []), fence=fence))
         except Missing as exc:
             raise NotFound(str(exc)) from exc
         return [from_doc(Activity, d) for d in stored]
@@ -642,22 +660,30 @@ class Store:
 
 def turn_state_doc(conversation_id: str, owner: OwnerState) -> Doc:
     """A conversation's turn state as it starts (model.TurnState)."""
-    return {"_id": conversation_id, "owner": owner.value, "bot_state": {},
+    return {"_id": conversation_id, "owner": owner.value, "bot_state": {}, "epoch": 0,
             "processed_seq": 0, "delivered_seq": 0, "lease": {"owner": None, "until": FREE}}
 
 
 def owner_copy_op(conversation_id: str, to: OwnerState, *, reset_bot: bool = False) -> Op:
-    """The turn state's copy of the owner (and, ``reset_bot``, the bot's memory cleared):
-    written in the same unit as every owner change, so a bot turn's commit, which
-    requires the copy to say "bot", conflicts with the change. Upserted: a conversation
-    whose turn state was never written gets one."""
+    """The turn state's copy of the owner (and, ``reset_bot``, the bot's memory cleared:
+    a new epoch, so turn records from before no longer count): written in the same unit
+    as every owner change, so a bot turn's commit, which requires the copy to say "bot",
+    conflicts with the change. Upserted: a conversation whose turn state was never
+    written gets one."""
     sets: Doc = {"owner": to.value}
+    update: Doc = {"$set": sets}
     if reset_bot:
         sets["bot_state"] = {}
-    fresh = {k: v for k, v in turn_state_doc(conversation_id, to).items()
-             if k not in sets and k != "_id"}
-    return Op("turn_state", {"_id": conversation_id},
-              {"$set": sets, "$setOnInsert": fresh}, upsert=True)
+        update["$inc"] = {"epoch": 1}
+    update["$setOnInsert"] = {k: v for k, v in turn_state_doc(conversation_id, to).items()
+                              if k not in sets and k != "_id"
+                              and not (reset_bot and k == "epoch")}
+    return Op("turn_state", {"_id": conversation_id}, update, upsert=True)
+
+
+def epoch_is(epoch: int) -> Doc:
+    """A filter on the turn state's epoch (written by older versions without one: 0)."""
+    return {"epoch": epoch} if epoch else {"epoch": {"$in": [0, None]}}
 
 
 def transition_ops(

@@ -2,21 +2,24 @@
 
 What a conversation's turns change lives in its turn state (``TurnState``, collection
 ``turn_state``, one document per conversation with the conversation's id and no other
-index): a turn's commit rewrites that small document, not the conversation with its
-indexes (on the embedded store an update rewrites every index entry of the document:
-BENCHMARKS.md). The turn state carries a copy of the conversation's ``owner``, written
-in the same unit as every owner change (``transition_ops``),
-so a bot turn's commit, which requires it to say "bot", still conflicts with a claim.
+index), as of its last checkpoint: a bot turn that answers records what it changed on its
+first reply instead, and the checkpoint follows every few seconds
+(gateway/store/turn_records.py). The turn state carries a copy of the conversation's
+``owner``, written in the same unit as every owner change (``transition_ops``), so a
+turn's checkpoint, which requires it to say "bot", conflicts with a claim; a turn's
+replies are fenced against the change's event instead.
 
 A conversation's turns run in one gateway process at a time, the holder of its lease
 (``TurnState.lease``: owner, until), as Rasa's lock store does across replicas. The
-holder keeps it while the conversation is busy: every turn's commit extends it (the
-commit requires ``lease.owner`` to still be this process, so a process whose lease was
-taken over writes nothing). An idle lease just expires; a clean shutdown releases every
-lease at once; a process that died on this machine is recognised by its pid and its
-leases are taken over at once, anyone else's after ``LEASE``.
+holder keeps it while the conversation is busy: a checkpoint or a renewal extends it
+before it runs short (a turn that finds less than ``RENEW_BELOW`` of it left renews it
+first). An idle lease just expires; a clean shutdown releases every lease at once; a
+process that died on this machine is recognised by its pid and its leases are taken over
+at once, anyone else's after ``LEASE``. Should two processes ever run the same turn (one
+paused past its lease), their replies collide on their ids: it is answered once.
 
-``processed_seq`` in the turn state says how far its inbound items are processed; the
+``processed_seq`` in the turn state, brought forward by the turn records written after it
+(gateway/store/turn_records.py), says how far its inbound items are processed; the
 sweeper finds recent inbound items above it (index ``recent``: direction, created_at),
 so a message stored by a process that died before its turn is answered by another.
 """
@@ -33,6 +36,7 @@ from pymongo.errors import DuplicateKeyError
 from gateway.model import Direction, OwnerState, utcnow
 from gateway.store.mongo import FREE, Doc, NotFound, Store, turn_state_doc
 from gateway.store.orphan import pid_alive
+from gateway.store.turn_records import processed_after
 
 LEASE = timedelta(seconds=30)
 SWEEP_STATE = ("pipeline", "sweep")  # channel_state: the sweeper's lower bound
@@ -125,9 +129,13 @@ class Turns:
             {"lease.owner": self.instance}, {"$set": {"lease": {"owner": None, "until": FREE}}})
 
     async def processed(self, conversation_id: str) -> int | None:
+        """How far its inbound items are processed (None: no turn state)."""
         doc = await self.store.turn_state.find_one(
             {"_id": conversation_id}, {"processed_seq": 1})
-        return None if doc is None else int(doc.get("processed_seq") or 0)
+        if doc is None:
+            return None
+        return await processed_after(self.store, conversation_id,
+                                     int(doc.get("processed_seq") or 0))
 
     # ------------------------------------------------------------------ sweeper
 
@@ -164,6 +172,10 @@ class Turns:
             alive = await self.store.conversations.distinct("_id", {"_id": {"$in": missing}})
             done.update({str(cid): 0 for cid in alive})
         waiting = {cid: seq for cid, seq in latest.items() if seq > done.get(cid, seq)}
+        for cid in list(waiting):  # answered by turns that recorded it on their replies
+            done[cid] = await processed_after(self.store, cid, done[cid])
+            if waiting[cid] <= done[cid]:
+                del waiting[cid]
         oldest = min((d["created_at"] for d in docs
                       if str(d["conversation_id"]) in waiting
                       and int(d["seq"]) > done.get(str(d["conversation_id"]), 0)),

@@ -26,6 +26,17 @@ message or the same reply twice collides on ``_id``: the unit fails with ``Dupli
 and the caller reads the stored one. That also makes a batch whose commit outcome is
 unknown (the store went away mid-commit) safe to retry: what was committed collides.
 
+Fences. A unit may carry ``fence``: the last seq of its conversation that what it
+writes was decided on (a bot turn: everything up to there was seen by it). It is
+written only if nothing but inbound items (customers' messages) was appended after that
+seq, else it fails with ``Precondition`` and nothing of it is written. The writer knows
+the last non-inbound seq (``barrier``) of each conversation it numbers: from the items
+it stored, and from the items it reads when its top was stale or not known (another
+process appended: the insert hit the seq index, so the check is as atomic as the
+numbering; below the seq hint it assumes the worst). Every owner change appends its
+event in the same unit, so a fenced bot turn is never stored after a change it did not
+see (gateway/store/turn_records.py).
+
 The conversation's ``seq`` field and the contact's ``seq`` field are hints (a lower
 bound of the last seq), kept close by ``$max`` in the same batches: with any update of
 the unit to the conversation, else once the hint lags by ``HINT_EVERY`` items (a turn's
@@ -116,6 +127,8 @@ class Unit:
     items: list[Doc] = field(default_factory=list)
     ops: list[Op] = field(default_factory=list)
     future: asyncio.Future[list[Doc]] | None = None
+    # written only if nothing but inbound items came after this seq (module doc)
+    fence: int | None = None
 
     @property
     def atomic(self) -> bool:
@@ -127,6 +140,12 @@ class _Top:
     seq: int
     contact_id: str
     hint: int = 0  # the seq hint last written (or read) on the conversation
+    barrier: int = 0  # the last seq of an item that was not inbound (as far as known)
+
+
+def _barrier(docs: list[Doc]) -> int:
+    """The last seq of the items that are not inbound (0: none)."""
+    return max((int(d["seq"]) for d in docs if d.get("direction") != "in"), default=0)
 
 
 class _Lru(OrderedDict[str, Any]):
@@ -186,6 +205,14 @@ class Writer:
         self._tops.pop(conversation_id, None)
         if contact_id is not None:
             self._contacts.pop(contact_id, None)
+
+    async def known_top(self, conversation_id: str) -> int:
+        """The conversation's last seq as this writer knows it (read if not known): a
+        fence for what is decided on what is read after this call (Unit.fence)."""
+        top = self._tops.get(conversation_id)
+        if top is None:
+            top = await self._load_conversation(conversation_id)
+        return int(top.seq)
 
     def top(self, conversation_id: str) -> int | None:
         """The last seq this process knows for the conversation (None: not remembered)."""
@@ -272,7 +299,8 @@ class Writer:
         if not units:
             return
         await self._load_tops(units)
-        units = [u for u in units if u.future is not None and not u.future.done()]
+        units = self._fenced_out(
+            [u for u in units if u.future is not None and not u.future.done()])
         if not units:
             return
         staged = self._number(units)
@@ -294,7 +322,7 @@ class Writer:
     async def _load_tops(self, units: list[Unit]) -> None:
         for unit in units:
             cid = unit.conversation_id
-            if not unit.items or cid is None:
+            if cid is None or not (unit.items or unit.fence is not None):
                 continue
             top = self._tops.get(cid)
             if top is None:
@@ -314,7 +342,8 @@ class Writer:
         above = await self.store.messages.find(
             {"conversation_id": cid, "seq": {"$gt": hint}}).to_list()
         seq = max([hint, *(int(d["seq"]) for d in above)])
-        top = _Top(seq, str(doc["contact_id"]), hint)
+        # what is at or below the hint was not read: any of it may be a barrier
+        top = _Top(seq, str(doc["contact_id"]), hint, max(hint, _barrier(above)))
         self._tops.put(cid, top)
         if above and self.on_foreign is not None:
             self.on_foreign(sorted(above, key=lambda d: int(d["seq"])))
@@ -328,6 +357,25 @@ class Writer:
             {"contact_seq": 1}).to_list()
         seq = max([hint, *(int(d["contact_seq"]) for d in above)])
         self._contacts.put(contact_id, [seq, hint])
+
+    def _fenced_out(self, units: list[Unit]) -> list[Unit]:
+        """Fail the fenced units that something not inbound came after (an earlier unit
+        of the batch included); the others, to write."""
+        barriers: dict[str, int] = {}
+        kept: list[Unit] = []
+        for unit in units:
+            cid = unit.conversation_id
+            if cid is not None and unit.fence is not None:
+                top = self._tops.get(cid)
+                barrier = max(barriers.get(cid, 0), top.barrier if top is not None else 0)
+                if top is None or barrier > unit.fence:
+                    _fail(unit, Precondition(
+                        f"conversation {cid}: an item not inbound came after seq {unit.fence}"))
+                    continue
+            kept.append(unit)
+            if cid is not None and any(d.get("direction") != "in" for d in unit.items):
+                barriers[cid] = 1 << 62  # numbered below: after any fence of the batch
+        return kept
 
     def _number(self, units: list[Unit]) -> dict[str, tuple[int, int]]:
         """Give every item its seq and contact_seq (staged: the caches move on only when
@@ -373,6 +421,8 @@ class Writer:
             top = self._tops.get(str(doc["conversation_id"]))
             if top is not None:
                 top.seq = max(top.seq, int(doc["seq"]))
+                if doc.get("direction") != "in":
+                    top.barrier = max(top.barrier, int(doc["seq"]))
             contact = self._contacts.get(str(doc["contact_id"]))
             if contact is not None:
                 contact[0] = max(contact[0], int(doc["contact_seq"]))
