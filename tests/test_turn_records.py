@@ -7,6 +7,7 @@ commit from landing after an owner change (or another process's turn) it did not
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import Counter
 from typing import Any
@@ -220,3 +221,31 @@ async def test_a_cleared_memory_outranks_the_records_before_it(store: Store) -> 
         assert state is not None and state.bot_state == {"turns": 1}
     finally:
         await stopped(rig)
+
+
+async def test_a_claim_in_another_process_while_the_bot_thinks_wins(
+    store: Store, mongo_uri: str, db_name: str,
+) -> None:
+    """The claim's event is appended by another process's writer: this one learns of it
+    only when its reply meets it on the seq index, and then stores nothing."""
+    other = Store.connect(mongo_uri, db_name)
+    rig = await started(store, EchoBot(delay=0.5))
+    try:
+        await rig.pipeline.ingest(message("m0", "first"))  # a turn before: tops cached
+        await settle(store, rig.pipeline)
+        rig.bot.delay = 0.5
+        result = await rig.pipeline.ingest(message("m1", "hello"))
+        cid = result.conversation.id
+        while not rig.bot.busy:  # the bot is thinking about "hello"
+            await asyncio.sleep(0.01)
+        assert await other.transition(cid, {OwnerState.BOT}, OwnerState.QUEUED)
+        await settle(store, rig.pipeline)
+    finally:
+        await stopped(rig)
+        await other.close()
+    assert rig.bot.seen == ["first", "hello"]
+    assert await texts(store, cid) == ["first", "echo: first", "hello", "queued"]
+    assert rig.connector.sent == ["echo: first"]
+    state = await current(store, cid)
+    assert state is not None and state.owner is OwnerState.QUEUED
+    assert state.processed_seq == result.item.seq  # the message is not lost
