@@ -1,4 +1,4 @@
-"""What one update statement costs the embedded store, by indexes and document size.
+"""What one write statement costs the embedded store, by indexes and document size.
 
     python -m bench.statements [--rounds 40]
 
@@ -9,6 +9,11 @@ a SecantusDB server (fsync per commit, as the gateway's default) started here: b
 ``conversations`` collection has 8), and with a bot state carrying 0, 10 or 40 event-log
 entries (the engine keeps up to 40 for custom actions). Figures are milliseconds of the
 server per updated document; read them as ratios to the first row.
+
+Then inserts of message-shaped documents (half inbound, half web chat replies) in bulks of
+20 in a transaction, into collections with the indexes of ``messages``: only ``_id``;
+plus the two unique seq indexes; plus the sweeper's ``recent`` and the outbox's
+``outbox_due`` (all five, as in gateway/store/mongo.py).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pymongo import MongoClient, UpdateOne
+from pymongo import IndexModel, MongoClient, UpdateOne
 
 from bench.store import start_server, stop_server
 
@@ -55,6 +60,49 @@ def measure(client: MongoClient[dict[str, Any]], indexes: int, events: int,
     return (time.perf_counter() - started) / (rounds * BULK) * 1000
 
 
+MESSAGE_INDEXES: list[tuple[str, list[IndexModel]]] = [
+    ("_id only", []),
+    ("+ (conversation_id, seq), (contact_id, contact_seq) unique", [
+        IndexModel([("conversation_id", 1), ("seq", 1)], unique=True),
+        IndexModel([("contact_id", 1), ("contact_seq", 1)], unique=True)]),
+    ("+ recent, outbox_due (all of messages' five)", [
+        IndexModel([("conversation_id", 1), ("seq", 1)], unique=True),
+        IndexModel([("contact_id", 1), ("contact_seq", 1)], unique=True),
+        IndexModel([("direction", 1), ("created_at", 1)]),
+        IndexModel([("delivery.status", 1), ("delivery.next_attempt_at", 1)])]),
+]
+
+
+def message_doc(n: int) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    inbound = n % 2 == 0
+    return {"_id": f"m{n:09d}", "type": "message", "direction": "in" if inbound else "out",
+            "channel": "webchat", "conversation_ref": {"channel": "webchat",
+                                                      "thread_key": f"t{n % 50}"},
+            "sender": {"role": "customer" if inbound else "bot", "id": None, "name": None},
+            "text": "what are your opening hours?", "timestamp": now, "created_at": now,
+            "attachments": [], "buttons": [], "channel_data": {},
+            "delivery": None if inbound else {"status": "stored", "attempts": 0,
+                                              "next_attempt_at": now},
+            "conversation_id": f"c{n % 50}", "contact_id": f"k{n % 50}", "seq": n,
+            "contact_seq": n}
+
+
+def measure_inserts(client: MongoClient[dict[str, Any]], name: str,
+                    indexes: list[IndexModel], rounds: int) -> float:
+    collection = client["bench_statements"]["m" + str(len(indexes))]
+    collection.drop()
+    if indexes:
+        collection.create_indexes(indexes)
+    started = time.perf_counter()
+    for r in range(rounds):
+        docs = [message_doc(r * BULK + k) for k in range(BULK)]
+        with client.start_session() as session, session.start_transaction():
+            collection.insert_many(docs, session=session)
+    del name
+    return (time.perf_counter() - started) / (rounds * BULK) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
@@ -65,6 +113,8 @@ def main() -> None:
             client: MongoClient[dict[str, Any]] = MongoClient(uri)
             rows = [(i, e, measure(client, i, e, args.rounds))
                     for i, e in ((1, 0), (4, 0), (8, 0), (8, 10), (8, 40), (1, 40))]
+            inserts = [(name, measure_inserts(client, name, indexes, 3 * args.rounds))
+                       for name, indexes in MESSAGE_INDEXES]
             client.close()
         finally:
             stop_server(process)
@@ -74,6 +124,12 @@ def main() -> None:
     print("|---|---|---|---|")
     for indexes, events, ms in rows:
         print(f"| {indexes} | {events} | {ms:.2f} | {ms / first:.2f} |")
+    print(f"\ninsert_many of {BULK} message-shaped documents in a transaction, "
+          f"{3 * args.rounds} bulks each\n")
+    print("| indexes | ms per inserted document | ratio |")
+    print("|---|---|---|")
+    for name, ms in inserts:
+        print(f"| {name} | {ms:.3f} | {ms / inserts[0][1]:.2f} |")
 
 
 if __name__ == "__main__":
