@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from pymongo import monitoring
 
+from connectors.base import IngestResult
 from gateway.model import (
     ActivityType,
     Conversation,
@@ -30,7 +32,7 @@ from gateway.store.items import delivery, inbound_doc, outbound_doc
 from gateway.store.mongo import FREE
 from gateway.store.turn_records import current
 from gateway.store.writer import Precondition
-from tests.test_pipeline import EchoBot, build, message, settle
+from tests.test_pipeline import EchoBot, Rig, build, message, settle
 from tests.test_turn_state import started, stopped
 
 
@@ -156,12 +158,18 @@ async def test_a_turn_that_answers_writes_its_reply_and_nothing_else(
         await own.close()
 
 
+async def turns(rig: Rig, count: int) -> IngestResult:
+    """``count`` bot turns, one after the other; the last message's result."""
+    for n in range(count):
+        result = await rig.pipeline.ingest(message(f"m{n}", f"turn {n}"))
+        await settle(rig.store, rig.pipeline)
+    return result
+
+
 async def test_the_checkpoint_catches_up_when_the_conversation_is_idle(store: Store) -> None:
     rig = await started(store, EchoBot())
     try:
-        for n in range(3):
-            result = await rig.pipeline.ingest(message(f"m{n}", f"turn {n}"))
-            await settle(store, rig.pipeline)
+        result = await turns(rig, 3)
         cid = result.conversation.id
         lagging = await store.get_turn_checkpoint(cid)
         assert lagging is not None and lagging.bot_state != {"turns": 3}
@@ -182,17 +190,15 @@ async def test_a_restart_goes_on_from_the_records(store: Store) -> None:
     """A process that stops without writing its checkpoint (killed): the next one reads
     the bot's memory and what is answered from the records."""
     first = await started(store, EchoBot())
-    for n in range(3):
-        result = await first.pipeline.ingest(message(f"m{n}", f"turn {n}"))
-        await settle(store, first.pipeline)
-    cid = result.conversation.id
+    cid = (await turns(first, 3)).conversation.id
     first.pipeline._held.clear()  # killed: nothing written on the way out
     await first.outbox.stop()
     await store.turn_state.update_one({"_id": cid},
                                       {"$set": {"lease": {"owner": None, "until": FREE}}})
     second = await started(store, EchoBot())
     try:
-        assert await second.pipeline.sweep_once() == 0  # nothing left unanswered
+        # every message of the last hour looked at: nothing left unanswered
+        assert await second.pipeline.sweep_once(timedelta(0)) == 0
         await second.pipeline.ingest(message("m3", "after the restart"))
         await settle(store, second.pipeline)
         state = await current(store, cid)
@@ -205,10 +211,7 @@ async def test_a_restart_goes_on_from_the_records(store: Store) -> None:
 async def test_a_cleared_memory_outranks_the_records_before_it(store: Store) -> None:
     rig = await started(store, EchoBot())
     try:
-        for n in range(2):
-            result = await rig.pipeline.ingest(message(f"m{n}", f"turn {n}"))
-            await settle(store, rig.pipeline)
-        cid = result.conversation.id
+        cid = (await turns(rig, 2)).conversation.id
         assert (await current(store, cid)).bot_state == {"turns": 2}  # type: ignore[union-attr]
         # the bot resolves (its memory is cleared: a new epoch); the records stay
         assert await rig.routing.bot_resolve(cid, "resolve-1")
