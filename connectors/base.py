@@ -10,12 +10,14 @@ channel. Platform SDK objects never leave the connector.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from gateway.feed import Change
+from gateway.files import Files
 from gateway.leases import Leases
 from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage
 from gateway.store import Store
@@ -49,7 +51,8 @@ class ConnectorContext:
     gateway process, gateway/feed.py), and ``delivered(conversation_id, seq)`` for a
     store-backed connector to record how far a live client got. ``leases`` (named
     leases in the store, gateway/leases.py) runs work that must run in one gateway
-    process only, e.g. a polling loop, under ``Singleton``; None: run it here."""
+    process only, e.g. a polling loop, under ``Singleton``; None: run it here. ``files``:
+    the attachment store (an outbound item's files are read from it: ``Files.load``)."""
 
     ingest: Ingest
     store: Store
@@ -57,6 +60,7 @@ class ConnectorContext:
     watch: Watch = _nothing_watched
     delivered: Callable[[str, int], None] = _not_recorded
     leases: Leases | None = None
+    files: Files | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,15 @@ class DeliveryError(Exception):
         super().__init__(message)
         self.permanent = permanent
         self.retry_after = retry_after
+
+
+class FetchError(Exception):
+    """A file could not be downloaded from the channel. ``permanent``: trying again will
+    not help (gone, too large, forbidden); else it is retried with backoff."""
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class Connector(ABC):
@@ -99,3 +112,8 @@ class Connector(ABC):
     @abstractmethod
     async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
         """Deliver one stored outbound item. Raise ``DeliveryError`` on failure."""
+
+    async def fetch(self, ref: Mapping[str, Any]) -> bytes:
+        """Download a file that an inbound message named by reference
+        (``IncomingFile.ref``), for the attachment store. Raise ``FetchError``."""
+        raise FetchError(f"channel {self.channel} cannot fetch files", permanent=True)

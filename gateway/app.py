@@ -27,10 +27,15 @@ from gateway.desk.api import DeskApi
 from gateway.desk.console import setup_console
 from gateway.desk.live import setup_live
 from gateway.feed import Feed
+from gateway.fetcher import Fetcher
+from gateway.fetcher import ensure_indexes as ensure_fetch_indexes
+from gateway.files import Files
 from gateway.keys import (
     AGENTS,
     CONNECTORS,
     FEED,
+    FETCHER,
+    FILES,
     METRICS,
     OUTBOX,
     PIPELINE,
@@ -52,6 +57,7 @@ from gateway.store import Store
 from gateway.store.access import ensure_indexes as ensure_access_indexes
 from gateway.store.email_link import ensure_indexes as ensure_link_indexes
 from gateway.store.embedded import EmbeddedStore
+from gateway.store.files import FileStore
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +131,8 @@ async def _ensure_indexes(store: Store, ready: dict[str, bool]) -> None:
             await store.ensure_indexes()
             await ensure_access_indexes(store)
             await ensure_link_indexes(store)
+            await FileStore(store).ensure_indexes()
+            await ensure_fetch_indexes(store)
         except PyMongoError as exc:
             raise_if_cancelled()
             log.error("store unreachable (%s); retrying in %.0f s", exc, delay)
@@ -183,7 +191,11 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
                                    check_seconds=settings.sla_check_seconds)
     routing.configure_csat(csat_config(settings))
     bot_name = parts.flows.current().domain.bot_name
-    pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot_name)
+    files = Files(store, max_bytes=settings.max_attachment_bytes)
+    pipeline = Pipeline(store, bot, outbox, routing, bot_name=bot_name, files=files)
+    fetcher = Fetcher(store, files, connectors)
+    fetcher.on_too_large = pipeline.too_large
+    pipeline.fetch_now = fetcher.wake
     metrics = app[METRICS]
     pipeline.metrics = metrics
     outbox.on_failed = metrics.outbox_failed
@@ -192,12 +204,14 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     feed = Feed(store)
     feed.subscribe(pipeline.on_change)
     app[OUTBOX], app[ROUTING], app[PIPELINE], app[FEED] = outbox, routing, pipeline, feed
+    app[FILES], app[FETCHER] = files, fetcher
     app[AGENTS] = Agents(store)
     assigner = Assigner(routing, grace=timedelta(seconds=settings.agent_offline_grace_seconds),
                         sweep_seconds=settings.routing_sweep_seconds)
     feed.start()
     outbox.start()
     pipeline.start()
+    fetcher.start()
     assigner.start()
     routing.levels.start()  # the SLA breach checker
     if settings.flows_hot_reload:
@@ -205,7 +219,8 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     context = ConnectorContext(ingest=pipeline.ingest, store=store,
                                channels=frozenset(connectors), watch=feed.subscribe,
                                delivered=outbox.marks.seen,
-                               leases=Leases(store))  # pollers run in one process
+                               leases=Leases(store),  # pollers run in one process
+                               files=files)
     for connector in connectors.values():
         await connector.start(context)
         log.info("channel %s: on", connector.channel)
@@ -214,6 +229,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         for connector in connectors.values():
             await connector.stop()
+        await fetcher.stop()
         await pipeline.stop()
         await assigner.stop()
         await routing.levels.stop()

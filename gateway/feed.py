@@ -17,7 +17,8 @@ What the stream carries (filtered in the server by one ``$match``):
   many updates of its bot state, counters and leases.
 - ``contact``: a contact's profile changed (``profile_at``).
 - ``item``: a new item of a conversation (message, event, private note): the whole
-  document.
+  document; or an item whose files changed (``files_at`` in ``fields``: a file the
+  fetcher downloaded, or could not; no document: read it again).
 - ``agent``: an agent's ``presence``, ``role`` or ``active`` changed, or a new agent.
 - ``signal``: an ephemeral signal such as "the customer is typing" (``publish``):
   inserted in ``live_signals`` so it travels through the same stream; old ones are
@@ -97,6 +98,7 @@ PIPELINE: list[dict[str, Any]] = [{"$match": {"$or": [
     {"ns.coll": {"$in": _INSERTS}, "operationType": "insert"},
     {"operationType": "invalidate"},
     *_changed("conversations", "owner", "assignee_id", "reply_channel", "contact_id"),
+    *_changed("messages", "files_at"),
     *_changed("contacts", "profile_at"),
     *_changed("agents", "presence", "role", "active"),
 ]}}]

@@ -10,6 +10,8 @@ from aiohttp import web
 from connectors.base import Connector
 from gateway.desk.agents import Agents
 from gateway.feed import Feed
+from gateway.fetcher import Fetcher
+from gateway.files import Files
 from gateway.metrics import Metrics
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
@@ -27,3 +29,5 @@ AGENTS = web.AppKey("agents", Agents)
 FEED = web.AppKey("feed", Feed)  # the change stream (gateway/feed.py)
 CONNECTORS = web.AppKey("connectors", dict[str, Connector])
 METRICS = web.AppKey("metrics", Metrics)  # gateway/metrics.py, GET /metrics
+FILES = web.AppKey("files", Files)  # the attachment store (gateway/files.py)
+FETCHER = web.AppKey("fetcher", Fetcher)  # files fetched from channels (gateway/fetcher.py)

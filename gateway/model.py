@@ -80,11 +80,43 @@ class ConversationRef(_Model):
     thread_key: str
 
 
+class AttachmentState(StrEnum):
+    """Where an item's file is (gateway/files.py)."""
+
+    STORED = "stored"  # in the attachment store: ``Attachment.id``
+    PENDING = "pending"  # being fetched from the channel (a Telegram or Slack file)
+    FAILED = "failed"  # could not be fetched (``error`` says why); the message is kept
+    TOO_LARGE = "too_large"  # over OMNIGATE_MAX_ATTACHMENT_BYTES: not stored
+
+
 class Attachment(_Model):
+    """A file of an item. ``content_type`` is detected from its bytes once it is stored
+    (what the channel or the name said, until then); ``id`` names it in the attachment
+    store (GET /api/v1/attachments/{id}). Items stored before 2026-12-08 have only
+    ``url`` (a channel reference) and no ``state``."""
+
     content_type: str
     name: str | None = None
     url: str | None = None
     size: int | None = None
+    id: str | None = None
+    state: AttachmentState | None = None
+    error: str | None = None  # why it is not stored (FAILED, TOO_LARGE)
+
+
+class IncomingFile(_Model):
+    """A file of an inbound message as the connector has it: its bytes (an email part, a
+    web chat upload), or what the connector's ``fetch`` needs to download it later
+    (``ref``: a Telegram file id, a Slack file). ``key`` tells the message's files apart
+    (stable across redeliveries); ``name``, ``content_type`` and ``size`` are what the
+    channel says (the stored type is detected from the bytes)."""
+
+    key: str = Field(min_length=1, max_length=256)
+    name: str | None = Field(None, max_length=512)
+    content_type: str | None = Field(None, max_length=255)
+    size: int | None = Field(None, ge=0)
+    data: bytes | None = None
+    ref: dict[str, Any] | None = None
 
 
 class Button(_Model):
@@ -168,6 +200,9 @@ class InboundMessage(_Model):
     value: str | None = None
     deep_link: str | None = None
     attachments: list[Attachment] = Field(default_factory=list)
+    # Files to keep in the attachment store (the pipeline stores them, or has them
+    # fetched, and lists them in the stored item's ``attachments``).
+    files: list[IncomingFile] = Field(default_factory=list, max_length=100)
     reply_to_external_id: str | None = None
     channel_data: dict[str, Any] = Field(default_factory=dict)
 

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,6 +41,7 @@ from connectors.base import IngestResult
 from flows.bot import Bot, BotTurn, Reply, TurnContext
 from gateway.aio import Background
 from gateway.feed import Change, ChangeKind
+from gateway.files import Files
 from gateway.identity import Identity, is_link_payload
 from gateway.metrics import Metrics
 from gateway.model import (
@@ -61,6 +62,7 @@ from gateway.outbox import Outbox
 from gateway.routing import Routing
 from gateway.store import NotFound, Store
 from gateway.store.contacts import NO_SWITCH_FROM
+from gateway.store.items import inbound_id
 from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, epoch_is, from_doc, profile_update
 from gateway.store.turn_records import brought_forward, events_op, keep_record
 from gateway.store.turn_records import history as bot_history
@@ -172,8 +174,10 @@ class Pipeline:
         *,
         bot_name: str = "Bot",
         sweep_seconds: float = 5.0,
+        files: Files | None = None,
     ) -> None:
         self.store = store
+        self.files = files or Files(store)
         self.bot = bot
         self.outbox = outbox
         self.routing = routing
@@ -183,6 +187,7 @@ class Pipeline:
         self.instance = instance_name()
         self.turns = Turns(store, self.instance)
         self.metrics: Metrics | None = None  # set by the app (gateway/metrics.py)
+        self.fetch_now: Callable[[], None] | None = None  # set by the app (the fetcher)
         self._background = Background("pipeline")
         self._running: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -250,11 +255,41 @@ class Pipeline:
         if link:  # a link token: link first (verified)
             await self.identity.redeem(message)
         conversation = await self._conversation_for(message)
-        item, is_duplicate = await self.store.append_inbound(conversation, message)
+        if not message.files:
+            item, is_duplicate = await self.store.append_inbound(conversation, message)
+        else:  # kept (or a fetch job written with the item) before the item is stored
+            accepted = await self.files.accept(
+                message, conversation, inbound_id(message.channel, message.external_id))
+            item, is_duplicate = await self.store.append_inbound(
+                conversation, message, attachments=[*message.attachments,
+                                                    *accepted.attachments],
+                ops=accepted.ops)
+            if accepted.too_large and not is_duplicate:
+                await self._too_large(conversation, item, accepted.too_large)
+            if accepted.ops and self.fetch_now is not None:
+                self.fetch_now()  # its files, from the channel (gateway/fetcher.py)
         if is_duplicate:
             return await self._duplicate(item, conversation)
         self._arrived(conversation.id, item)
         return IngestResult(item, conversation, False)
+
+    async def too_large(self, conversation_id: str, item_id: str, names: list[str]) -> None:
+        """A file of an item turned out too large when fetched (gateway/fetcher.py)."""
+        conversation = await self.store.get_conversation(conversation_id)
+        item = await self.store.get_message(item_id)
+        if conversation is not None and item is not None:
+            await self._too_large(conversation, item, names)
+
+    async def _too_large(self, conversation: Conversation, item: Activity,
+                         names: list[str]) -> None:
+        """Tell the customer, on their channel, which of their files were not kept (the
+        agent sees them in the item, marked too large)."""
+        limit = self.files.max_bytes / (1024 * 1024)
+        text = (f"Sorry, we could not receive {', '.join(names)}: files can be at most "
+                f"{limit:g} MB. Please send a smaller file or a link.")
+        await self.outbox.enqueue(conversation, [OutboundDraft(
+            sender=self.bot_party, text=text, reply_to_id=item.id,
+            dedupe_key=f"{item.id}:too-large")])
 
     async def _duplicate(self, item: Activity, conversation: Conversation | None
                          ) -> IngestResult:

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # every process on it). 32-512 printable characters.
     secret_key: str | None = Field(None, pattern=r"^[\x21-\x7e]{32,512}$")
 
+    # Attachments (gateway/files.py): a file over this many bytes is not kept (the
+    # customer is told); 20 MB is what Telegram lets bots download.
+    max_attachment_bytes: int = Field(20 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+
     # Outbox
     outbox_max_attempts: int = Field(8, ge=1, le=100)
     outbox_sweep_seconds: float = Field(2.0, gt=0, le=300)

@@ -32,7 +32,7 @@ from gateway.analytics import (
     SlaReport,
 )
 from gateway.desk.auth import BadInput, Forbidden
-from gateway.desk.http import json_response, query_time
+from gateway.desk.http import AGENT, json_response, query_time
 from gateway.desk.openapi import STAFF, Endpoint, Query, time_query
 from gateway.keys import ROUTING
 from gateway.model import AgentRole
@@ -52,7 +52,6 @@ def _text(request: web.Request, name: str) -> str | None:
 
 
 async def _report(request: web.Request) -> AnalyticsReport:
-    from gateway.desk.api import AGENT  # noqa: PLC0415
 
     end = query_time(request, "to", datetime.now(UTC))
     start = query_time(request, "from", end - timedelta(days=DEFAULT_DAYS))

@@ -20,7 +20,8 @@ from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
 from gateway.desk.analytics_api import analytics_endpoints
 from gateway.desk.auth import ALL_ROLES, AccessError, BadInput, authenticate, authorize
 from gateway.desk.contacts_api import contact_endpoints
-from gateway.desk.http import NOT_BLANK, json_response, read_body
+from gateway.desk.http import AGENT, NOT_BLANK, json_response, read_body
+from gateway.desk.http import load_conversation as _load
 from gateway.desk.live import live_endpoints
 from gateway.desk.notes_api import notes_endpoints
 from gateway.desk.openapi import (
@@ -37,7 +38,6 @@ from gateway.desk.sla_api import SLA_MODELS, sla_endpoints
 from gateway.keys import AGENTS, ROUTING, STORE
 from gateway.model import (
     Activity,
-    Agent,
     Contact,
     Conversation,
     Handoff,
@@ -51,7 +51,6 @@ from gateway.timeline import BadCursor, Timeline, TimelinePage
 
 log = logging.getLogger(__name__)
 
-AGENT = web.RequestKey("agent", Agent)
 SPEC = web.AppKey("openapi_spec", dict)
 MAX_INT = 2**53  # query integers above this are no seq (and overflow the store's int64)
 MINE = {"true": True, "false": False, "1": True, "0": False}
@@ -154,13 +153,6 @@ async def _conversation_out(request: web.Request, conversation: Conversation) ->
         routes=conversation.routes,
         sla=timers(conversation, _routing(request).levels.clock()),
     )
-
-
-async def _load(request: web.Request) -> Conversation:
-    conversation = await _store(request).get_conversation(request.match_info["id"])
-    if conversation is None:
-        raise NotFound("no such conversation")
-    return conversation
 
 
 class DeskApi:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.desk.http import NOT_BLANK, json_response, read_body
+from gateway.desk.http import AGENT, NOT_BLANK, json_response, read_body
 from gateway.desk.openapi import Endpoint
 from gateway.identity import Identity
 from gateway.keys import OUTBOX, STORE
@@ -40,7 +40,6 @@ def _identity(request: web.Request) -> Identity:
 
 
 def _agent(request: web.Request) -> Agent:
-    from gateway.desk.api import AGENT  # noqa: PLC0415 - api imports this module
 
     return request[AGENT]
 

@@ -16,8 +16,12 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from gateway.desk.auth import BadInput
+from gateway.keys import STORE
+from gateway.model import Agent, Conversation
+from gateway.store import NotFound
 
 M = TypeVar("M", bound=BaseModel)
+AGENT = web.RequestKey("agent", Agent)  # the signed-in agent (the API's auth middleware)
 NOT_BLANK = r"\S"  # with str_strip_whitespace and min_length=1: not only whitespace
 
 
@@ -49,6 +53,14 @@ async def read_body(request: web.Request, model: type[M]) -> M:
         raise BadInput(
             "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
         ) from None
+
+
+async def load_conversation(request: web.Request) -> Conversation:
+    """The conversation named by the path's ``{id}`` (404 if there is none)."""
+    conversation = await request.config_dict[STORE].get_conversation(request.match_info["id"])
+    if conversation is None:
+        raise NotFound("no such conversation")
+    return conversation
 
 
 def json_response(model: BaseModel, status: int = 200) -> web.Response:

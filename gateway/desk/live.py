@@ -43,6 +43,7 @@ from gateway.desk.auth import (
     bearer,
     cross_site,
 )
+from gateway.desk.http import AGENT
 from gateway.desk.openapi import Endpoint
 from gateway.feed import Change, ChangeKind, Feed
 from gateway.keys import AGENTS, CONNECTORS, FEED, ROUTING, SETTINGS, STORE
@@ -185,7 +186,6 @@ class LiveHub:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         from gateway.desk.admin_api import PRINCIPAL  # noqa: PLC0415 - api imports us
-        from gateway.desk.api import AGENT  # noqa: PLC0415
 
         if cross_site(request):
             return web.json_response(
@@ -366,6 +366,8 @@ class LiveHub:
             await self._conversation_changed(change)
         elif change.kind is ChangeKind.ITEM and change.doc is not None:
             await self._item(from_doc(Activity, change.doc))
+        elif change.kind is ChangeKind.ITEM and "files_at" in change.fields:
+            await self._files_changed(change.id)
         elif change.kind is ChangeKind.AGENT:
             await self._agent_changed(change)
 
@@ -397,12 +399,17 @@ class LiveHub:
                     sock.send({"type": "notification", "kind": "assigned",
                                "conversation": summary})
 
-    async def _item(self, item: Activity) -> None:
+    def _show(self, item: Activity) -> dict[str, Any]:
+        """Send ``item`` to the staff sockets subscribed to its conversation."""
         frame = {"type": "item", "conversation_id": item.conversation_id,
                  "item": item.model_dump(mode="json")}
         for sock in self._staff():
             if item.conversation_id in sock.subscriptions:
                 sock.send(frame)
+        return frame
+
+    async def _item(self, item: Activity) -> None:
+        frame = self._show(item)
         if item.direction is not Direction.INBOUND or item.sender.role is not Role.CUSTOMER:
             return
         conversation = await self.store.get_conversation(item.conversation_id)
@@ -413,6 +420,12 @@ class LiveHub:
                 sock.send({"type": "notification", "kind": "message",
                            "conversation_id": item.conversation_id,
                            "item": frame["item"]})
+
+    async def _files_changed(self, item_id: str) -> None:
+        """An item's files were fetched (or failed): the item again, with them."""
+        item = await self.store.get_message(item_id)
+        if item is not None:
+            self._show(item)
 
     async def _agent_changed(self, change: Change) -> None:
         agent = await self.agents.get(change.id)

@@ -15,7 +15,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.desk.auth import ADMIN_ONLY, STAFF, BadInput
-from gateway.desk.http import NOT_BLANK, json_response, read_body
+from gateway.desk.http import AGENT, NOT_BLANK, json_response, read_body
+from gateway.desk.http import load_conversation as _load
 from gateway.desk.openapi import Endpoint, Query
 from gateway.keys import STORE
 from gateway.model import Activity
@@ -67,7 +68,6 @@ def _canned_store(request: web.Request) -> CannedStore:
 
 
 async def add_note(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT, _load  # noqa: PLC0415
 
     body = await read_body(request, NoteIn)
     conversation = await _load(request)
@@ -81,7 +81,6 @@ async def list_canned(request: web.Request) -> web.Response:
 
 
 async def create_canned(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT  # noqa: PLC0415
 
     body = await read_body(request, CannedIn)
     try:
@@ -111,7 +110,6 @@ async def delete_canned(request: web.Request) -> web.Response:
 
 
 async def render_canned(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT  # noqa: PLC0415
 
     canned = await _canned_store(request).get(request.match_info["id"])
     if canned is None:

@@ -14,7 +14,8 @@ from datetime import datetime, timedelta
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gateway.desk.http import NOT_BLANK, json_response, read_body
+from gateway.desk.http import AGENT, NOT_BLANK, json_response, read_body
+from gateway.desk.http import load_conversation as _load
 from gateway.desk.openapi import Endpoint
 from gateway.keys import ROUTING, SETTINGS
 from gateway.model import Agent, Presence
@@ -81,7 +82,6 @@ async def colleagues(request: web.Request) -> web.Response:
 
 
 async def set_presence(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT  # noqa: PLC0415
 
     body = await read_body(request, PresenceIn)
     grace = timedelta(seconds=request.config_dict[SETTINGS].agent_offline_grace_seconds)
@@ -90,7 +90,7 @@ async def set_presence(request: web.Request) -> web.Response:
 
 
 async def transfer(request: web.Request) -> web.Response:
-    from gateway.desk.api import AGENT, _conversation_out, _load  # noqa: PLC0415
+    from gateway.desk.api import _conversation_out  # noqa: PLC0415
 
     body = await read_body(request, TransferIn)
     await _load(request)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 
 from gateway.desk.auth import BadInput
 from gateway.desk.http import json_response, query_time
+from gateway.desk.http import load_conversation as _load
 from gateway.desk.openapi import Endpoint, Query, time_query
 from gateway.hours import is_open, next_opening
 from gateway.keys import ROUTING
@@ -67,7 +68,6 @@ SLA_MODELS: list[type[BaseModel]] = [SlaOut, BreachesOut, BreachRow, HoursOut]
 
 
 async def conversation_sla(request: web.Request) -> web.Response:
-    from gateway.desk.api import _load  # noqa: PLC0415
 
     conversation = await _load(request)
     levels = request.config_dict[ROUTING].levels

@@ -34,6 +34,7 @@ from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from gateway.model import (
     Activity,
     ActivityType,
+    Attachment,
     Contact,
     Conversation,
     DeliveryStatus,
@@ -500,9 +501,12 @@ class Store:
             await self.writer.submit(Unit(None, [], ops))
 
     async def append_inbound(
-        self, conversation: Conversation, message: InboundMessage, *, checked: bool = False
+        self, conversation: Conversation, message: InboundMessage, *, checked: bool = False,
+        attachments: list[Attachment] | None = None, ops: list[Op] | None = None,
     ) -> tuple[Activity, bool]:
         """Store an inbound message once. Returns (stored item, was it a duplicate).
+        ``attachments``: its files as kept (gateway/files.py; default: the message's
+        own list), ``ops`` written with it (the files' fetch jobs).
 
         (``checked`` is accepted for callers that looked it up first; the id does the
         dedupe either way.)"""
@@ -512,8 +516,10 @@ class Store:
             parent = await self.find_by_external_id(message.channel, message.reply_to_external_id)
             reply_to = parent.id if parent else None
         doc = inbound_doc(message, utcnow(), reply_to)
+        if attachments is not None:
+            doc["attachments"] = [a.model_dump(mode="python") for a in attachments]
         try:
-            return (await self.append(conversation.id, [doc]))[0], False
+            return (await self.append(conversation.id, [doc], ops))[0], False
         except Duplicate:
             existing = await self.get_message(doc["_id"])
             if existing is None:  # pragma: no cover - it collided, so it exists
