@@ -185,6 +185,9 @@ class Activity(_Model):
     # by the pipeline and custom actions' trackers, never shown: not in any dump (API,
     # console, web chat).
     turn: dict[str, Any] | None = Field(default=None, exclude=True)
+    # When the fetcher last changed the item's attachments (the change feed's signal to
+    # show the item again: gateway/fetcher.py); not shown.
+    files_at: datetime | None = Field(default=None, exclude=True)
 
 
 class InboundMessage(_Model):

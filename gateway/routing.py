@@ -28,6 +28,7 @@ from gateway.model import (
     Activity,
     ActivityType,
     Agent,
+    Attachment,
     Conversation,
     Handoff,
     OutboundDraft,
@@ -202,14 +203,16 @@ class Routing:
         return conversation
 
     async def reply(
-        self, conversation_id: str, agent: Agent, text: str, *, channel: str | None = None
+        self, conversation_id: str, agent: Agent, text: str | None, *,
+        channel: str | None = None, attachments: list[Attachment] | None = None,
     ) -> Activity:
         """Store the agent's reply for delivery on the customer's channel (where they wrote
-        last, or ``channel``: another of the contact's channels)."""
+        last, or ``channel``: another of the contact's channels), with ``attachments``
+        (kept in the attachment store already)."""
         conversation = await self.require_assignee(conversation_id, agent)
         draft = OutboundDraft(
             sender=Party(role=Role.AGENT, id=agent.id, name=agent.name), text=text,
-            channel=channel,
+            channel=channel, attachments=attachments or [],
         )
         [item] = await self.outbox.enqueue(conversation, [draft])
         await self.levels.replied(conversation)  # the first reply meets the first target

@@ -20,6 +20,7 @@ from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
 from gateway.desk.analytics_api import analytics_endpoints
 from gateway.desk.auth import ALL_ROLES, AccessError, BadInput, authenticate, authorize
 from gateway.desk.contacts_api import contact_endpoints
+from gateway.desk.files_api import MULTIPART_REPLY, files_endpoints, read_multipart
 from gateway.desk.http import AGENT, NOT_BLANK, json_response, read_body
 from gateway.desk.http import load_conversation as _load
 from gateway.desk.live import live_endpoints
@@ -35,18 +36,22 @@ from gateway.desk.openapi import (
 )
 from gateway.desk.queue_api import QUEUE_MODELS, queue_endpoints
 from gateway.desk.sla_api import SLA_MODELS, sla_endpoints
-from gateway.keys import AGENTS, ROUTING, STORE
+from gateway.keys import AGENTS, FILES, ROUTING, STORE
 from gateway.model import (
     Activity,
     Contact,
     Conversation,
+    Direction,
     Handoff,
     Identity,
     OwnerState,
+    Party,
+    Role,
 )
 from gateway.routing import Conflict, Routing
 from gateway.sla import SlaOut, timers
 from gateway.store import NotFound, Store
+from gateway.store.writer import new_id
 from gateway.timeline import BadCursor, Timeline, TimelinePage
 
 log = logging.getLogger(__name__)
@@ -207,9 +212,24 @@ class DeskApi:
         return json_response(await _conversation_out(request, conversation))
 
     async def reply(self, request: web.Request) -> web.Response:
-        body = await read_body(request, ReplyIn)
-        item = await _routing(request).reply(request.match_info["id"], request[AGENT], body.text,
-                                             channel=body.channel)
+        """JSON (text), or multipart/form-data with files (gateway/desk/files_api.py)."""
+        routing, agent = _routing(request), request[AGENT]
+        if request.content_type != "multipart/form-data":
+            body = await read_body(request, ReplyIn)
+            item = await routing.reply(request.match_info["id"], agent, body.text,
+                                       channel=body.channel)
+            return json_response(item, status=201)
+        files = request.config_dict[FILES]
+        parts = await read_multipart(request, files.max_bytes)
+        conversation = await routing.require_assignee(request.match_info["id"], agent)
+        sender = Party(role=Role.AGENT, id=agent.id, name=agent.name)
+        attachments = [await files.keep(
+            new_id(), data, name=name, conversation_id=conversation.id,
+            contact_id=conversation.contact_id, sender=sender,
+            channel=parts.channel or conversation.reply_channel or conversation.channel,
+            direction=Direction.OUTBOUND) for name, data in parts.files]
+        item = await routing.reply(conversation.id, agent, parts.text, channel=parts.channel,
+                                   attachments=attachments)
         return json_response(item, status=201)
 
     async def resolve(self, request: web.Request) -> web.Response:
@@ -313,6 +333,9 @@ class DeskApi:
                 status=201,
                 body=ReplyIn,
                 errors=conflict,
+                description="JSON for text; multipart/form-data (parts text, channel and "
+                "one or more file) to send files, with or without text.",
+                multipart=MULTIPART_REPLY,
             ),
             Endpoint(
                 "POST",
@@ -335,6 +358,7 @@ class DeskApi:
             *contact_endpoints(),  # merge, undo merge (gateway/desk/contacts_api.py)
             *live_endpoints(), *notes_endpoints(),  # socket; notes, canned (live, notes_api)
             *analytics_endpoints(),  # figures over a period (gateway/desk/analytics_api.py)
+            *files_endpoints(),  # attachments (gateway/desk/files_api.py)
             Endpoint(
                 "GET",
                 "/v1/contacts/{id}",

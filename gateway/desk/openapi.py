@@ -91,6 +91,10 @@ class Endpoint:
     extra: dict[str, Any] = field(default_factory=dict)
     # Who may call it (checked by the API's auth middleware; ignored when auth is False).
     roles: frozenset[AgentRole] = STAFF
+    # The success response's content when it is not a JSON model (a file: {"*/*": ...}).
+    content: dict[str, Any] | None = None
+    # The body may also be multipart/form-data of this media type object (with ``body``).
+    multipart: dict[str, Any] | None = None
 
 
 ENDPOINTS = web.AppKey("endpoints", dict[web.AbstractRoute, Endpoint])
@@ -136,7 +140,8 @@ def build_spec(
                 }
             )
         responses: dict[str, Any] = {
-            str(ep.status): {"description": "OK"}
+            str(ep.status): ({"description": "OK"} if ep.content is None
+                             else {"description": "OK", "content": ep.content})
             if ep.response is None
             else {
                 "description": "OK",
@@ -169,7 +174,8 @@ def build_spec(
             operation["requestBody"] = {
                 "required": True,
                 "content": {
-                    "application/json": {"schema": {"$ref": ref.format(model=ep.body.__name__)}}
+                    "application/json": {"schema": {"$ref": ref.format(model=ep.body.__name__)}},
+                    **({"multipart/form-data": ep.multipart} if ep.multipart else {}),
                 },
             }
         if not ep.auth:
