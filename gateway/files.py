@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import quote
 
 import puremagic
 
@@ -43,6 +44,8 @@ OCTET_STREAM = "application/octet-stream"
 # Shown inline (console, widget); anything else is a download. Not SVG: it can script.
 INLINE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 FETCHES = "file_fetches"  # the background fetcher's jobs (gateway/fetcher.py)
+# How a stored file is served: never as a page or script of this origin.
+FILE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
 MAX_NAME = 200
 
 
@@ -82,6 +85,19 @@ def clean_name(name: str | None, fallback: str) -> str:
     base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     base = "".join(c for c in base if c.isprintable() and c not in '"\r\n').strip(" .")
     return base[:MAX_NAME] or fallback
+
+
+def file_headers(name: str, content_type: str, size: int, *, inline: bool,
+                 cross_origin: bool = False) -> dict[str, str]:
+    """The headers a stored file is served with (to agents and visitors alike;
+    ``cross_origin``: a page of another site may show it, as a widget's host page)."""
+    ascii_name = clean_name(name.encode("ascii", "replace").decode().replace("?", "_"), "file")
+    disposition = (f'{"inline" if inline else "attachment"}; filename="{ascii_name}"; '
+                   f"filename*=UTF-8''{quote(name, safe='')}")
+    return {"Content-Type": content_type, "Content-Length": str(size),
+            "Content-Disposition": disposition, "Content-Security-Policy": FILE_CSP,
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300",
+            "Cross-Origin-Resource-Policy": "cross-origin" if cross_origin else "same-origin"}
 
 
 def attachment_key(channel: str, external_id: str, file_key: str) -> str:

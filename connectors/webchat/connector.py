@@ -26,11 +26,13 @@ from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, ConnectorContext, DeliveryResult
 from connectors.webchat import email_link
+from connectors.webchat.files import FileLinks, handle_download, handle_upload
 from connectors.webchat.frames import (
     PROTOCOL_VERSION,
     EmailLinkRequest,
     EmailVerify,
     ErrorCode,
+    FileRequest,
     Hello,
     HistoryRequest,
     LinkRequest,
@@ -89,8 +91,10 @@ class WebchatConnector(Connector):
         self._context: ConnectorContext | None = None
         self._unwatch: Callable[[], None] | None = None
         self._signer: TokenSigner | None = None
+        self._links: FileLinks | None = None
         if self.config.secret_key is not None:
             self._signer = TokenSigner(self.config.secret_key.encode())
+            self._links = FileLinks(self.config.secret_key.encode())
         self._signer_lock = asyncio.Lock()
         self.connects = RateLimit.per_minute(self.config.connects_per_minute)
         self.messages = RateLimit.per_minute(self.config.messages_per_minute,
@@ -107,6 +111,9 @@ class WebchatConnector(Connector):
     def setup(self, app: web.Application) -> None:
         sub = web.Application()
         sub.router.add_get("/ws", self.handle_socket)
+        sub.router.add_post("/upload", self.handle_upload)
+        sub.router.add_route("OPTIONS", "/upload", self.upload_preflight)
+        sub.router.add_get("/files/{id}", self.handle_file)
         sub.router.add_get("/widget.js", self._static("widget.js", "text/javascript"))
         sub.router.add_get("/widget.css", self._static("widget.css", "text/css"))
         app.add_subapp("/webchat", sub)
@@ -125,8 +132,19 @@ class WebchatConnector(Connector):
         if self._signer is None:
             async with self._signer_lock:
                 if self._signer is None:
-                    self._signer = TokenSigner(await load_secret(self.context.store))
+                    secret = await load_secret(self.context.store)
+                    self._signer, self._links = TokenSigner(secret), FileLinks(secret)
         return self._signer
+
+    async def file_links(self) -> FileLinks:
+        """Signs visitors' links to their files (the same secret, its own derived key)."""
+        await self.signer()
+        assert self._links is not None
+        return self._links
+
+    async def visitor_of(self, token: str) -> str | None:
+        """The visitor a token binds (None: unknown, forged, malformed)."""
+        return await self._visitor_of(await self.signer(), token)
 
     async def stop(self) -> None:
         if self._unwatch is not None:
@@ -332,7 +350,9 @@ class WebchatConnector(Connector):
                 await ws.close(code=CLOSE_INVALID_TOKEN, message=b"invalid token")
                 return None
             visitor_id = found
-        socket = VisitorSocket(ws, store, visitor_id)
+        links = await self.file_links()
+        socket = VisitorSocket(ws, store, visitor_id,
+                               link=lambda attachment: links.url(attachment, visitor_id))
         conversation_id = await socket.find_conversation()
         await ws.send_json(
             {
@@ -381,6 +401,8 @@ class WebchatConnector(Connector):
                 elif kind == "history":
                     asked = HistoryRequest.model_validate(frame)
                     await socket.send(await socket.history(asked.before, asked.limit))
+                elif kind == "file":
+                    await self._file_link(socket, FileRequest.model_validate(frame))
                 elif kind == "link":
                     await self._link(socket, LinkRequest.model_validate(frame), request)
                 elif kind in ("email_link", "email_verify"):
@@ -425,6 +447,41 @@ class WebchatConnector(Connector):
             return
         await socket.send({"type": "link", "channel": offer.channel, "url": offer.url,
                            "expires_at": offer.expires_at.isoformat()})
+
+    async def _file_link(self, socket: VisitorSocket, frame: FileRequest) -> None:
+        """A fresh link to a file of the visitor's own chat."""
+        files = self.context.files
+        record = None if files is None else await files.get(frame.id)
+        conversation_id = await socket.find_conversation()
+        if record is None or record.conversation_id != conversation_id or socket.link is None:
+            await socket.send(error(ErrorCode.NOT_FOUND, "no such file in this chat"))
+            return
+        await socket.send({"type": "file", "id": frame.id, "url": socket.link(frame.id)})
+
+    async def handle_upload(self, request: web.Request) -> web.StreamResponse:
+        """POST /webchat/upload: a message with files (connectors/webchat/files.py)."""
+        response = await handle_upload(self, request)
+        self._cors(request, response)
+        return response
+
+    async def upload_preflight(self, request: web.Request) -> web.StreamResponse:
+        response = web.Response(status=204 if self.origin_allowed(request) else 403)
+        self._cors(request, response)
+        response.headers["Access-Control-Allow-Methods"] = "POST"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization"
+        response.headers["Access-Control-Max-Age"] = "600"
+        return response
+
+    def _cors(self, request: web.Request, response: web.StreamResponse) -> None:
+        """An embedding page of an allowed origin may read the answer."""
+        origin = request.headers.get("Origin")
+        if origin is not None and self.origin_allowed(request):
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+
+    async def handle_file(self, request: web.Request) -> web.StreamResponse:
+        """GET /webchat/files/{id}: a file of the visitor's chat, by a signed link."""
+        return await handle_download(self, request)
 
     async def _email_link(
         self, socket: VisitorSocket, frame: dict[str, Any], request: web.Request

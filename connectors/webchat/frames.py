@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway.model import Activity, ActivityType, Direction
+from gateway.files import INLINE_TYPES
+from gateway.model import Activity, ActivityType, Attachment, AttachmentState, Direction
 
 PROTOCOL_VERSION = 1
 CLIENT_ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -40,6 +42,13 @@ class HistoryRequest(_Frame):
     type: Literal["history"]
     before: int = Field(ge=1, le=MAX_SEQ)
     limit: int = Field(50, ge=1, le=100)
+
+
+class FileRequest(_Frame):
+    """Ask for a fresh link to a file of this chat (the ones in item frames expire)."""
+
+    type: Literal["file"]
+    id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class LinkRequest(_Frame):
@@ -95,6 +104,8 @@ class ErrorCode:
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     NO_CODE = "no_code"
     ALREADY_LINKED = "already_linked"
+    NOT_FOUND = "not_found"  # file: no such file in this chat
+    FILE_TOO_LARGE = "file_too_large"  # upload: a file over OMNIGATE_MAX_ATTACHMENT_BYTES
     INTERNAL = "internal"
 
 
@@ -102,9 +113,31 @@ def error(code: str, message: str, client_id: str | None = None) -> dict[str, An
     return {"type": "error", "code": code, "message": message, "client_id": client_id}
 
 
-def item_frame(item: Activity) -> dict[str, Any]:
+def attachment_frames(attachments: list[Attachment], link: Callable[[str], str] | None
+                      ) -> list[dict[str, Any]]:
+    """An item's files as the widget sees them: a link for the stored ones (``inline``:
+    an image it may show), the reason for the others."""
+    shown: list[dict[str, Any]] = []
+    for a in attachments:
+        frame: dict[str, Any] = {"name": a.name, "content_type": a.content_type,
+                                 "size": a.size, "state": (a.state or AttachmentState.STORED)}
+        if a.id is not None and a.state is AttachmentState.STORED:
+            frame["url"] = link(a.id) if link is not None else None
+            frame["id"] = a.id
+            frame["inline"] = a.content_type in INLINE_TYPES
+        else:
+            frame["url"] = a.url  # a link the channel gave (items of older versions)
+            frame["inline"] = False
+        if a.error:
+            frame["error"] = a.error
+        shown.append(frame)
+    return shown
+
+
+def item_frame(item: Activity, link: Callable[[str], str] | None = None) -> dict[str, Any]:
     """A stored item as the client sees it (never the raw channel payload). A private
-    note is only its seq (a ``skip``: the client advances its watermark, shows nothing)."""
+    note is only its seq (a ``skip``: the client advances its watermark, shows nothing).
+    ``link``: an attachment id -> a link for this visitor (files.FileLinks)."""
     if item.private:
         return {"type": "skip", "seq": item.seq}
     timestamp = item.created_at.isoformat()
@@ -128,7 +161,7 @@ def item_frame(item: Activity) -> dict[str, Any]:
         "sender": {"name": item.sender.name},
         "text": item.text,
         "buttons": [b.model_dump() for b in item.buttons],
-        "attachments": [a.model_dump() for a in item.attachments],
+        "attachments": attachment_frames(item.attachments, link),
         "timestamp": timestamp,
         "client_id": client_id,
     }

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -32,10 +33,12 @@ BATCH = 200
 
 
 class VisitorSocket:
-    def __init__(self, ws: web.WebSocketResponse, store: Store, visitor_id: str) -> None:
+    def __init__(self, ws: web.WebSocketResponse, store: Store, visitor_id: str,
+                 link: Callable[[str], str] | None = None) -> None:
         self.ws = ws
         self.store = store
         self.visitor_id = visitor_id
+        self.link = link  # attachment id -> a link for this visitor (files.FileLinks)
         self.conversation_id: str | None = None
         self.last_seq = 0
         self.lock = asyncio.Lock()  # one writer at a time, and catch-ups in order
@@ -78,7 +81,7 @@ class VisitorSocket:
                     self.last_seq = start
                     has_more = start > 0
             for item in items:
-                await self._send(item_frame(item))
+                await self._send(item_frame(item, self.link))
                 self.last_seq = item.seq
             return {
                 "type": "synced",
@@ -97,7 +100,7 @@ class VisitorSocket:
                 return True  # sent already (pushed here, then seen again on the feed)
             if hint is not None and hint.seq == self.last_seq + 1:
                 self.conversation_id = hint.conversation_id
-                await self._send(item_frame(hint))  # fast path: no read needed
+                await self._send(item_frame(hint, self.link))  # fast path: no read needed
                 self.last_seq = hint.seq
                 return True
             conversation_id = await self.find_conversation()
@@ -106,7 +109,7 @@ class VisitorSocket:
             while True:
                 items = await self.store.items_after(conversation_id, self.last_seq, BATCH)
                 for item in items:
-                    await self._send(item_frame(item))
+                    await self._send(item_frame(item, self.link))
                     self.last_seq = item.seq
                 if len(items) < BATCH:
                     return not self.ws.closed
@@ -118,7 +121,7 @@ class VisitorSocket:
         if conversation_id is not None:
             page, has_more = await self.store.history(conversation_id, before=before, limit=limit)
             items = page[::-1]
-        shown = [item_frame(i) for i in items if not i.private]  # notes: agents only
+        shown = [item_frame(i, self.link) for i in items if not i.private]  # notes: agents only
         return {"type": "history", "items": shown, "has_more": has_more}
 
 
@@ -139,6 +142,11 @@ class Hub:
         socket.conversation_id = conversation_id
         if socket.visitor_id in self._sockets:
             self._visitors[conversation_id] = socket.visitor_id
+
+    def bind_visitor(self, visitor_id: str, conversation_id: str) -> None:
+        """Every socket of the visitor: their conversation exists now."""
+        for socket in self._sockets.get(visitor_id, ()):
+            self.bind(socket, conversation_id)
 
     def remove(self, socket: VisitorSocket) -> None:
         sockets = self._sockets.get(socket.visitor_id)

@@ -15,21 +15,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
 
 from gateway.desk.auth import STAFF, AccessError, BadInput, Forbidden
 from gateway.desk.http import AGENT
 from gateway.desk.openapi import Endpoint, Query
-from gateway.files import INLINE_TYPES, Files, clean_name
+from gateway.files import INLINE_TYPES, Files, clean_name, file_headers
 from gateway.keys import FILES, STORE
 from gateway.model import Agent, AgentRole, Conversation
 from gateway.store import NotFound
 
 MAX_FILES = 10  # files in one reply
 MAX_TEXT = 4000
-FILE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandbox"
 
 
 class TooLarge(AccessError):
@@ -71,17 +69,6 @@ async def get_attachment(request: web.Request) -> web.StreamResponse:
         await response.write(chunk)
     await response.write_eof()
     return response
-
-
-def file_headers(name: str, content_type: str, size: int, *, inline: bool) -> dict[str, str]:
-    """How a stored file is served (agents and visitors alike)."""
-    ascii_name = clean_name(name.encode("ascii", "replace").decode().replace("?", "_"), "file")
-    disposition = (f'{"inline" if inline else "attachment"}; filename="{ascii_name}"; '
-                   f"filename*=UTF-8''{quote(name, safe='')}")
-    return {"Content-Type": content_type, "Content-Length": str(size),
-            "Content-Disposition": disposition, "Content-Security-Policy": FILE_CSP,
-            "X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300",
-            "Cross-Origin-Resource-Policy": "same-origin"}
 
 
 @dataclass
