@@ -29,19 +29,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 import pymongo
 from pymongo.errors import PyMongoError
 
 from connectors.base import IngestResult
-from flows.bot import Bot, BotTurn, Reply, TurnContext
+from flows.bot import Bot
 from gateway.aio import Background
+from gateway.bot_turn import BOT_TIMEOUT, BotTurns
 from gateway.feed import Change, ChangeKind
 from gateway.files import Files
+from gateway.held import Held
 from gateway.identity import Identity, is_link_payload
 from gateway.metrics import Metrics
 from gateway.model import (
@@ -63,105 +63,23 @@ from gateway.routing import Routing
 from gateway.store import NotFound, Store
 from gateway.store.contacts import NO_SWITCH_FROM
 from gateway.store.items import inbound_id
-from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, epoch_is, from_doc, profile_update
-from gateway.store.turn_records import brought_forward, events_op, keep_record
-from gateway.store.turn_records import history as bot_history
+from gateway.store.mongo import SHUTDOWN_WAIT, Doc, Op, from_doc
+from gateway.store.turn_records import brought_forward
 from gateway.store.turns import LEASE, Acquired, Turns, instance_name
-from gateway.store.writer import Duplicate, Missing, Precondition
+from gateway.store.writer import Missing, Precondition
 
 log = logging.getLogger(__name__)
 
 COUNTED = (Direction.INBOUND.value, Direction.OUTBOUND.value)  # omnigate_messages_total
 
 STALE_AFTER = timedelta(seconds=15)
-# A bot turn that takes longer is abandoned (well inside LEASE, so no other process can
-# take over the conversation while the turn still runs).
-BOT_TIMEOUT = 20.0
 RENEW_BELOW = timedelta(seconds=BOT_TIMEOUT + 3)  # lease left before a turn starts
 FIRST_SWEEP = timedelta(hours=1)  # how far back a first sweep ever looks
 MARK_SAVE_EVERY = timedelta(seconds=60)
 CACHE = 10_000  # web chat threads whose conversation is remembered
-# A bot turn writes the conversation's last_activity_at when it is older than this
-# (the turn itself commits to the small turn state only).
-ACTIVITY_EVERY = timedelta(seconds=60)
 # A conversation whose turn records are ahead of its checkpoint gets the checkpoint
 # written once it has been idle this long (the sweeper looks every sweep_seconds).
 CHECKPOINT_IDLE = 2.0
-# What the customer is told when the bot fails on their message (it raised or timed out).
-BOT_ERROR_TEXT = (
-    "Sorry, something went wrong on my side and I could not answer that. "
-    "Please try again in a moment."
-)
-
-
-@dataclass(eq=False)
-class Held:
-    """A conversation whose lease this process holds, and what its next turn needs."""
-
-    id: str
-    until: datetime
-    known: bool = False  # ``pending`` holds every inbound item above ``processed``
-    processed: int = 0
-    pending: dict[int, Activity] = field(default_factory=dict)
-    conversation: Conversation | None = None  # None: read it before the next turn
-    bot_state: dict[str, Any] = field(default_factory=dict)  # read with ``conversation``
-    bot_since: int = 0  # TurnState.bot_since, read with it
-    epoch: int = 0  # TurnState.epoch, read with it
-    # The seq up to which what the turns decide on (owner, memory) is known: a turn's
-    # commit is fenced there (Unit.fence).
-    fence: int = 0
-    # Turn records are ahead of the turn state's checkpoint (``_checkpoint`` writes it).
-    dirty: bool = False
-    checkpoint_due: bool = False
-    active_at: float = 0.0  # time.monotonic() of the last turn
-    contact: Contact | None = None
-    lost: bool = False
-    # Every item up to ``seen`` is known here (stored by this process, read, or seen on
-    # the feed); ``above`` holds the known seqs past a gap. A pending item after a gap
-    # waits until the gap is read: another process may have stored an inbound item there.
-    seen: int = 0
-    above: set[int] = field(default_factory=set)
-
-    def note(self, seq: int) -> None:
-        if seq > self.seen:
-            self.above.add(seq)
-            self._close()
-
-    def known_upto(self, seq: int) -> None:
-        """Every item up to ``seq`` is known (read from the store: a conversation's seqs
-        are committed in order, so one missing below a stored one never comes)."""
-        self.seen = max(self.seen, seq)
-        self._close()
-
-    def _close(self) -> None:
-        self.above = {s for s in self.above if s > self.seen}
-        while self.seen + 1 in self.above:
-            self.seen += 1
-            self.above.discard(self.seen)
-
-    def next(self) -> Activity | None:
-        """The next inbound item to answer (None: nothing waits, or a gap comes first:
-        see ``gap``)."""
-        for seq in sorted(self.pending):
-            if seq <= self.processed:
-                del self.pending[seq]
-                continue
-            return self.pending[seq] if seq <= self.seen + 1 else None
-        return None
-
-    def gap(self) -> bool:
-        """An unanswered item waits behind seqs this process has not seen."""
-        return any(seq > self.seen + 1 for seq in self.pending if seq > self.processed)
-
-
-@dataclass(eq=False)
-class _Commit:
-    """What a bot turn's commit writes besides its replies (``Pipeline._commit``)."""
-
-    ops: list[Op] = field(default_factory=list)
-    until: datetime | None = None  # the lease's new end, if the commit renews it
-    seen: int | None = None  # a delivered mark it carries
-    touch: bool = False  # it brings the conversation's last activity forward
 
 
 class Pipeline:
@@ -186,7 +104,8 @@ class Pipeline:
         self.sweep_seconds = sweep_seconds
         self.instance = instance_name()
         self.turns = Turns(store, self.instance)
-        self.metrics: Metrics | None = None  # set by the app (gateway/metrics.py)
+        self.bot_turns = BotTurns(store, bot, outbox, routing, self.turns,
+                                  bot_party=self.bot_party, lost=self._lost)
         self.fetch_now: Callable[[], None] | None = None  # set by the app (the fetcher)
         self._background = Background("pipeline")
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -199,6 +118,15 @@ class Pipeline:
         self._mark_saved: datetime | None = None
         store.writer.on_foreign = self._foreign
         store.writer.on_stored = self._stored
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """Set by the app (gateway/metrics.py); the bot turns report to it too."""
+        return self.bot_turns.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics | None) -> None:
+        self.bot_turns.metrics = metrics
 
     # ------------------------------------------------------------------ inbound
 
@@ -412,7 +340,8 @@ class Pipeline:
         now = utcnow()
         if held is not None and not held.lost and held.until - now > RENEW_BELOW:
             return held
-        if held is not None and not held.lost and held.dirty and await self._checkpoint(held):
+        if (held is not None and not held.lost and held.dirty
+                and await self.bot_turns.checkpoint(held)):
             return held  # renewed with the checkpoint
         got = await self.turns.acquire(conversation_id)
         if not isinstance(got, Acquired):
@@ -477,7 +406,7 @@ class Pipeline:
             item = held.next()
             if item is None:
                 if held.dirty and held.checkpoint_due:
-                    await self._checkpoint(held)
+                    await self.bot_turns.checkpoint(held)
                 return
             if held.until - utcnow() <= RENEW_BELOW:
                 renewed = await self._hold(conversation_id)
@@ -513,11 +442,6 @@ class Pipeline:
         assert held.conversation is not None
         return held.conversation
 
-    async def _contact(self, held: Held, contact_id: str) -> Contact | None:
-        if held.contact is None or held.contact.id != contact_id:
-            held.contact = await self.store.get_contact(contact_id, with_identities=False)
-        return held.contact
-
     async def _done(self, held: Held, item: Activity) -> None:
         """Mark ``item`` processed without a bot turn (a human owns the conversation, a
         link answer, a CSAT answer, ...); what it did changed the conversation."""
@@ -528,7 +452,7 @@ class Pipeline:
                 Op("turn_state", self.turns.commit_filter(held.id, bot=False),
                    {"$set": {"lease.until": now + LEASE}, "$max": {"processed_seq": item.seq}},
                    required=True),
-                *self._memory_ops(held),
+                *self.bot_turns.memory_ops(held),
                 Op("conversations", {"_id": held.id},
                    {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}})])
         except Precondition:
@@ -537,40 +461,6 @@ class Pipeline:
         held.processed = max(held.processed, item.seq)
         held.until = now + LEASE
         held.dirty = False
-
-    def _memory_ops(self, held: Held) -> list[Op]:
-        """The checkpoint moves past turn records: the bot's memory goes with it (unless it
-        was cleared meanwhile: another epoch)."""
-        if not held.dirty:
-            return []
-        return [Op("turn_state", {"_id": held.id, **epoch_is(held.epoch)},
-                   {"$set": {"bot_state": dict(held.bot_state), "bot_since": held.bot_since}})]
-
-    async def _checkpoint(self, held: Held) -> bool:
-        """Write the turn state from what the held conversation's turns recorded, with
-        its lease renewed. False: not written (the bot no longer owns it, its memory was
-        cleared, or the lease is gone): read again before the next turn."""
-        held.checkpoint_due = False
-        now = utcnow()
-        until = now + LEASE
-        highs: Doc = {"processed_seq": held.processed}
-        if (seen := self.outbox.marks.take(held.id)) is not None:
-            highs["delivered_seq"] = seen
-        query = {**self.turns.commit_filter(held.id, bot=True), **epoch_is(held.epoch)}
-        try:
-            await self.store.apply([Op("turn_state", query, {
-                "$set": {"bot_state": dict(held.bot_state), "bot_since": held.bot_since,
-                         "lease.until": until},
-                "$max": highs}, required=True)])
-        except BaseException as exc:
-            if seen is not None:
-                self.outbox.marks.seen(held.id, seen)
-            if not isinstance(exc, Precondition):
-                raise
-            held.conversation, held.known = None, False
-            return False
-        held.until, held.dirty = until, False
-        return True
 
     def _lost(self, held: Held) -> None:
         log.info("pipeline: lease of %s taken over by another process", held.id)
@@ -607,146 +497,7 @@ class Pipeline:
         if conversation.owner is not OwnerState.BOT:
             await self._done(held, item)
             return  # a human owns it (or will): the bot stays silent
-        await self._bot_turn(held, conversation, item)
-
-    async def _bot_turn(self, held: Held, conversation: Conversation, item: Activity) -> None:
-        contact = await self._contact(held, conversation.contact_id)
-        before = held.bot_state
-        # A cleared memory (a new conversation, a hand back): the event log starts here.
-        since = held.bot_since if before else item.seq
-        held.active_at = time.monotonic()
-
-        async def earlier() -> list[dict[str, Any]]:
-            return await bot_history(self.store, conversation.id, since, item.seq)
-
-        turn = await self._respond(
-            TurnContext(conversation, contact, item, dict(before), history=earlier), before)
-        docs = await self.outbox.prepare(conversation, self._drafts(item, turn))
-        now = utcnow()
-        commit = self._commit(held, conversation, item, turn, docs=docs, since=since, now=now)
-        try:
-            try:
-                items = await self.store.append(conversation.id, docs, commit.ops,
-                                                fence=held.fence)
-            except Duplicate:
-                # The replies are stored already (a re-run of a turn done before): say
-                # nothing twice; record the turn in the turn state, and read again.
-                commit = self._commit(held, conversation, item, turn, docs=[], since=since,
-                                      now=now)
-                items = await self.store.append(conversation.id, [], commit.ops)
-                held.conversation, held.known = None, False
-        except BaseException as exc:
-            if commit.seen is not None:  # not written: the next write carries it
-                self.outbox.marks.seen(conversation.id, commit.seen)
-            if not isinstance(exc, Precondition):
-                raise
-            # Something the turn did not see came first (an agent took over while it was
-            # thinking, another process's turn) or the lease went to another process:
-            # read again; the turn is decided anew.
-            held.conversation, held.known = None, False
-            fresh = await self.store.get_turn_checkpoint(conversation.id)
-            if fresh is None or fresh.lease is None or fresh.lease.owner != self.instance:
-                self._lost(held)
-            return
-        held.processed = max(held.processed, item.seq)
-        held.pending.pop(item.seq, None)
-        held.bot_state, held.bot_since = dict(turn.state), since
-        if items:
-            held.fence = max(held.fence, items[-1].seq)
-        if commit.until is None:
-            held.dirty = True
-        else:
-            held.until, held.dirty = commit.until, False
-        if commit.touch and held.conversation is not None:
-            held.conversation = conversation.model_copy(update={"last_activity_at": now})
-        if turn.profile and contact is not None:
-            merged = {**contact.profile, **turn.profile}
-            held.contact = contact.model_copy(update={
-                "profile": {k: v for k, v in merged.items() if v is not None}})
-        self.outbox.deliver(conversation, items)
-        if self.metrics is not None:
-            self.metrics.turn_done((utcnow() - item.created_at).total_seconds())
-        await self._ends(held, item, before, turn)
-
-    def _commit(self, held: Held, conversation: Conversation, item: Activity,
-                turn: BotTurn, *, docs: list[Doc], since: int, now: datetime) -> _Commit:
-        """What a bot turn writes besides its replies. A turn that answers records itself
-        on its first reply and writes no turn state (``until`` None: the lease is not
-        renewed by it); a silent one writes the turn state (memory, processed mark,
-        lease) and keeps its event-log entries apart."""
-        commit = _Commit()
-        if docs:
-            keep_record(docs, seq=item.seq, epoch=held.epoch, state=dict(turn.state),
-                        since=since, events=turn.events)
-        else:
-            commit.until = now + LEASE
-            highs: Doc = {"processed_seq": item.seq}
-            if (seen := self.outbox.marks.take(conversation.id)) is not None:
-                highs["delivered_seq"] = commit.seen = seen
-            commit.ops.append(Op(
-                "turn_state", self.turns.commit_filter(conversation.id, bot=True),
-                {"$set": {"bot_state": dict(turn.state), "bot_since": since,
-                          "lease.until": commit.until}, "$max": highs}, required=True))
-            if turn.events:
-                commit.ops.append(events_op(conversation.id, item.seq, turn.events, now))
-        active = conversation.last_activity_at
-        if active is None or now - active >= ACTIVITY_EVERY:
-            commit.touch = True
-            commit.ops.append(Op(
-                "conversations", {"_id": conversation.id},
-                {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}}))
-        if turn.profile and (profile := profile_update(turn.profile)):
-            commit.ops.append(Op("contacts", {"_id": conversation.contact_id}, profile))
-        return commit
-
-    async def _respond(self, context: TurnContext, before: Mapping[str, Any]) -> BotTurn:
-        try:
-            async with asyncio.timeout(BOT_TIMEOUT):
-                return await self.bot.respond(context)
-        except PyMongoError:
-            raise  # the store, not the bot: leave the message for the sweeper
-        except Exception:
-            # A bot bug must not wedge the conversation (the message would fail again on
-            # every retry, and block every message after it): apologise, keep the bot's
-            # previous memory, and mark the message processed like any other.
-            log.exception("pipeline: the bot failed on message %s of %s",
-                          context.message.id, context.conversation.id)
-            return BotTurn([Reply(BOT_ERROR_TEXT)], dict(before))
-
-    async def _ends(self, held: Held, item: Activity, before: Mapping[str, Any],
-                    turn: BotTurn) -> None:
-        """The turn asked for a human, or closed the conversation."""
-        conversation_id = held.id
-        if turn.handoff is not None:
-            held.conversation = None
-            await self.routing.handoff(
-                conversation_id,
-                turn.handoff.reason,
-                skill=turn.handoff.skill,
-                team=turn.handoff.team,
-                priority=turn.handoff.priority,
-                dedupe_key=f"{item.id}:handoff",
-                # a flow begun and handed off in this turn has ended: the handoff names it
-                topic=_flow(before) or turn.handoff.flow or _flow(turn.state),
-            )
-        elif turn.resolve:
-            held.conversation = None
-            await self.routing.bot_resolve(
-                conversation_id, f"{item.id}:resolve",
-                topic=_flow(before) or _flow(turn.state))
-
-    def _drafts(self, item: Activity, turn: BotTurn) -> list[OutboundDraft]:
-        """The bot's replies to ``item``; the dedupe key makes a re-run say them once."""
-        return [
-            OutboundDraft(
-                sender=self.bot_party,
-                text=reply.text,
-                buttons=reply.buttons,
-                reply_to_id=item.id,
-                dedupe_key=f"{item.id}:reply:{n}",
-            )
-            for n, reply in enumerate(turn.replies)
-        ]
+        await self.bot_turns.run(held, conversation, item)
 
     # ------------------------------------------------------------------ sweeper
 
@@ -799,18 +550,12 @@ class Pipeline:
         if dirty:  # a courtesy (the turn records count anyway), in one group commit
             with contextlib.suppress(TimeoutError, PyMongoError):
                 await asyncio.wait_for(asyncio.gather(
-                    *(self._checkpoint(h) for h in dirty)), SHUTDOWN_WAIT)
+                    *(self.bot_turns.checkpoint(h) for h in dirty)), SHUTDOWN_WAIT)
         try:
             with pymongo.timeout(SHUTDOWN_WAIT):
                 await self.turns.release_all()
         except PyMongoError as exc:
             log.info("pipeline: leases not released (they expire): %s", exc)
-
-
-def _flow(state: Mapping[str, Any]) -> str | None:
-    """The bot flow a bot state was in (analytics' topic), if any."""
-    flow = state.get("flow")
-    return flow if isinstance(flow, str) and flow else None
 
 
 def _profile_current(contact: Contact, change: Change) -> bool:

@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from aiohttp import web
 
-import gateway.pipeline
+import gateway.bot_turn
 from connectors.base import Connector, ConnectorContext, DeliveryResult
 from flows.bot import BotTurn, HandoffRequest, Reply, TurnContext
 from gateway.feed import Feed
@@ -287,7 +287,7 @@ async def test_bot_is_silent_while_a_human_owns_the_conversation(rig: Rig) -> No
 async def test_a_failing_bot_does_not_wedge_the_conversation(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="gateway.pipeline")
+    caplog.set_level(logging.ERROR, logger="gateway.bot_turn")
     rig = build(store, EchoBot(fail_on=("boom",)))
     rig.outbox.start()
     try:
@@ -306,7 +306,7 @@ async def test_a_failing_bot_does_not_wedge_the_conversation(
     assert [d["reply_to_id"] for d in replies] == [first.item.id, broken.item.id,
                                                     after.item.id]
     fallback = replies[1]["text"]
-    assert fallback == gateway.pipeline.BOT_ERROR_TEXT
+    assert fallback == gateway.bot_turn.BOT_ERROR_TEXT
     assert rig.connector.sent == ["echo: before", fallback, "echo: after"]
     conversation = await store.get_conversation(first.conversation.id)
     assert conversation is not None and conversation.owner is OwnerState.BOT
@@ -328,7 +328,7 @@ class HangingBot(EchoBot):
 async def test_a_hanging_bot_times_out(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(gateway.pipeline, "BOT_TIMEOUT", 0.2)
+    monkeypatch.setattr(gateway.bot_turn, "BOT_TIMEOUT", 0.2)
     rig = build(store, HangingBot())
     rig.outbox.start()
     try:
@@ -338,7 +338,7 @@ async def test_a_hanging_bot_times_out(
     finally:
         await rig.pipeline.stop()
         await rig.outbox.stop()
-    assert rig.connector.sent == [gateway.pipeline.BOT_ERROR_TEXT, "echo: then this"]
+    assert rig.connector.sent == [gateway.bot_turn.BOT_ERROR_TEXT, "echo: then this"]
 
 
 # ------------------------------------------------------------ two processes
