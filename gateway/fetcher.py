@@ -20,8 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, IndexModel
@@ -31,6 +32,7 @@ from connectors.base import Connector, FetchError
 from gateway.aio import Background, raise_if_cancelled
 from gateway.files import FETCHES, Files, FileTooLarge
 from gateway.model import Attachment, AttachmentState, Direction, Party, utcnow
+from gateway.store.files import ORPHAN_AFTER
 from gateway.store.mongo import Doc, Store
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ MAX_ATTEMPTS = 6
 FIRST_BACKOFF = 2.0  # seconds, doubling per attempt ...
 MAX_BACKOFF = 300.0  # ... up to this
 BATCH = 8  # jobs claimed per pass
+ORPHANS_EVERY = 600.0  # seconds between sweeps for stored bytes without a record
+ORPHAN_STATE = ("files", "orphan_sweep")  # channel_state: where the last sweep ended
 
 TooLarge = Callable[[str, str, list[str]], Awaitable[None]]
 
@@ -62,6 +66,7 @@ class Fetcher:
         # (conversation id, item id, names): tell the customer a file was too large
         self.on_too_large: TooLarge | None = None
         self._background = Background("fetcher")
+        self._orphans_at = time.monotonic() + 60.0  # the first sweep a minute after start
 
     def start(self) -> None:
         self._background.every(self.sweep_seconds, self._sweep)
@@ -77,9 +82,26 @@ class Fetcher:
         del first
         try:
             await self.run_due()
+            if time.monotonic() >= self._orphans_at:
+                self._orphans_at = time.monotonic() + ORPHANS_EVERY
+                await self.sweep_orphans()
         except PyMongoError as exc:
             raise_if_cancelled()
             log.warning("fetcher: store error (retried): %s", exc)
+
+    async def sweep_orphans(self) -> int:
+        """Delete stored bytes that no attachment names (a process died between keeping
+        the bytes and writing the record), looking only at what was uploaded since the
+        last sweep (any process's: the window's end is kept in the store)."""
+        state = await self.store.get_state(*ORPHAN_STATE)
+        since = (state or {}).get("until")
+        end = utcnow() - ORPHAN_AFTER
+        deleted = await self.files.store.sweep_orphans(
+            ORPHAN_AFTER, since if isinstance(since, datetime) else None)
+        await self.store.put_state(*ORPHAN_STATE, {"until": end})
+        if deleted:
+            log.info("fetcher: deleted %d stored file(s) that no attachment named", deleted)
+        return deleted
 
     async def run_due(self) -> int:
         """Claim and run the jobs that are due; how many ran."""

@@ -75,10 +75,13 @@ async def test_a_file_is_kept_once_with_its_digest(store: Store) -> None:
     assert (record.size, record.sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert await files.read(record) == data
     assert await store.db[f"{BUCKET}.files"].count_documents({}) == 1  # one copy
-    # a copy whose record was never written (a process died in between) is swept
+    # a copy whose record was never written (a process died in between) is swept, by
+    # the window of upload times a sweep looks at
+    before = utcnow()
     await files.store.bucket.upload_from_stream_with_id(
         ObjectId(), "orphan", b"x", metadata={"attachment_id": "a2"})
-    assert await files.store.sweep_orphans(timedelta(0)) == 1
+    assert await files.store.sweep_orphans(timedelta(0), since=utcnow()) == 0
+    assert await files.store.sweep_orphans(timedelta(0), since=before) == 1
     assert await store.db[f"{BUCKET}.files"].count_documents({}) == 1
     assert await files.read(record) == data
 

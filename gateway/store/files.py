@@ -67,6 +67,8 @@ class FileStore:
     async def ensure_indexes(self) -> None:
         await self.records.create_indexes(
             [IndexModel([("conversation_id", ASCENDING)], name="attachment_conversation")])
+        await self._gridfs_files.create_indexes(  # the orphan sweep's window
+            [IndexModel([("uploadDate", ASCENDING)], name="uploaded")])
 
     async def get(self, attachment_id: str) -> FileRecord | None:
         doc = await self.records.find_one({"_id": attachment_id})
@@ -113,13 +115,18 @@ class FileStore:
         while chunk := await stream.readchunk():
             yield bytes(chunk)
 
-    async def sweep_orphans(self, older_than: timedelta = ORPHAN_AFTER) -> int:
+    async def sweep_orphans(self, older_than: timedelta = ORPHAN_AFTER,
+                            since: datetime | None = None) -> int:
         """Delete GridFS files that no record names (a process died between storing the
-        bytes and the record), older than ``older_than``. Returns how many."""
+        bytes and the record), uploaded before ``older_than`` ago (and since ``since``:
+        the previous sweep's window end). Returns how many."""
         before = utcnow() - older_than
+        window: dict[str, Any] = {"$lt": before}
+        if since is not None:
+            window["$gte"] = since
         deleted = 0
         async for doc in self._gridfs_files.find(
-                {"uploadDate": {"$lt": before}}, {"metadata.attachment_id": 1}):
+                {"uploadDate": window}, {"metadata.attachment_id": 1}):
             attachment_id = (doc.get("metadata") or {}).get("attachment_id")
             record = await self.records.find_one({"_id": attachment_id}, {"file_id": 1})
             if record is None or record.get("file_id") != doc["_id"]:
