@@ -6,9 +6,12 @@ offset kept in the store; with several gateway processes on one store only the h
 the lease ``telegram:polling:<bot id>`` polls, gateway/leases.py). Either way an update
 is parsed with aiogram's types, turned into an ``InboundMessage`` and ingested; only then
 is it acknowledged (200 to the webhook, the next ``getUpdates`` offset in polling).
+A message's files are only named then (by reference); the gateway's fetcher downloads
+them later through ``fetch`` (connectors/telegram/files.py), so the webhook answers fast.
 Outbound, ``send`` renders a stored item: long texts in parts of 4096, buttons as an
-inline keyboard, agents as "Name: text", events as an italic note. The setup for real is
-in docs/channels/telegram.md.
+inline keyboard, agents as "Name: text", events as an italic note, files uploaded from
+the attachment store (the text as the first one's caption when it fits). The setup for
+real is in docs/channels/telegram.md.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import secrets
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 from aiogram import Bot
@@ -29,6 +31,7 @@ from aiogram.exceptions import (
     AiogramError,
     TelegramBadRequest,
     TelegramConflictError,
+    TelegramEntityTooLarge,
     TelegramForbiddenError,
     TelegramMigrateToChat,
     TelegramRetryAfter,
@@ -45,20 +48,20 @@ from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, ConnectorContext, DeliveryError, DeliveryResult
+from connectors.telegram.files import download, upload
 from connectors.telegram.inbound import (
     CALLBACK_PREFIX,
     CHANNEL,
-    MAX_FILE_BYTES,
     BotUser,
-    FileRef,
     addressed_to_bot,
     button_title,
     chat_of,
     display_name,
-    file_refs,
+    incoming_files,
     is_group,
     location_attachment,
     message_key,
+    parse_update,
     start_payload,
     text_and_entities,
     thread_key,
@@ -69,16 +72,18 @@ from connectors.telegram.outbound import (
     entities,
     keyboard,
     needs_mapping,
+    plan,
     render,
     short_key,
-    split_text,
 )
 from gateway.aio import raise_if_cancelled
 from gateway.channel_settings import TelegramSettings
+from gateway.files import DEFAULT_MAX_BYTES, StoredFile
 from gateway.leases import Singleton
 from gateway.model import (
     Activity,
     Attachment,
+    AttachmentState,
     Conversation,
     DeliveryStatus,
     InboundMessage,
@@ -110,11 +115,9 @@ class TelegramConnector(Connector):
         self,
         settings: TelegramSettings,
         *,
-        max_file_bytes: int = MAX_FILE_BYTES,
         poll_timeout: int = 25,
     ) -> None:
         self.settings = settings
-        self.max_file_bytes = max_file_bytes
         self.poll_timeout = poll_timeout
         self.bot = Bot(
             settings.token,
@@ -258,7 +261,7 @@ class TelegramConnector(Connector):
             return _problem(500, "store_unavailable", "not stored; redeliver")
         except AiogramError as exc:
             log.warning("telegram: update %d: Bot API call failed (%s)", update.update_id, exc)
-            return _problem(503, "telegram_unavailable", "file lookup failed; redeliver")
+            return _problem(503, "telegram_unavailable", "Bot API call failed; redeliver")
         return web.json_response({"ok": True, "outcome": outcome})
 
     # ------------------------------------------------------------------ polling
@@ -341,29 +344,23 @@ class TelegramConnector(Connector):
             is_start, deep_link = start_payload(text) if message.text else (False, None)
             if is_start:
                 text = "/start"  # the payload goes to deep_link, not into the visible text
-        refs = file_refs(message)
+        files = incoming_files(message)  # fetched later, in the background
         location = location_attachment(message)
-        if not text and not refs and location is None:
-            return "ignored"  # stickers, polls, service messages...
-        external_id = message_key(chat.id, message.message_id)
-        store = self.context.store
-        if refs and await store.find_by_external_id(CHANNEL, external_id) is not None:
-            return "duplicate"  # its files were looked up the first time
-        attachments, files = await self._attachments(refs)
-        if location is not None:
-            attachments.append(location)
+        if not text and not files and location is None:
+            return "ignored"  # polls, contacts, service messages...
         reply = message.reply_to_message
         result = await self.context.ingest(
             InboundMessage(
                 channel=CHANNEL,
-                external_id=external_id,
+                external_id=message_key(chat.id, message.message_id),
                 thread_key=thread_key(chat, user),
                 sender=Party(role=Role.CUSTOMER, id=str(user.id), name=display_name(user)),
                 sender_external_id=str(user.id),
                 timestamp=message.date,
                 text=text or None,
                 deep_link=deep_link,
-                attachments=attachments,
+                attachments=[location] if location is not None else [],
+                files=files,
                 reply_to_external_id=message_key(chat.id, reply.message_id) if reply else None,
                 channel_data={
                     "update_id": update_id,
@@ -371,43 +368,17 @@ class TelegramConnector(Connector):
                     "message_id": message.message_id,
                     "username": user.username,
                     "language_code": user.language_code,
-                    "files": files,
                 },
             )
         )
         return "duplicate" if result.duplicate else "stored"
 
-    async def _attachments(
-        self, refs: list[FileRef]
-    ) -> tuple[list[Attachment], list[dict[str, Any]]]:
-        """Each file's reference through getFile, unless it is over the size limit.
-
-        The attachment's url is ``telegram-file:<file_id>`` (a download URL would carry
-        the bot token); ``files`` (kept in channel_data) has the getFile answer.
-        """
-        attachments: list[Attachment] = []
-        files: list[dict[str, Any]] = []
-        for ref in refs:
-            info: dict[str, Any] = {"kind": ref.kind, "file_id": ref.file_id,
-                                    "file_unique_id": ref.file_unique_id}
-            size = ref.size
-            if size is None or size <= self.max_file_bytes:
-                try:
-                    found = await self.bot.get_file(ref.file_id)
-                except TelegramBadRequest as exc:  # "file is too big", "invalid file_id"
-                    info["skipped"] = exc.message
-                else:
-                    size = found.file_size if found.file_size is not None else size
-                    info["file_path"] = found.file_path
-            if size is not None and size > self.max_file_bytes:
-                info["skipped"] = f"over the {self.max_file_bytes}-byte limit"
-            ok = "skipped" not in info
-            attachments.append(Attachment(
-                content_type=ref.content_type, name=ref.name, size=size,
-                url=f"telegram-file:{ref.file_id}" if ok else None,
-            ))
-            files.append(info)
-        return attachments, files
+    async def fetch(self, ref: Mapping[str, Any]) -> bytes:
+        """A customer's file for the attachment store (getFile, then the download),
+        at most the store's limit. Raises ``FetchError`` or ``FileTooLarge``."""
+        files = self.context.files
+        limit = files.max_bytes if files is not None else DEFAULT_MAX_BYTES
+        return await download(self.bot, ref, limit)
 
     async def _on_edit(self, update_id: int, message: Message) -> str:
         """An edited message updates the stored one (the store keeps the old text)."""
@@ -509,35 +480,48 @@ class TelegramConnector(Connector):
     async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
         if self._stopped or self._context is None:
             raise DeliveryError("telegram connector is not running")
-        rendered = render(item)
-        if rendered is None:
+        files = [a for a in item.attachments if a.id and a.state is AttachmentState.STORED]
+        rendered = render(item, with_files=bool(files))
+        steps = plan(rendered, len(files))  # text parts and files, in order
+        if not steps:
             return DeliveryResult(DeliveryStatus.SKIPPED)
         chat_id = chat_of(conversation.thread_key)
-        parts = split_text(rendered.text)
         markup = await self._keyboard(item) if item.buttons else None
         reply = await self._reply_target(conversation, item)
         done = item.delivery.parts_sent if item.delivery else 0
         last: Message | None = None
-        for index in range(done, len(parts)):
-            final = index == len(parts) - 1
-            last = await self._send_part(
-                conversation, chat_id, parts[index],
-                styled=entities(rendered, parts[index], index),
-                markup=markup if final else None, reply=reply if index == 0 else None,
-            )
-            if not final:
+        for index in range(done, len(steps)):
+            step, final = steps[index], index == len(steps) - 1
+            keys, quote = markup if final else None, reply if index == 0 else None
+            if step.file is None:
+                text = step.text or ""
+                last = await self._deliver(conversation, self.bot.send_message(
+                    chat_id, text, entities=entities(rendered, text, step.part)
+                    if rendered else None, reply_markup=keys, reply_parameters=quote))
+            else:
+                caption = step.text
+                styled = entities(rendered, caption, 0) if rendered and caption else None
+                last = await self._deliver(conversation, upload(
+                    self.bot, chat_id, await self._load(files[step.file]), caption=caption,
+                    caption_entities=styled, markup=keys, reply=quote))
+            if not final:  # a retry after a failure goes on from the next step
                 await self.context.store.set_parts_sent(item.id, index + 1)
         external = message_key(chat_id, last.message_id) if last else None
         return DeliveryResult(DeliveryStatus.DELIVERED, external_id=external)
 
-    async def _send_part(
-        self, conversation: Conversation, chat_id: int, text: str, *, styled: Any,
-        markup: Any, reply: ReplyParameters | None,
-    ) -> Message:
+    async def _load(self, attachment: Attachment) -> StoredFile:
+        files = self.context.files
+        found = await files.load(attachment.id) if files is not None and attachment.id else None
+        if found is None:
+            raise DeliveryError(f"attachment {attachment.name or attachment.id} is not in "
+                                "the attachment store", permanent=True)
+        return found
+
+    async def _deliver(self, conversation: Conversation,
+                       call: Coroutine[Any, Any, Message]) -> Message:
+        """One Bot API send; its failure as a ``DeliveryError`` (permanent or not)."""
         try:
-            return await self.bot.send_message(
-                chat_id, text, entities=styled, reply_markup=markup, reply_parameters=reply
-            )
+            return await call
         except TelegramRetryAfter as exc:
             raise DeliveryError(str(exc), retry_after=float(exc.retry_after)) from exc
         except TelegramForbiddenError as exc:  # blocked by the user, kicked from the group
@@ -547,7 +531,7 @@ class TelegramConnector(Connector):
             if "chat not found" in exc.message.lower():
                 await self._unreachable(conversation, exc.message)
             raise DeliveryError(str(exc), permanent=True) from exc
-        except TelegramMigrateToChat as exc:
+        except (TelegramMigrateToChat, TelegramEntityTooLarge) as exc:
             raise DeliveryError(str(exc), permanent=True) from exc
         except AiogramError as exc:  # network, 5xx, undecodable answers: retried
             raise DeliveryError(str(exc)) from exc
@@ -586,43 +570,3 @@ class TelegramConnector(Connector):
             return None
         message_id = int(parent.external_id.rsplit(":", 1)[1])
         return ReplyParameters(message_id=message_id, allow_sending_without_reply=True)
-
-
-def parse_update(body: bytes, bot: Bot) -> Update | str:
-    """The update in a webhook body, or why it is not one (for a 400)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):
-        return "body is not JSON"
-    if not isinstance(data, dict):
-        return "body is not a JSON object"
-    if (problem := _unstorable(data)) is not None:
-        return problem
-    try:
-        return Update.model_validate(data, context={"bot": bot})
-    except (ValidationError, ValueError, TypeError, RecursionError) as exc:
-        return f"not a Telegram update: {str(exc).splitlines()[0]}"
-
-
-INT64 = 2**63
-
-
-def _unstorable(data: dict[str, Any]) -> str | None:
-    """What in a decoded body the store could not hold: a text with an unpaired surrogate
-    (JSON allows "\\ud800", UTF-8 does not) or an integer beyond 64 bits."""
-    stack: list[Any] = [data]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            stack.extend(value.keys())
-            stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return "a text has an unpaired UTF-16 surrogate"
-        elif isinstance(value, int) and not -INT64 <= value < INT64:
-            return "a number is beyond 64 bits"
-    return None

@@ -1,24 +1,37 @@
 """Reading Telegram updates: who wrote, where, was the bot addressed, what was attached.
 
-Pure functions over aiogram's types; no I/O (the connector fetches file references and
-stores). Offsets of Telegram's message entities count UTF-16 code units, so every slice
-of a text by an entity goes through ``utf16_slice``.
+Pure functions over aiogram's types; no I/O (files are only named here, by reference;
+the gateway's fetcher downloads them later: connectors/telegram/files.py). Offsets of
+Telegram's message entities count UTF-16 code units, so every slice of a text by an
+entity goes through ``utf16_slice``.
 """
 
 from __future__ import annotations
 
+import json
+import mimetypes
 from dataclasses import dataclass
+from typing import Any
 
-from aiogram.types import Chat, Message, MessageEntity, User
+from aiogram import Bot
+from aiogram.types import Chat, Message, MessageEntity, Update, User
+from pydantic import ValidationError
 
-from gateway.model import Attachment
+from gateway.model import Attachment, IncomingFile
 
 CHANNEL = "telegram"
 GROUP_TYPES = frozenset({"group", "supergroup"})
 CALLBACK_PREFIX = "cb:"
-# Bots may download files of at most 20 MB through the Bot API (getFile).
-MAX_FILE_BYTES = 20 * 1024 * 1024
 MAX_DEEP_LINK = 512
+# Stickers come without a MIME type: by their format (Telegram's own for animated ones).
+STICKER_EXT = {"static": "webp", "animated": "tgs", "video": "webm"}
+STICKER_TYPE = {"static": "image/webp", "animated": "application/x-tgsticker",
+                "video": "video/webm"}
+KNOWN_EXT = {"audio/ogg": ".ogg", "audio/opus": ".ogg", "audio/mp4": ".m4a",
+             "audio/x-m4a": ".m4a", "image/webp": ".webp", "image/jpeg": ".jpg"}
+DEFAULT_EXT = {"photo": ".jpg", "voice": ".ogg", "video": ".mp4", "video_note": ".mp4",
+               "animation": ".mp4"}
+_MIME = mimetypes.MimeTypes()  # Python's own table only: the same names on every machine
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,18 +40,6 @@ class BotUser:
 
     id: int
     username: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class FileRef:
-    """A file of a message, before getFile: what Telegram told us about it."""
-
-    kind: str  # photo, document, voice, audio, video, video_note
-    file_id: str
-    file_unique_id: str
-    content_type: str
-    name: str | None
-    size: int | None
 
 
 def utf16_len(text: str) -> int:
@@ -132,30 +133,53 @@ def start_payload(text: str) -> tuple[bool, str | None]:
     return True, (payload[:MAX_DEEP_LINK] or None)
 
 
-def file_refs(message: Message) -> list[FileRef]:
-    """The files of a message, in a fixed order. Of a photo's sizes: the largest one."""
-    refs: list[FileRef] = []
+def incoming_files(message: Message) -> list[IncomingFile]:
+    """The files of a message, by reference (``ref``: what ``TelegramConnector.fetch``
+    needs), in a fixed order; nothing is looked up here. Of a photo's sizes: the largest.
+    A file the message names twice (an animation is also its document) is listed once."""
+    found: list[tuple[str, Any, str | None, str | None]] = []  # kind, file, name, type
     if message.photo:
         best = max(message.photo, key=lambda p: (p.width * p.height, p.file_size or 0))
-        refs.append(FileRef("photo", best.file_id, best.file_unique_id, "image/jpeg",
-                            None, best.file_size))
+        found.append(("photo", best, None, "image/jpeg"))
     if (doc := message.document) is not None:
-        refs.append(FileRef("document", doc.file_id, doc.file_unique_id,
-                            doc.mime_type or "application/octet-stream", doc.file_name,
-                            doc.file_size))
+        found.append(("document", doc, doc.file_name, doc.mime_type))
+    if (anim := message.animation) is not None:
+        found.append(("animation", anim, anim.file_name, anim.mime_type))
     if (voice := message.voice) is not None:
-        refs.append(FileRef("voice", voice.file_id, voice.file_unique_id,
-                            voice.mime_type or "audio/ogg", None, voice.file_size))
+        found.append(("voice", voice, None, voice.mime_type or "audio/ogg"))
     if (audio := message.audio) is not None:
-        refs.append(FileRef("audio", audio.file_id, audio.file_unique_id,
-                            audio.mime_type or "audio/mpeg", audio.file_name, audio.file_size))
+        found.append(("audio", audio, audio.file_name, audio.mime_type))
     if (video := message.video) is not None:
-        refs.append(FileRef("video", video.file_id, video.file_unique_id,
-                            video.mime_type or "video/mp4", video.file_name, video.file_size))
+        found.append(("video", video, video.file_name, video.mime_type))
     if (note := message.video_note) is not None:
-        refs.append(FileRef("video_note", note.file_id, note.file_unique_id, "video/mp4",
-                            None, note.file_size))
-    return refs
+        found.append(("video_note", note, None, "video/mp4"))
+    if (sticker := message.sticker) is not None:
+        fmt = "video" if sticker.is_video else "animated" if sticker.is_animated else "static"
+        found.append(("sticker", sticker, f"sticker.{STICKER_EXT[fmt]}", STICKER_TYPE[fmt]))
+    files: list[IncomingFile] = []
+    for kind, file, name, content_type in found:
+        key = str(file.file_unique_id or file.file_id or kind)[:256]
+        if any(f.key == key for f in files):
+            continue
+        size = file.file_size if isinstance(file.file_size, int) and file.file_size >= 0 else None
+        mime = content_type if content_type and len(content_type) <= 255 else None
+        ref: dict[str, Any] = {"file_id": file.file_id, "kind": kind}
+        if size is not None:
+            ref["size"] = size  # (shown on the attachment should fetching fail)
+        if mime is not None:
+            ref["content_type"] = mime
+        files.append(IncomingFile(key=key, name=file_name(kind, name, mime)[:512],
+                                  content_type=mime, size=size, ref=ref))
+    return files
+
+
+def file_name(kind: str, given: str | None, mime: str | None) -> str:
+    """The file's own name, else one by its kind and type: photo.jpg, voice.ogg,
+    document.pdf, video_note.mp4..."""
+    if given and given.strip():
+        return given
+    ext = KNOWN_EXT.get(mime or "") or (_MIME.guess_extension(mime) if mime else None)
+    return kind + (ext or DEFAULT_EXT.get(kind, ""))
 
 
 def location_attachment(message: Message) -> Attachment | None:
@@ -177,4 +201,44 @@ def button_title(message: Message | None, data: str) -> str | None:
         for button in row:
             if button.callback_data == data:
                 return button.text
+    return None
+
+
+def parse_update(body: bytes, bot: Bot) -> Update | str:
+    """The update in a webhook body, or why it is not one (for a 400)."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return "body is not JSON"
+    if not isinstance(data, dict):
+        return "body is not a JSON object"
+    if (problem := _unstorable(data)) is not None:
+        return problem
+    try:
+        return Update.model_validate(data, context={"bot": bot})
+    except (ValidationError, ValueError, TypeError, RecursionError) as exc:
+        return f"not a Telegram update: {str(exc).splitlines()[0]}"
+
+
+INT64 = 2**63
+
+
+def _unstorable(data: dict[str, Any]) -> str | None:
+    """What in a decoded body the store could not hold: a text with an unpaired surrogate
+    (JSON allows "\\ud800", UTF-8 does not) or an integer beyond 64 bits."""
+    stack: list[Any] = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return "a text has an unpaired UTF-16 surrogate"
+        elif isinstance(value, int) and not -INT64 <= value < INT64:
+            return "a number is beyond 64 bits"
     return None

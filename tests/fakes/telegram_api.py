@@ -4,12 +4,19 @@ The real aiogram client talks to it (``OMNIGATE_TELEGRAM_API_URL`` / ``api_url``
 ``POST /bot<token>/<method>`` with query, form (urlencoded or multipart, as aiogram
 sends) or JSON parameters, answered ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error_code", "description", "parameters"}`` like Telegram does.
-Files are served at ``/file/bot<token>/<file_path>``.
+Files it was given (``add_file``) are looked up with getFile (400 "invalid file_id" for
+an unknown id, "file is too big" over 20 MB) and served at ``/file/bot<token>/<file_path>``
+(404 for a wrong token or path; every download is recorded in ``downloads``).
+sendPhoto, sendDocument, sendVoice and sendAnimation take multipart uploads as aiogram
+sends them (``attach://<part>``), or the file_id of a file the fake knows; each upload is
+recorded in ``uploads`` (bytes, file name, caption, chat) and becomes a file the fake
+serves, as Telegram's would.
 
 It records every call (``calls``), can fail any method on demand (``fail``: 429 with
-retry_after, 403, 400 chat not found, 5xx...), keeps a queue of updates for
-``getUpdates`` (long polling with offsets, as Telegram confirms them) and can deliver an
-update to a webhook with the secret header, as Telegram does.
+retry_after, 403, 400 chat not found, 5xx...; ``fail("download", ...)`` fails file
+downloads), keeps a queue of updates for ``getUpdates`` (long polling with offsets, as
+Telegram confirms them) and can deliver an update to a webhook with the secret header, as
+Telegram does.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import contextlib
 import itertools
 import json
 import re
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +39,10 @@ JSON_FIELDS = {"reply_markup", "allowed_updates", "entities", "caption_entities"
                "reply_parameters", "link_preview_options", "media", "commands", "scope"}
 INT_FIELDS = {"offset", "limit", "timeout", "message_id", "max_connections"}
 MAX_DOWNLOAD = 20 * 1024 * 1024
+MAX_UPLOAD = 50 * 1024 * 1024
+MAX_CAPTION = 1024
+MEDIA = {"sendphoto": "photo", "senddocument": "document", "sendvoice": "voice",
+         "sendanimation": "animation"}
 SECRET = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 
@@ -70,6 +82,19 @@ class FakeFile:
 
 
 @dataclass
+class Upload:
+    """A file the bot sent (sendPhoto, sendDocument, ...), as the fake received it."""
+
+    method: str
+    chat_id: int
+    filename: str | None
+    content: bytes
+    caption: str | None
+    caption_entities: list[dict[str, Any]] | None
+    message: dict[str, Any]
+
+
+@dataclass
 class FakeTelegram:
     """One bot's Bot API. ``await start()``, then point the client at ``url``."""
 
@@ -81,6 +106,9 @@ class FakeTelegram:
     blocked: set[int] = field(default_factory=set)  # users who blocked the bot: 403
     missing_chats: set[int] = field(default_factory=set)  # 400 chat not found
     files: dict[str, FakeFile] = field(default_factory=dict)
+    downloads: list[str] = field(default_factory=list)  # file paths served
+    uploads: list[Upload] = field(default_factory=list)
+    no_voice: set[int] = field(default_factory=set)  # chats that forbid voice messages
     webhook: dict[str, Any] | None = None
     pending: list[dict[str, Any]] = field(default_factory=list)  # for getUpdates
     answered: set[str] = field(default_factory=set)
@@ -128,12 +156,18 @@ class FakeTelegram:
         self.failures.append(Failure(method, status, description, retry_after, times, after,
                                      chat_id))
 
-    def add_file(self, file_id: str, size: int, *, path: str | None = None,
+    def add_file(self, file_id: str, size: int | None = None, *, path: str | None = None,
                  content: bytes = b"") -> FakeFile:
+        """A file getFile knows (its size: the content's, unless given)."""
+        size = len(content) if size is None else size
         file = FakeFile(file_id, "u" + file_id, size, path or f"documents/{file_id}.bin",
                         content)
         self.files[file_id] = file
         return file
+
+    def sent_files(self, chat_id: int | None = None) -> list[Upload]:
+        """The files sent successfully (to ``chat_id``), in order."""
+        return [u for u in self.uploads if chat_id is None or u.chat_id == chat_id]
 
     def push(self, update: dict[str, Any]) -> dict[str, Any]:
         """Queue an update for getUpdates (it gets the next update_id if it has none)."""
@@ -206,8 +240,12 @@ class FakeTelegram:
         elif request.content_type in ("multipart/form-data",
                                       "application/x-www-form-urlencoded"):
             for key, value in (await request.post()).items():
-                params[key] = value if isinstance(value, str) else {
-                    "filename": value.filename, "size": len(value.file.read())}
+                if isinstance(value, str):
+                    params[key] = value
+                else:
+                    content = value.file.read()
+                    params[key] = {"filename": value.filename, "size": len(content),
+                                   "content": content}
         for key, value in list(params.items()):
             if key in JSON_FIELDS and isinstance(value, str):
                 params[key] = json.loads(value)
@@ -246,6 +284,12 @@ class FakeTelegram:
                 call.status = failure.status
                 return _error(failure.status, failure.description, failure.retry_after)
             handler = getattr(self, "_m_" + method.lower(), None)
+            if method.lower() in MEDIA:
+                status, result = await self._send_media(MEDIA[method.lower()], params)
+                call.status, call.result = status, result
+                if status != 200:
+                    return _error(status, str(result))
+                return web.json_response({"ok": True, "result": result})
             if handler is None:
                 call.status = 404
                 return _error(404, "Not Found")
@@ -260,12 +304,19 @@ class FakeTelegram:
             self._notify()
 
     async def _download(self, request: web.Request) -> web.Response:
-        if request.match_info["token"] != self.token:
-            return _error(401, "Unauthorized")
-        for file in self.files.values():
-            if file.path == request.match_info["path"]:
-                return web.Response(body=file.content)
-        return _error(404, "Not Found")
+        try:
+            if request.match_info["token"] != self.token:
+                return _error(404, "Not Found")
+            failure = self._take_failure("download", {})
+            if failure is not None:
+                return _error(failure.status, failure.description)
+            for file in self.files.values():
+                if file.path == request.match_info["path"]:
+                    self.downloads.append(file.path)
+                    return web.Response(body=file.content)
+            return _error(404, "Not Found")
+        finally:
+            self._notify()
 
     # ------------------------------------------------------------------ methods
 
@@ -338,24 +389,78 @@ class FakeTelegram:
         if len(text.encode("utf-16-le")) // 2 > 4096:
             return 400, "Bad Request: message is too long"
         markup = params.get("reply_markup")
-        if markup is not None:
-            for row in markup.get("inline_keyboard", []):
-                for button in row:
-                    data = button.get("callback_data")
-                    if data is not None and not 1 <= len(data.encode()) <= 64:
-                        return 400, "Bad Request: BUTTON_DATA_INVALID"
-        counter = self._message_ids.setdefault(chat_id, itertools.count(1001))
-        message: dict[str, Any] = {
-            "message_id": next(counter), "date": int(time.time()),
-            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
-            "from": {"id": self.bot_id, "is_bot": True, "first_name": "Omnigate test",
-                     "username": self.username},
-            "text": text,
-        }
+        if _bad_buttons(markup):
+            return 400, "Bad Request: BUTTON_DATA_INVALID"
+        message = self._message(chat_id, text=text)
         if params.get("entities"):
             message["entities"] = params["entities"]
         if markup is not None:
             message["reply_markup"] = markup
+        return 200, message
+
+    def _message(self, chat_id: int, **content: Any) -> dict[str, Any]:
+        """A message the bot sent, as Telegram returns it."""
+        counter = self._message_ids.setdefault(chat_id, itertools.count(1001))
+        return {
+            "message_id": next(counter), "date": int(time.time()),
+            "chat": {"id": chat_id, "type": "private" if chat_id > 0 else "supergroup"},
+            "from": {"id": self.bot_id, "is_bot": True, "first_name": "Omnigate test",
+                     "username": self.username},
+            **content,
+        }
+
+    async def _send_media(self, kind: str, params: dict[str, Any]) -> tuple[int, Any]:
+        """sendPhoto, sendDocument, sendVoice, sendAnimation: an upload or a file_id."""
+        chat_id = params.get("chat_id")
+        if (problem := self._chat_error(chat_id)) is not None:
+            return problem
+        assert isinstance(chat_id, int)
+        given = params.get(kind)
+        if isinstance(given, str) and given.startswith("attach://"):
+            given = params.get(given.removeprefix("attach://"))
+        if isinstance(given, dict):
+            filename, content = given.get("filename"), bytes(given["content"])
+        elif isinstance(given, str) and given in self.files:
+            filename, content = None, self.files[given].content
+        elif isinstance(given, str) and given.startswith(("http://", "https://")):
+            return 400, "Bad Request: failed to get HTTP URL content"
+        else:
+            return 400, f"Bad Request: there is no {kind} in the request"
+        if not content:
+            return 400, "Bad Request: file must be non-empty"
+        if len(content) > MAX_UPLOAD:
+            return 413, "Request Entity Too Large"
+        caption = params.get("caption")
+        if caption is not None and len(str(caption).encode("utf-16-le")) // 2 > MAX_CAPTION:
+            return 400, "Bad Request: message caption is too long"
+        if _bad_buttons(params.get("reply_markup")):
+            return 400, "Bad Request: BUTTON_DATA_INVALID"
+        width, height = _png_size(content)
+        if kind == "photo" and width + height > 10_000:
+            return 400, "Bad Request: PHOTO_INVALID_DIMENSIONS"
+        if kind == "voice" and chat_id in self.no_voice:
+            return 400, "Bad Request: VOICE_MESSAGES_FORBIDDEN"
+        file_id = f"up{len(self.uploads) + 1}"
+        kept = self.add_file(file_id, content=content, path=f"{kind}s/{file_id}")
+        meta: dict[str, Any] = {"file_id": kept.file_id, "file_unique_id": kept.file_unique_id,
+                                "file_size": len(content)}
+        if kind == "photo":
+            shown: dict[str, Any] = {"photo": [{**meta, "width": width or 1,
+                                               "height": height or 1}]}
+        elif kind == "voice":
+            shown = {"voice": {**meta, "duration": 1}}
+        else:
+            shown = {kind: {**meta, "file_name": filename}}
+            if kind == "animation":
+                shown.update(document=shown[kind], animation={**shown[kind], "width": 1,
+                                                              "height": 1, "duration": 1})
+        if caption is not None:
+            shown["caption"] = caption
+            if params.get("caption_entities"):
+                shown["caption_entities"] = params["caption_entities"]
+        message = self._message(chat_id, **shown)
+        self.uploads.append(Upload(f"send{kind.title()}", chat_id, filename, content,
+                                   caption, params.get("caption_entities"), message))
         return 200, message
 
     async def _m_sendchataction(self, params: dict[str, Any]) -> tuple[int, Any]:
@@ -386,6 +491,24 @@ class FakeTelegram:
         if (problem := self._chat_error(params.get("chat_id"))) is not None:
             return problem
         return 200, True
+
+
+def _bad_buttons(markup: Any) -> bool:
+    """An inline keyboard with a callback_data Telegram refuses (not 1-64 bytes)."""
+    for row in (markup or {}).get("inline_keyboard", []):
+        for button in row:
+            data = button.get("callback_data")
+            if data is not None and not 1 <= len(data.encode()) <= 64:
+                return True
+    return False
+
+
+def _png_size(content: bytes) -> tuple[int, int]:
+    """A PNG's width and height (0, 0 for anything else)."""
+    if content[:8] == b"\x89PNG\r\n\x1a\n" and content[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", content[16:24])
+        return int(width), int(height)
+    return 0, 0
 
 
 def _error(status: int, description: str, retry_after: int | None = None) -> web.Response:
