@@ -23,7 +23,6 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
-from typing import Any
 
 from pymongo import ASCENDING, IndexModel
 from pymongo.errors import PyMongoError
@@ -178,9 +177,9 @@ class Fetcher:
 
 
 def _failed(job: Doc, state: AttachmentState, reason: str) -> Attachment:
-    ref: dict[str, Any] = job.get("ref") or {}
-    declared = ref.get("size")
+    """The attachment as it stays when its file is not kept: what the channel said."""
+    declared = job.get("size")
     return Attachment(id=None, name=job.get("name"), state=state, error=reason[:500],
                       size=int(declared) if isinstance(declared, int) else None,
-                      content_type=str(ref.get("content_type") or "application/octet-stream"))
+                      content_type=str(job.get("content_type") or "application/octet-stream"))
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 20 * 1024 * 1024  # Telegram's download limit for bots
 OCTET_STREAM = "application/octet-stream"
+OGG_AUDIO = (b"OpusHead", b"\x01vorbis", b"fLaC")  # an Ogg stream's first packet: audio
 # Shown inline (console, widget); anything else is a download. Not SVG: it can script.
 INLINE_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 FETCHES = "file_fetches"  # the background fetcher's jobs (gateway/fetcher.py)
@@ -50,8 +51,11 @@ MAX_NAME = 200
 
 
 class FileTooLarge(Exception):
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"{size} bytes, over the {limit}-byte limit")
+    """A file over the limit (``size`` None: the channel only said it is too big)."""
+
+    def __init__(self, size: int | None, limit: int) -> None:
+        super().__init__(f"{'over' if size is None else f'{size} bytes, over'} the "
+                         f"{limit}-byte limit")
         self.size, self.limit = size, limit
 
 
@@ -64,6 +68,8 @@ def detect(data: bytes) -> str:
         found = str(puremagic.from_string(data, mime=True))
     except (puremagic.PureError, ValueError):
         found = ""
+    if found == "application/ogg" and any(codec in data[:512] for codec in OGG_AUDIO):
+        return "audio/ogg"  # a voice note or an audio file: consoles can play it
     if found:
         return found
     try:
@@ -209,6 +215,7 @@ def fetch_job(attachment_id: str, message: InboundMessage, file: IncomingFile,
     return Op(FETCHES, {"_id": attachment_id}, {"$setOnInsert": {
         "item_id": item, "index": index, "channel": message.channel,
         "ref": file.ref or {}, "name": clean_name(file.name, f"file-{index + 1}"),
+        "size": file.size, "content_type": file.content_type,
         "conversation_id": conversation.id, "contact_id": conversation.contact_id,
         "sender": message.sender.model_dump(mode="python"),
         "attempts": 0, "due_at": now, "lease_until": now, "created_at": now}},

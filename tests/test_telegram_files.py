@@ -208,7 +208,7 @@ async def test_customer_files_reach_the_agent_byte_for_byte(
     assert items[0].text == "my parcel, broken"  # the caption is the message's text
     assert all(len(item.attachments) == 1 for item in items)
     expected = [("photo.jpg", JPEG, "image/jpeg"), ("invoice.pdf", PDF, "application/pdf"),
-                ("voice.ogg", voice_bytes, "application/ogg"),
+                ("voice.ogg", voice_bytes, "audio/ogg"),
                 ("sticker.webp", WEBP, "image/webp")]
     _, alice = await gateway.agent("Alice")
     conversation_id = items[0].conversation_id
@@ -332,9 +332,14 @@ async def test_files_telegram_will_not_hand_out_fail_visibly_and_the_message_sta
     assert (gone.state, gone.id, gone.name, gone.size, gone.content_type) == (
         AttachmentState.FAILED, None, "contract.pdf", 2048, "application/pdf")
     assert gone.error == "could not fetch: Telegram: Bad Request: invalid file_id"
+    # Telegram will not hand out a file over its download limit: too large, as one
+    # whose update said so, and the customer is told
     [big] = second.attachments
-    assert (big.state, big.name) == (AttachmentState.FAILED, "document")
-    assert big.error == "could not fetch: Telegram: Bad Request: file is too big"
+    assert (big.state, big.name) == (AttachmentState.TOO_LARGE, "document")
+    assert big.error is not None and "limit" in big.error
+    told = await telegram.wait_for(lambda: [t for t in telegram.texts(3004)
+                                             if "could not receive document" in t])
+    assert len(told) == 1
     # permanent: asked once each, never downloaded; agents see it in the history
     assert sorted(c.params["file_id"] for c in telegram.of("getFile", ok=None)) == [
         "doc-big", "doc-gone"]

@@ -69,6 +69,8 @@ async def download(bot: Bot, ref: Mapping[str, Any], limit: int) -> bytes:
     try:
         found = await bot.get_file(file_id, request_timeout=LOOKUP_TIMEOUT)
     except TelegramBadRequest as exc:  # "file is too big", "invalid file_id", ...
+        if "too big" in exc.message.lower():  # over the Bot API's download limit
+            raise FileTooLarge(None, limit) from exc
         # ("wrong file_id or the file is temporarily unavailable": worth another try)
         temporary = "temporarily" in exc.message.lower()
         raise FetchError(f"Telegram: {_redacted(exc.message, bot)}",
