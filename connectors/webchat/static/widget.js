@@ -10,6 +10,13 @@
  * Speaks protocol version 1 (docs/webchat-protocol.md). Vanilla ES2020, no
  * dependencies, CSP-safe: DOM is built with createElement/textContent only,
  * styles come from widget.css loaded inside an open Shadow DOM.
+ *
+ * Files: the paperclip, drag and drop onto the chat, or paste put files in a tray
+ * above the text box; sending uploads them with the text over HTTP (POST
+ * /webchat/upload, "Files" in the protocol doc). Image previews are drawn on a
+ * canvas (no blob: or data: URL, so the host page's img-src does not matter); the
+ * files in the chat load from the gateway's origin, which the host page's img-src
+ * must allow for inline images.
  */
 (function () {
   "use strict";
@@ -21,6 +28,7 @@
   const BASE = new URL(".", SCRIPT.src); // .../webchat/
   const WS_URL = (BASE.protocol === "https:" ? "wss:" : "ws:") + "//" + BASE.host + "/webchat/ws";
   const CSS_URL = BASE.origin + "/webchat/widget.css";
+  const UPLOAD_URL = BASE.origin + "/webchat/upload";
   const TITLE = SCRIPT.dataset.title || "Chat with us";
   const PREFIX = SCRIPT.dataset.storageKey || "omnigate";
   const START_OPEN = SCRIPT.dataset.open === "true";
@@ -36,6 +44,10 @@
   const AGENT_TYPING_MS = 6000;   // the agent's indicator goes away without a new `on`
   const LINK_REFRESH_MS = 60000;  // ask for a new deep link this long before it expires
   const SVG_NS = "http://www.w3.org/2000/svg";
+  const MAX_FILES = 10;           // files in one message (the server's limit too)
+  const LINK_FRESH_MS = 55 * 60000; // file links work for an hour from when they came
+  const UPLOAD_TRIES = 5;         // network errors in a row before an upload is given up
+  const THUMB_PX = 96;            // preview canvases (shown at half that: sharp on HiDPI)
   const ERROR_TEXT = {
     text_too_long: "Too long, not sent",
     bad_frame: "Not sent",
@@ -94,6 +106,10 @@
   let linkTimer = null;        // refreshes the Telegram link before it expires
   let linkExpires = 0;
   const seenClientIds = new Set(); // client_ids of customer items already rendered
+  let draft = [];              // files chosen for the next message: { file, el }
+  const uploads = new Map();   // client_id -> { client_id, text, files, busy, timer, ... }
+  let fileAsks = [];           // attachment ids of `file` frames awaiting their answer, in order
+  const fileWaiters = new Map(); // attachment id -> [{ resolve, reject }]
 
   // ------------------------------------------------------------------- DOM
   function h(tag, attrs, ...children) {
@@ -126,6 +142,8 @@
   const ICON_CHAT = ["M4 5.5A2.5 2.5 0 0 1 6.5 3h11A2.5 2.5 0 0 1 20 5.5v8a2.5 2.5 0 0 1-2.5 2.5H10l-4.2 3.6A.5.5 0 0 1 5 19.2V16a2.5 2.5 0 0 1-1-2v-8.5Z"];
   const ICON_CLOSE = ["M6 6l12 12M18 6L6 18"];
   const ICON_SEND = ["M4 12l16-8-6 16-2.5-6.5L4 12Z"];
+  const ICON_CLIP = ["M20.5 11.5l-8.3 8.3a5.3 5.3 0 0 1-7.5-7.5l8.6-8.6a3.5 3.5 0 0 1 5 5l-8.6 8.6a1.8 1.8 0 0 1-2.5-2.5l7.9-7.9"];
+  const ICON_FILE = ["M7 3h7l5 5v13H7z", "M14 3v5h5"];
 
   const host = h("div", { id: "omnigate-webchat" });
   const shadow = host.attachShadow({ mode: "open" });
@@ -218,19 +236,64 @@
   const sendBtn = h("button", {
     type: "submit", class: "og-send", "data-og": "send", "aria-label": "Send message",
   }, icon(ICON_SEND));
-  const form = h("form", { class: "og-composer" }, input, sendBtn);
-  form.addEventListener("submit", (e) => { e.preventDefault(); sendText(input.value); });
+
+  // Files for the next message: the paperclip opens the picker; drop and paste add too.
+  const fileInput = h("input", {
+    type: "file", multiple: true, hidden: true, tabindex: "-1", "data-og": "file-input",
+    "aria-label": "Files to send",
+  });
+  fileInput.addEventListener("change", () => { addFiles(fileInput.files); fileInput.value = ""; });
+  const attachBtn = h("button", {
+    type: "button", class: "og-attach", "data-og": "attach", "aria-label": "Attach files",
+    title: "Attach files", onclick: () => fileInput.click(),
+  }, icon(ICON_CLIP));
+  const tray = h("ul", { class: "og-tray", "data-og": "tray", "aria-label": "Files to send", hidden: true });
+  const composerMsg = h("p", {
+    class: "og-composer-msg", "data-og": "composer-msg", role: "alert", hidden: true,
+  });
+
+  const form = h("form", { class: "og-composer" }, attachBtn, fileInput, input, sendBtn);
+  form.addEventListener("submit", (e) => { e.preventDefault(); send(); });
   input.addEventListener("input", () => (input.value.trim() ? typing(true) : typing(false)));
   input.addEventListener("keydown", (e) => {
     // Enter sends, Shift+Enter is a newline; never interrupt an IME composition.
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendText(input.value); }
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
   });
 
   const panel = h("div", {
     id: "og-panel", class: "og-panel", "data-og": "panel", role: "dialog",
     "aria-label": TITLE, hidden: true,
-  }, header, scroller, typingEl, tools, emailBox, form);
+  }, header, scroller, typingEl, tools, emailBox, composerMsg, tray, form);
   panel.addEventListener("keydown", (e) => { if (e.key === "Escape") { close(); launcher.focus(); } });
+
+  // Drag files onto the chat, or paste them (a screenshot, files copied in a file manager).
+  const carriesFiles = (dt) => Boolean(dt) && Array.from(dt.types || []).includes("Files");
+  for (const type of ["dragenter", "dragover"]) {
+    panel.addEventListener(type, (e) => {
+      if (!carriesFiles(e.dataTransfer)) return;
+      e.preventDefault();
+      e.dataTransfer.dropEffect = "copy";
+      panel.dataset.drop = "true";
+    });
+  }
+  panel.addEventListener("dragleave", (e) => {
+    if (!e.relatedTarget || !panel.contains(e.relatedTarget)) delete panel.dataset.drop;
+  });
+  panel.addEventListener("drop", (e) => {
+    delete panel.dataset.drop;
+    if (!carriesFiles(e.dataTransfer)) return;
+    e.preventDefault();
+    addFiles(e.dataTransfer.files);
+    input.focus({ preventScroll: true });
+  });
+  panel.addEventListener("paste", (e) => {
+    const data = e.clipboardData;
+    if (!data || !data.files || !data.files.length) return;
+    addFiles(data.files);
+    if (!data.types.includes("text/plain")) e.preventDefault(); // nothing else to paste
+  });
+  // A click on a file whose link is old: ask for a fresh one first (`file` frame).
+  list.addEventListener("click", openFile);
 
   root.append(panel, launcher);
   shadow.append(link, root);
@@ -276,6 +339,7 @@
     const role = isEvent ? "system" : (["customer", "bot", "agent", "system"].includes(item.role) ? item.role : "bot");
     const el = h("div", { class: "og-msg og-" + role, "data-og": "msg", "data-role": role });
     if (typeof item.seq === "number") el.dataset.seq = String(item.seq);
+    if (typeof item.id === "string") el.dataset.id = item.id;
     if (isEvent && item.name) el.dataset.event = String(item.name);
     const text = typeof item.text === "string" ? item.text : "";
     if (role === "system") {
@@ -288,14 +352,121 @@
     const bubble = h("div", { class: "og-bubble" });
     if (item.timestamp) bubble.title = formatTime(item.timestamp);
     if (text) bubble.append(richText(text));
-    for (const a of Array.isArray(item.attachments) ? item.attachments : []) {
-      const href = a && safeUrl(a.url);
-      if (!href) continue;
-      const label = String(a.name || "attachment") + (a.size ? " (" + formatSize(a.size) + ")" : "");
-      bubble.append(h("a", { class: "og-attachment", href, target: "_blank", rel: "noopener noreferrer", text: label }));
-    }
+    const files = buildFiles(item.attachments);
+    if (files) bubble.append(files);
     el.append(bubble);
     return el;
+  }
+
+  // An item's files: images inline, other files as links with name and size, files
+  // still on their way as "receiving…", refused ones with the reason.
+  function buildFiles(attachments) {
+    if (!Array.isArray(attachments) || !attachments.length) return null;
+    const box = h("div", { class: "og-files" });
+    for (const a of attachments) if (a && typeof a === "object") box.append(buildFile(a));
+    return box;
+  }
+
+  function buildFile(a) {
+    const name = typeof a.name === "string" && a.name ? a.name : "file";
+    const size = typeof a.size === "number" ? formatSize(a.size) : "";
+    const state = typeof a.state === "string" ? a.state : (a.url ? "stored" : "local");
+    const el = h("div", { class: "og-file", "data-og": "attachment", "data-state": state, "data-name": name });
+    if (state === "pending") {
+      el.append(icon(ICON_FILE, "og-file-icon"), h("span", { class: "og-file-name", text: name }),
+        h("span", { class: "og-file-note", text: "receiving…" }));
+      return el;
+    }
+    if (state === "failed" || state === "too_large") {
+      const reason = typeof a.error === "string" && a.error ? a.error
+        : state === "too_large" ? "too large" : "could not be received";
+      el.append(icon(ICON_FILE, "og-file-icon"), h("span", { class: "og-file-name", text: name }),
+        h("span", { class: "og-file-note", "data-og": "file-error", text: "not received: " + reason }));
+      return el;
+    }
+    const href = a.url ? safeUrl(a.url) : null;
+    if (!href) { // being sent from this page, or kept without a link for us
+      el.append(icon(ICON_FILE, "og-file-icon"), h("span", { class: "og-file-name", text: name }),
+        size ? h("span", { class: "og-file-size", text: size }) : null);
+      return el;
+    }
+    const link = h("a", { class: "og-file-link", href, rel: "noopener noreferrer", "data-og": "file-link" });
+    link.dataset.at = String(Date.now()); // links work for an hour from when they came
+    if (typeof a.id === "string") link.dataset.fileId = a.id;
+    if (a.inline === true) { // an image the gateway serves inline: show it
+      link.target = "_blank";
+      link.setAttribute("aria-label", "Open image " + name + (size ? " (" + size + ")" : ""));
+      const img = h("img", { class: "og-image", src: href, alt: name, "data-og": "image", decoding: "async" });
+      img.addEventListener("load", () => {
+        // keep the newest message in view as images above it grow
+        if (scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight - img.offsetHeight < 120) scrollToBottom();
+      });
+      img.addEventListener("error", () => renewImage(img, link), { once: true });
+      link.append(img);
+    } else { // a download (the gateway sends it as one)
+      link.setAttribute("download", name);
+      if (!a.id) link.target = "_blank"; // a link a channel gave (older items): not ours
+      link.append(icon(ICON_FILE, "og-file-icon"), h("span", { class: "og-file-name", text: name }),
+        size ? h("span", { class: "og-file-size", text: size }) : null);
+    }
+    el.append(link);
+    return el;
+  }
+
+  // ------------------------------------------------------- opening files
+  // Links in item frames expire an hour after they were made. A click on an old one
+  // asks for a fresh link (`file` frame) and then opens that one.
+  function openFile(e) {
+    const link = e.target instanceof Element ? e.target.closest("a[data-file-id]") : null;
+    if (!link) return;
+    if (link.dataset.renewed === "true") { delete link.dataset.renewed; return; } // the fresh one
+    if (Date.now() - Number(link.dataset.at || 0) < LINK_FRESH_MS) return;
+    e.preventDefault();
+    renewFile(link.dataset.fileId).then(() => {
+      link.dataset.renewed = "true";
+      link.click();
+    }, () => {
+      setMeta(link.closest("[data-og='msg']"), "This file cannot be opened right now. Try again later.");
+    });
+  }
+
+  // A shown image that did not load (its link expired): load it by a fresh link, once.
+  function renewImage(img, link) {
+    if (!link.dataset.fileId) return;
+    renewFile(link.dataset.fileId).catch(() => { img.alt = img.alt + " (cannot be shown)"; });
+  }
+
+  // Ask for a fresh link to a file; every link and image of it gets the new one.
+  function renewFile(id) {
+    return new Promise((resolve, reject) => {
+      if (fileWaiters.has(id)) { fileWaiters.get(id).push({ resolve, reject }); return; }
+      if (!request("file", { type: "file", id })) { reject(new Error("offline")); return; }
+      fileAsks.push(id);
+      fileWaiters.set(id, [{ resolve, reject }]);
+    });
+  }
+
+  function gotFile(f) {
+    answered("file");
+    const i = fileAsks.indexOf(f.id);
+    if (i >= 0) fileAsks.splice(i, 1);
+    const href = safeUrl(f.url);
+    if (href) {
+      for (const link of list.querySelectorAll("a[data-file-id]")) {
+        if (link.dataset.fileId !== f.id) continue;
+        link.href = href;
+        link.dataset.at = String(Date.now());
+        const img = link.querySelector("img");
+        if (img) img.src = href;
+      }
+    }
+    settleFile(f.id, href ? null : new Error("no link"));
+  }
+
+  function settleFile(id, err) {
+    const waiters = fileWaiters.get(id) || [];
+    fileWaiters.delete(id);
+    for (const w of waiters) if (err) w.reject(err); else w.resolve();
   }
 
   // Where a sequenced item goes: before any unsequenced pending send (those
@@ -339,7 +510,7 @@
   // A live or replayed item. Ignores anything already shown (seq <= watermark).
   function handleItem(item) {
     if (typeof item.seq !== "number") return;
-    if (watermark !== null && item.seq <= watermark) return;
+    if (watermark !== null && item.seq <= watermark) { refreshFiles(item); return; }
     watermark = item.seq;
     if (lowestSeq === null) lowestSeq = item.seq;
     if (item.type === "message" && item.role === "agent") showAgentTyping(null);
@@ -352,6 +523,12 @@
     if (mine && mine.el.isConnected) {
       mine.el.dataset.seq = String(item.seq);
       delivered(item.client_id, mine);
+      if (mine.upload) { // sent with files: show them as the gateway keeps them now
+        uploadDone(item.client_id);
+        const el = buildItem(item);
+        mine.el.replaceWith(el);
+        mine.el = el;
+      }
       insertSequenced(mine.el, item.seq); // moves it into seq order
     } else {
       const el = buildItem(item);
@@ -367,6 +544,19 @@
     }
     if (item.type === "message" && item.role === "customer" && buttonsRow && item.seq > buttonsRow.seq) hideButtons();
     if (stick || (item.role === "customer")) scrollToBottom();
+  }
+
+  // An item shown already, sent again: its files changed (one that was on its way
+  // arrived, or could not be fetched). Show them as they are now.
+  function refreshFiles(item) {
+    if (item.type !== "message" || !Array.isArray(item.attachments) || !item.attachments.length) return;
+    const el = list.querySelector('[data-og="msg"][data-seq="' + item.seq + '"]');
+    if (!el || el.dataset.id !== item.id) return;
+    const bubble = el.querySelector(".og-bubble");
+    const old = bubble && bubble.querySelector(".og-files");
+    const files = buildFiles(item.attachments);
+    if (!bubble || !files) return;
+    if (old) old.replaceWith(files); else bubble.append(files);
   }
 
   // synced.truncated: more than 1000 items were missed, so there is a hole
@@ -419,6 +609,7 @@
     emailNote("");
     emailToggle.textContent = "Link your email";
     for (const frame of outbox.read()) renderPending(frame);
+    for (const upload of uploads.values()) renderUpload(upload); // still to be sent
   }
 
   // ---------------------------------------------------------------- sending
@@ -445,6 +636,12 @@
     if (state === "online") transmit(frame);
   }
 
+  // The composer's send: with files an upload, else a text message.
+  function send() {
+    if (draft.length) sendFiles(input.value);
+    else sendText(input.value);
+  }
+
   function sendText(raw) {
     const text = String(raw || "").trim();
     if (!text) return false;
@@ -453,6 +650,176 @@
     queueFrame({ type: "message", client_id: newClientId(), text });
     input.focus();
     return true;
+  }
+
+  // ------------------------------------------------------------- files
+  function composerNote(text) {
+    composerMsg.textContent = text || "";
+    composerMsg.hidden = !text;
+  }
+
+  // Files picked, dropped or pasted go to the tray, at most MAX_FILES.
+  function addFiles(fileList) {
+    const files = Array.from(fileList || []).filter((f) => f instanceof File);
+    if (!files.length) return;
+    composerNote("");
+    for (const file of files) {
+      if (draft.length >= MAX_FILES) { composerNote("At most " + MAX_FILES + " files in one message."); break; }
+      addToTray(file);
+    }
+    tray.hidden = !draft.length;
+  }
+
+  function addToTray(file) {
+    const entry = { file, el: null };
+    const thumb = h("span", { class: "og-thumb", "aria-hidden": "true" }, icon(ICON_FILE, "og-file-icon"));
+    const remove = h("button", {
+      type: "button", class: "og-remove", "data-og": "remove-file", "aria-label": "Remove " + file.name,
+      text: "×", onclick: () => removeFromTray(entry, true),
+    });
+    entry.el = h("li", { class: "og-chip", "data-og": "draft-file", "data-name": file.name },
+      thumb,
+      h("span", { class: "og-chip-text" },
+        h("span", { class: "og-chip-name", text: file.name || "file" }),
+        h("span", { class: "og-chip-size", text: formatSize(file.size) })),
+      remove);
+    draft.push(entry);
+    tray.append(entry.el);
+    preview(file, thumb);
+  }
+
+  function removeFromTray(entry, focus) {
+    const at = draft.indexOf(entry);
+    if (at < 0) return;
+    draft.splice(at, 1);
+    entry.el.remove();
+    tray.hidden = !draft.length;
+    composerNote("");
+    if (focus) { // to the next file's remove button, or back to the text box
+      const next = tray.querySelectorAll(".og-remove")[Math.min(at, draft.length - 1)];
+      (next || input).focus();
+    }
+  }
+
+  // An image's preview, drawn on a canvas from the file itself (no URL, so no CSP needed).
+  function preview(file, thumb) {
+    if (!/^image\//.test(file.type) || typeof createImageBitmap !== "function") return;
+    createImageBitmap(file).then((bitmap) => {
+      const canvas = h("canvas", { class: "og-thumb-img", width: THUMB_PX, height: THUMB_PX, "data-og": "thumb" });
+      const scale = Math.max(THUMB_PX / bitmap.width, THUMB_PX / bitmap.height); // cover
+      const w = bitmap.width * scale, ht = bitmap.height * scale;
+      canvas.getContext("2d").drawImage(bitmap, (THUMB_PX - w) / 2, (THUMB_PX - ht) / 2, w, ht);
+      bitmap.close();
+      thumb.replaceChildren(canvas);
+    }, () => { /* not an image the browser can draw: the file icon stays */ });
+  }
+
+  // Send the tray's files with the text: shown at once as pending, uploaded over HTTP.
+  function sendFiles(raw) {
+    const upload = {
+      client_id: newClientId(), text: String(raw || "").trim(), files: draft.map((d) => d.file),
+      busy: false, waiting: false, timer: null, tries: 0, delay: 2000,
+    };
+    for (const entry of draft.slice()) removeFromTray(entry, false);
+    input.value = "";
+    typing(false);
+    composerNote("");
+    uploads.set(upload.client_id, upload);
+    renderUpload(upload);
+    startUpload(upload);
+    input.focus();
+  }
+
+  function renderUpload(upload) {
+    const el = buildItem({
+      type: "message", role: "customer", text: upload.text,
+      attachments: upload.files.map((f) => ({ name: f.name, size: f.size, state: "local" })),
+    });
+    el.dataset.pending = "true";
+    el.append(h("div", { class: "og-meta", text: "Sending…" }));
+    list.append(el);
+    pending.set(upload.client_id, { frame: { type: "upload", client_id: upload.client_id }, el, upload: true });
+    hideButtons();
+    scrollToBottom();
+  }
+
+  // POST /webchat/upload with the visitor's token; retried (same client_id) when the
+  // gateway says 503 or 429, or cannot be reached. Waits for the socket's `synced`
+  // when there is no token or connection yet.
+  async function startUpload(u) {
+    if (u.busy || !uploads.has(u.client_id)) return;
+    const token = store.get("token");
+    if (!token || state !== "online") { u.waiting = true; return; }
+    u.waiting = false;
+    u.busy = true;
+    const body = new FormData();
+    body.append("client_id", u.client_id);
+    if (u.text) body.append("text", u.text);
+    for (const f of u.files) body.append("file", f, f.name);
+    let res = null, data = null;
+    try {
+      res = await fetch(UPLOAD_URL, {
+        method: "POST", body, mode: "cors", credentials: "omit", cache: "no-store",
+        headers: { Authorization: "Bearer " + token },
+      });
+      try { data = await res.json(); } catch (e) { data = null; }
+    } catch (e) { res = null; }
+    u.busy = false;
+    if (!uploads.has(u.client_id)) return; // its echo came first over the socket
+    if (res && res.ok && data && data.type === "ack") { uploadAcked(u, data); return; }
+    const status = res ? res.status : 0;
+    if (status === 429) {
+      const after = Number(res.headers.get("Retry-After"));
+      retryUpload(u, retryAfterMs({ retry_after: after > 0 ? after : 1 }));
+    } else if (status === 503) {
+      retryUpload(u, u.delay);
+      u.delay = Math.min(u.delay * 2, 30000);
+    } else if ((status === 0 || status >= 500) && ++u.tries < UPLOAD_TRIES) {
+      retryUpload(u, u.delay);
+      u.delay = Math.min(u.delay * 2, 30000);
+    } else {
+      const message = data && typeof data.message === "string" && data.message ? data.message
+        : status ? "The files were not sent (HTTP " + status + ")." : "The files could not be sent: no connection.";
+      uploadRefused(u, message);
+    }
+  }
+
+  function retryUpload(u, ms) {
+    clearTimeout(u.timer);
+    u.timer = setTimeout(() => { u.timer = null; startUpload(u); }, ms);
+  }
+
+  // After `synced`: uploads that waited for the connection go now.
+  function flushUploads() {
+    for (const u of uploads.values()) if (u.waiting) startUpload(u);
+  }
+
+  function uploadDone(clientId) {
+    const u = uploads.get(clientId);
+    if (u) clearTimeout(u.timer);
+    uploads.delete(clientId);
+  }
+
+  function uploadAcked(u, ack) {
+    uploadDone(u.client_id);
+    const entry = pending.get(u.client_id);
+    if (entry && typeof ack.seq === "number" && !entry.el.dataset.seq) entry.el.dataset.seq = String(ack.seq);
+    delivered(u.client_id, entry);
+    if (!hasConversation) { hasConversation = true; requestLink(false); }
+  }
+
+  // Refused (too large, bad token, ...): nothing was stored. The message leaves the
+  // chat and goes back into the composer, files and text, with the gateway's reason.
+  function uploadRefused(u, message) {
+    uploadDone(u.client_id);
+    const entry = pending.get(u.client_id);
+    if (entry) entry.el.remove();
+    pending.delete(u.client_id);
+    const kept = draft.map((d) => d.file);
+    for (const entry2 of draft.slice()) removeFromTray(entry2, false);
+    addFiles(u.files.concat(kept));
+    if (u.text) input.value = input.value.trim() ? u.text + "\n" + input.value : u.text;
+    composerNote(message);
   }
 
   function sendAction(value, title) {
@@ -551,7 +918,7 @@
   }
 
   // ---------------------------------------------------- other channels
-  // `link`, `email_link`, `email_verify` and `history` get exactly one answer each, in
+  // `link`, `email_link`, `email_verify`, `file` and `history` get exactly one answer each, in
   // order; errors carry no client_id, so `requests` says which frame one is about.
   function request(kind, frame) {
     if (state !== "online") return false;
@@ -567,6 +934,7 @@
 
   const VERIFY_ERRORS = ["wrong_code", "code_expired", "too_many_attempts", "no_code", "already_linked"];
   function errorOwner(code) {
+    if (code === "not_found") return "file";
     if (code === "invalid_address" || code === "rate_limited") return "email_link";
     if (VERIFY_ERRORS.includes(code)) return "email_verify";
     if (code === "link_unavailable") return requests.find((k) => k === "link" || k === "email_link") || null;
@@ -729,6 +1097,8 @@
       emailNote("Connection lost. Try again.", "error");
     }
     requests = [];
+    fileAsks = [];
+    for (const id of Array.from(fileWaiters.keys())) settleFile(id, new Error("connection lost"));
     emailSend.disabled = codeSend.disabled = false;
     typingOn = false;
     showAgentTyping(null);
@@ -774,6 +1144,7 @@
         // has_more is about the initial replay; later syncs only fill the gap.
         if (helloWatermark === null) moreBtn.hidden = !(f.has_more && lowestSeq !== null && lowestSeq > 1);
         flushOutbox();
+        flushUploads();
         requestLink(false);
         break;
       case "ack": {
@@ -788,6 +1159,9 @@
         break;
       case "link":
         gotLink(f);
+        break;
+      case "file":
+        gotFile(f);
         break;
       case "email_code_sent":
         codeSent(f);
@@ -831,6 +1205,10 @@
       hideLink(); // no Telegram here (or not now): no button
     } else if (owner === "email_link" || owner === "email_verify") {
       emailRefused(owner, f);
+    } else if (owner === "file") {
+      answered("file");
+      const id = fileAsks.shift();
+      if (id !== undefined) settleFile(id, new Error(f.code));
     }
   }
 

@@ -8,6 +8,11 @@
  *
  * REST: /api/v1 (session cookie; X-CSRF-Token on every POST/PUT/PATCH/DELETE).
  * Live: /api/v1/live, protocol 1 (docs/console-protocol.md).
+ *
+ * Files: the reply box takes files (the attach button, drag and drop, paste), previewed
+ * before sending (images drawn on a canvas from the file itself) and sent as
+ * multipart/form-data. Items show their files from /api/v1/attachments/{id} (same
+ * origin, the session cookie): images inline, other files as downloads.
  */
 (function () {
   "use strict";
@@ -20,6 +25,9 @@
   const TYPING_SHOW_MS = 6000;    // stop showing typing this long after the last on:true
   const BACKOFF_MIN = 1000, BACKOFF_MAX = 15000;
   const PRIORITY = { urgent: 0, high: 1, normal: 2, low: 3 };
+  const MAX_FILES = 10;            // files in one reply (the server's limit too)
+  const THUMB_PX = 80;             // preview canvases (shown at half that)
+  const INLINE = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]); // served inline
   const CHANNELS = {
     webchat: { label: "Web", title: "Web chat" },
     telegram: { label: "TG", title: "Telegram" },
@@ -38,6 +46,7 @@
     canned: [],
     open: null,                          // { id, conv, contactId, cursor, hasMore, loading, loaded, seen:Set, pending:[] }
     typingSentAt: 0, typingOn: false, typingHide: null,
+    files: [],                           // files for the next reply: { file, el }
   };
 
   // -------------------------------------------------------------------- DOM
@@ -81,6 +90,10 @@
       return u.protocol === "https:" || u.protocol === "http:" ? u.href : null;
     } catch (e) { return null; }
   }
+  function fileSize(n) {
+    if (typeof n !== "number") return "";
+    return n < 1024 ? n + " B" : n < 1048576 ? Math.round(n / 1024) + " KB" : (n / 1048576).toFixed(1) + " MB";
+  }
   function contactName(conv) {
     const c = conv && conv.contact;
     if (!c) return "Unknown contact";
@@ -93,15 +106,17 @@
   class ApiError extends Error {
     constructor(status, code, message) { super(message); this.status = status; this.code = code; }
   }
+  // `body`: an object sent as JSON, or a FormData sent as multipart/form-data.
   async function api(method, path, body) {
     const headers = { Accept: "application/json" };
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const form = body instanceof FormData;
+    if (body !== undefined && !form) headers["Content-Type"] = "application/json";
     if (method !== "GET" && S.csrf) headers["X-CSRF-Token"] = S.csrf;
     let res;
     try {
       res = await fetch(API + path, {
         method, headers, credentials: "same-origin", cache: "no-store",
-        body: body === undefined ? undefined : JSON.stringify(body),
+        body: body === undefined ? undefined : form ? body : JSON.stringify(body),
       });
     } catch (e) {
       throw new ApiError(0, "network", "the gateway cannot be reached");
@@ -164,6 +179,7 @@
     clearInterval(S.pingTimer);
     if (S.ws) { try { S.ws.close(1000); } catch (e) { /* closed */ } S.ws = null; }
     S.me = null; S.csrf = null; S.open = null;
+    clearFiles();
     S.queue.clear(); S.mine.clear(); S.unread.clear();
     clear($("queue")); clear($("mine")); clear($("items"));
     closeConversationView();
@@ -472,6 +488,7 @@
   async function openConversation(id) {
     const previous = S.open;
     if (previous && previous.id !== id) send({ type: "unsubscribe", conversation_id: previous.id });
+    if (!previous || previous.id !== id) clearFiles(); // never send them to another customer
     stopTyping();
     const open = { id, conv: null, contactId: null, cursor: null, hasMore: false, loading: true,
       loaded: false, seen: new Set(), pending: [] };
@@ -551,6 +568,7 @@
     reply.placeholder = note ? "Private note (agents only)…" : isMine() ? "Reply to the customer…" : "Claim the conversation to reply";
     $("send").disabled = !note && !isMine();
     $("send").textContent = note ? "Add note" : "Send";
+    $("attach").disabled = note;  // notes are text only
   }
 
   function renderProfile(contact) {
@@ -638,6 +656,7 @@
     const open = S.open;
     if (!open || open.id !== conversationId || !item) return;
     if (!open.loaded) { open.pending.push(item); return; }
+    if (open.seen.has(item.id)) { appendItem(open, item); return; } // again: its files changed
     appendItem(open, item);
     if (item.sender && item.sender.role === "customer") {
       hideTyping();
@@ -645,8 +664,14 @@
       if (open.conv && item.channel && item.channel !== (open.conv.reply_channel || open.conv.channel)) refreshConversation(open);
     }
   }
+  // A new item goes at the end; one shown already (the same id: sent again when its
+  // files arrived or failed, or the echo of our own reply) replaces the one shown.
   function appendItem(open, item) {
-    if (open.seen.has(item.id)) return;
+    if (open.seen.has(item.id)) {
+      const shown = [...$("items").querySelectorAll('[data-c="item"]')].find((el) => el.dataset.id === item.id);
+      if (shown) shown.replaceWith(renderItem(item, open));
+      return;
+    }
     open.seen.add(item.id);
     const stick = nearBottom();
     $("items").append(renderItem(item, open));
@@ -680,14 +705,7 @@
     body.textContent = item.text || (item.value ? "[" + item.value + "]" : "");
     const li = h("li", attrs, head, body);
     if (item.attachments && item.attachments.length) {
-      const ul = h("ul", { class: "c-attachments" });
-      for (const a of item.attachments) {
-        const label = (a.name || a.content_type || "attachment") + (typeof a.size === "number" ? " (" + Math.ceil(a.size / 1024) + " KB)" : "");
-        const url = a.url ? safeUrl(a.url) : null;
-        ul.append(h("li", {}, url ? h("a", { href: url, target: "_blank", rel: "noopener noreferrer", "data-c": "attachment", text: label })
-          : h("span", { "data-c": "attachment", text: label })));
-      }
-      li.append(ul);
+      li.append(h("ul", { class: "c-attachments", "data-c": "attachments" }, ...item.attachments.map(renderAttachment)));
     }
     if (item.buttons && item.buttons.length) {
       li.append(h("div", { class: "c-buttons" }, ...item.buttons.map((b) => h("span", { class: "c-chip", text: b.title || b.value || "" }))));
@@ -695,6 +713,94 @@
     if (item.delivery && item.delivery.status) li.dataset.delivery = item.delivery.status;
     return li;
   }
+
+  // One file of an item: a stored image inline (and a download link), another stored
+  // file as a download link, a file on its way or refused with its state and reason.
+  function renderAttachment(a) {
+    const name = String(a.name || a.content_type || "attachment");
+    const size = fileSize(a.size);
+    const state = a.state || (a.id ? "stored" : "link");  // items from before files had states
+    const li = h("li", { class: "c-file", "data-c": "attachment", "data-state": state, "data-name": name });
+    const label = name + (size ? " (" + size + ")" : "");
+    if (state === "pending") {
+      li.append(h("span", { text: label }), h("span", { class: "c-file-state", "data-c": "attachment-state", text: "receiving…" }));
+    } else if (state === "failed" || state === "too_large") {
+      const why = a.error || (state === "too_large" ? "over the size limit" : "could not be fetched");
+      li.append(h("span", { text: label }), h("span", { class: "c-file-state", "data-c": "attachment-state",
+        text: (state === "too_large" ? "too large: " : "not received: ") + why }));
+    } else if (a.id) {
+      const url = API + "/attachments/" + encodeURIComponent(a.id);
+      if (INLINE.has(a.content_type)) {
+        const img = h("img", { class: "c-image", src: url, alt: name, "data-c": "attachment-image" });
+        img.addEventListener("load", () => {  // the newest item stays in view as images load
+          const t = timelineBox();
+          if (t.scrollHeight - t.scrollTop - t.clientHeight - img.offsetHeight < 120) scrollToBottom();
+        });
+        li.append(h("a", { class: "c-image-link", href: url, target: "_blank", rel: "noopener noreferrer",
+          "aria-label": "Open " + name + " in a new tab" }, img));
+      }
+      li.append(h("a", { href: url + "?download=true", download: name, "data-c": "attachment-link", text: label }));
+    } else {
+      const url = a.url ? safeUrl(a.url) : null;  // a link a channel gave (older items)
+      li.append(url ? h("a", { href: url, target: "_blank", rel: "noopener noreferrer", "data-c": "attachment-link", text: label })
+        : h("span", { text: label }));
+    }
+    return li;
+  }
+
+  // ---------------------------------------------------------- reply files
+  // Files for the next reply: picked, dropped or pasted; previewed, each removable.
+  function addFiles(list) {
+    const files = Array.from(list || []).filter((f) => f instanceof File);
+    if (!files.length) return;
+    convError(null);
+    for (const file of files) {
+      if (S.files.length >= MAX_FILES) { convError(new Error("At most " + MAX_FILES + " files in one reply.")); break; }
+      const entry = { file, el: null };
+      const thumb = h("span", { class: "c-thumb", "aria-hidden": "true", text: fileBadge(file) });
+      entry.el = h("li", { class: "c-draft-file", "data-c": "draft-file", "data-name": file.name },
+        thumb,
+        h("span", { class: "c-draft-name" }, h("span", { text: file.name || "file" }),
+          h("span", { class: "c-muted", text: fileSize(file.size) })),
+        h("button", { type: "button", "data-c": "remove-file", "aria-label": "Remove " + file.name,
+          title: "Remove", text: "×", onclick: () => removeFile(entry) }));
+      S.files.push(entry);
+      $("files").append(entry.el);
+      preview(file, thumb);
+    }
+    show($("files"), S.files.length > 0);
+  }
+  function fileBadge(file) {  // "PDF", "TXT", ...: what a file without a preview shows
+    const ext = /\.([a-z0-9]{1,4})$/i.exec(file.name || "");
+    return ext ? ext[1].toUpperCase() : "FILE";
+  }
+  function removeFile(entry) {
+    const at = S.files.indexOf(entry);
+    if (at < 0) return;
+    S.files.splice(at, 1);
+    entry.el.remove();
+    show($("files"), S.files.length > 0);
+    const next = $("files").querySelectorAll('[data-c="remove-file"]')[Math.min(at, S.files.length - 1)];
+    (next || $("reply")).focus();
+  }
+  function clearFiles() {
+    S.files = [];
+    clear($("files"));
+    show($("files"), false);
+  }
+  // An image's preview, drawn from the file itself (no blob: or data: URL needed).
+  function preview(file, thumb) {
+    if (!/^image\//.test(file.type) || typeof createImageBitmap !== "function") return;
+    createImageBitmap(file).then((bitmap) => {
+      const canvas = h("canvas", { width: THUMB_PX, height: THUMB_PX, "data-c": "thumb" });
+      const scale = Math.max(THUMB_PX / bitmap.width, THUMB_PX / bitmap.height);
+      const w = bitmap.width * scale, ht = bitmap.height * scale;
+      canvas.getContext("2d").drawImage(bitmap, (THUMB_PX - w) / 2, (THUMB_PX - ht) / 2, w, ht);
+      bitmap.close();
+      thumb.replaceChildren(canvas);
+    }, () => { /* not an image the browser can draw: the badge stays */ });
+  }
+  const carriesFiles = (dt) => Boolean(dt) && Array.from(dt.types || []).includes("Files");
 
   // --------------------------------------------------------------- typing
   function onTyping(f) {
@@ -747,8 +853,10 @@
     const open = S.open;
     const box = $("reply");
     const text = box.value.trim();
-    if (!open || !text) return;
+    const files = S.files.map((f) => f.file);
+    if (!open || (!text && !files.length)) return;
     const note = $("note-toggle").checked;
+    if (note && files.length) { convError(new Error("A private note cannot carry files: remove them, or send a reply.")); return; }
     const button = $("send");
     button.disabled = true;
     convError(null);
@@ -758,18 +866,26 @@
         item = await api("POST", "/conversations/" + encodeURIComponent(open.id) + "/notes", { text });
       } else {
         stopTyping();
-        const body = { text };
+        const body = text ? { text } : {};
         const channel = $("reply-channel").value;
         if (channel && open.conv && channel !== (open.conv.reply_channel || open.conv.channel)) body.channel = channel;
-        item = await api("POST", "/conversations/" + encodeURIComponent(open.id) + "/messages", body);
+        let payload = body;
+        if (files.length) {  // multipart: text, channel and the files
+          payload = new FormData();
+          for (const [k, v] of Object.entries(body)) payload.append(k, v);
+          for (const f of files) payload.append("file", f, f.name);
+        }
+        item = await api("POST", "/conversations/" + encodeURIComponent(open.id) + "/messages", payload);
       }
       box.value = "";
+      if (S.open === open) clearFiles();
       show($("canned-missing"), false);
       if (item && S.open === open && open.loaded) appendItem(open, item);
       scrollToBottom();
       if (!note) refreshConversation(open);  // the SLA timers moved on (first response met)
     } catch (err) {
-      convError(err);
+      // the draft (text and files) stays, with the server's reason
+      convError(err.status === 413 ? new Error("Not sent: " + err.message) : err);
     } finally {
       updateComposer();
     }
@@ -864,7 +980,36 @@
     $("composer").addEventListener("submit", submitReply);
     $("note-toggle").addEventListener("change", () => { stopTyping(); updateComposer(); });
     $("canned").addEventListener("change", useCanned);
+    $("attach").addEventListener("click", () => $("file-input").click());
+    $("file-input").addEventListener("change", () => { addFiles($("file-input").files); $("file-input").value = ""; });
+    const view = $("conversation");
+    for (const type of ["dragenter", "dragover"]) {
+      view.addEventListener(type, (e) => {
+        if (!carriesFiles(e.dataTransfer)) return;
+        e.preventDefault();
+        e.dataTransfer.dropEffect = "copy";
+        view.dataset.drop = "true";
+      });
+    }
+    view.addEventListener("dragleave", (e) => { if (!e.relatedTarget || !view.contains(e.relatedTarget)) delete view.dataset.drop; });
+    view.addEventListener("drop", (e) => {
+      delete view.dataset.drop;
+      if (!carriesFiles(e.dataTransfer)) return;
+      e.preventDefault();
+      addFiles(e.dataTransfer.files);
+      $("reply").focus();
+    });
+    // a file dropped anywhere else must not replace the console with the file
+    for (const type of ["dragover", "drop"]) {
+      document.addEventListener(type, (e) => { if (carriesFiles(e.dataTransfer)) e.preventDefault(); });
+    }
     const reply = $("reply");
+    reply.addEventListener("paste", (e) => {
+      const data = e.clipboardData;
+      if (!data || !data.files || !data.files.length) return;
+      addFiles(data.files);
+      if (!data.types.includes("text/plain")) e.preventDefault();
+    });
     reply.addEventListener("input", typed);
     reply.addEventListener("keydown", (e) => {
       if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("composer").requestSubmit(); }
