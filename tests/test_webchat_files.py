@@ -174,3 +174,29 @@ def _agent(agent: Any) -> Any:
 def _out() -> Any:
     from gateway.model import Direction
     return Direction.OUTBOUND
+
+
+async def test_a_file_that_ends_pending_is_shown_again_in_place(gateway: Gateway) -> None:
+    """An item whose file the gateway fetches in the background is shown with the file
+    pending, then again (the same id and seq) once the fetch ended: here it fails (the
+    web chat itself fetches nothing), so the visitor sees why."""
+    from gateway.keys import FETCHER, PIPELINE  # noqa: PLC0415
+    from gateway.model import InboundMessage, IncomingFile, Party, Role  # noqa: PLC0415
+
+    visitor = Visitor(gateway)
+    await visitor.connect()
+    await visitor.say("hello")
+    who = visitor_id(visitor)
+    result = await gateway.app[PIPELINE].ingest(InboundMessage(
+        channel="webchat", external_id=f"{who}:byref", thread_key=who,
+        sender=Party(role=Role.CUSTOMER, id=who), sender_external_id=who,
+        text="from elsewhere", files=[IncomingFile(key="1", name="scan.pdf", ref={"x": 1})]))
+    first = await visitor.until(lambda f: f.get("id") == result.item.id)
+    assert [a["state"] for a in first["attachments"]] == ["pending"]
+    await gateway.app[FETCHER].run_due()
+    again = (await visitor.next_frame("update"))["item"]
+    assert (again["id"], again["seq"]) == (first["id"], first["seq"])
+    [failed] = again["attachments"]
+    assert (failed["state"], failed["name"]) == ("failed", "scan.pdf")
+    assert "cannot fetch" in failed["error"]
+    await visitor.close()

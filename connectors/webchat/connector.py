@@ -154,6 +154,9 @@ class WebchatConnector(Connector):
     async def _on_change(self, change: Change) -> None:
         """An item stored by any gateway process: show it on the sockets open here."""
         doc = change.doc
+        if change.kind is ChangeKind.ITEM and doc is None and "files_at" in change.fields:
+            await self._files_changed(change.id)
+            return
         if change.kind is not ChangeKind.ITEM or doc is None:
             return
         if doc.get("channel") != self.channel:
@@ -166,6 +169,14 @@ class WebchatConnector(Connector):
         item = from_doc(Activity, doc)
         if await self.hub.push(visitor, item):
             self.context.delivered(item.conversation_id, item.seq)
+
+    async def _files_changed(self, item_id: str) -> None:
+        """An item's files were fetched (or failed): sockets that showed it get it again
+        (the widget replaces it: docs/webchat-protocol.md, Files)."""
+        item = await self.context.store.get_message(item_id)
+        visitor = None if item is None else self.hub.visitor_of(item.conversation_id)
+        if item is not None and visitor is not None:
+            await self.hub.resend(visitor, item)
 
     async def _on_shutdown(self, _app: web.Application) -> None:
         await self.hub.close_all(WSCloseCode.GOING_AWAY, b"server shutting down")
@@ -477,6 +488,7 @@ class WebchatConnector(Connector):
         origin = request.headers.get("Origin")
         if origin is not None and self.origin_allowed(request):
             response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = "Retry-After"
             response.headers["Vary"] = "Origin"
 
     async def handle_file(self, request: web.Request) -> web.StreamResponse:

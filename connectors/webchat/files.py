@@ -22,7 +22,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 from aiohttp import BodyPartReader, web
@@ -117,7 +117,8 @@ async def handle_upload(chat: WebchatConnector, request: web.Request) -> web.Str
     wait = chat.messages.take(visitor)
     if wait > 0:
         response = _refused(429, "rate_limited", "too many messages; this one was not "
-                            "stored: send it again later")
+                            "stored: send it again later",
+                            retry_after=math.ceil(wait * 10) / 10)
         response.headers["Retry-After"] = str(math.ceil(wait))
         return response
     try:
@@ -159,7 +160,7 @@ async def _read(request: web.Request, max_bytes: int, max_text: int) -> Upload:
                 raise _Refused(400, "bad_frame", f"at most {MAX_FILES} files in one message")
             data = await _limited(part, max_bytes, "file_too_large",
                                   f"{part.filename or 'a file'} is larger than "
-                                  f"{max_bytes / 1048576:g} MB")
+                                  f"{size_text(max_bytes)}, the largest file the chat takes")
             name = clean_name(part.filename, f"file-{len(upload.files) + 1}")
             upload.files.append(IncomingFile(key=str(len(upload.files)), name=name, data=data))
         elif part.name in ("text", "client_id"):
@@ -186,6 +187,14 @@ async def _limited(part: BodyPartReader, limit: int, code: str, message: str) ->
     return bytes(data)
 
 
-def _refused(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"type": "error", "code": code, "message": message},
+def size_text(size: int) -> str:
+    """A size as people read it: 20 MB, 512 KB, 900 bytes."""
+    for unit, scale in (("MB", 1024 * 1024), ("KB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
+
+
+def _refused(status: int, code: str, message: str, **more: Any) -> web.Response:
+    return web.json_response({"type": "error", "code": code, "message": message, **more},
                              status=status)

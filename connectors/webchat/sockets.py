@@ -177,6 +177,19 @@ class Hub:
                 log.info("webchat: socket of %s went away: %s", visitor_id, exc)
         return delivered
 
+    async def resend(self, visitor_id: str, item: Activity) -> int:
+        """An item the visitor's sockets showed already, again (its files changed);
+        a socket that has not reached it yet gets it with its catch-up anyway."""
+        sent = 0
+        for socket in list(self._sockets.get(visitor_id, ())):
+            if socket.conversation_id == item.conversation_id and item.seq <= socket.last_seq:
+                try:
+                    await socket.send({"type": "update", "item": item_frame(item, socket.link)})
+                    sent += 1
+                except (ConnectionError, RuntimeError) as exc:
+                    log.info("webchat: socket of %s went away: %s", visitor_id, exc)
+        return sent
+
     async def tell(self, visitor_id: str, frame: dict[str, Any]) -> int:
         """Send a frame that is no item (typing, ...) to every socket of the visitor."""
         told = 0

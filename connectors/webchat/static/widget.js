@@ -1133,6 +1133,9 @@
       case "event":
         handleItem(f);
         break;
+      case "update": // an item shown already, again: its files changed (fetched, failed)
+        if (f.item && typeof f.item.seq === "number") refreshFiles(f.item);
+        break;
       case "skip": // a seq this visitor does not see (an agent's private note): move on
         if (typeof f.seq === "number" && (watermark === null || f.seq > watermark)) watermark = f.seq;
         break;
