@@ -12,7 +12,8 @@ from yarl import URL
 
 from connectors.webchat.files import FileLinks
 from connectors.webchat.tokens import load_secret
-from gateway.keys import AGENTS, FILES, ROUTING
+from gateway.keys import AGENTS, FETCHER, FILES, PIPELINE, ROUTING
+from gateway.model import Direction, InboundMessage, IncomingFile, Party, Role
 from tests.conftest import Gateway, Visitor
 from tests.test_attachments import PDF, png
 
@@ -94,8 +95,9 @@ async def test_an_agents_file_reaches_the_visitor_by_a_link_that_opens_only_it(
     label = png(30, 20)
     kept = await gateway.app[FILES].keep(
         "label1", label, name="label.png", conversation_id=conversation.id,
-        contact_id=conversation.contact_id, sender=_agent(agent), channel="webchat",
-        direction=_out())
+        contact_id=conversation.contact_id,
+        sender=Party(role=Role.AGENT, id=agent.id, name=agent.name), channel="webchat",
+        direction=Direction.OUTBOUND)
     await routing.reply(conversation.id, agent, "Here it is", attachments=[kept])
     frame = await visitor.until(lambda f: f.get("role") == "agent")
     [shown] = frame["attachments"]
@@ -180,9 +182,6 @@ async def test_a_file_that_ends_pending_is_shown_again_in_place(gateway: Gateway
     """An item whose file the gateway fetches in the background is shown with the file
     pending, then again (the same id and seq) once the fetch ended: here it fails (the
     web chat itself fetches nothing), so the visitor sees why."""
-    from gateway.keys import FETCHER, PIPELINE  # noqa: PLC0415
-    from gateway.model import InboundMessage, IncomingFile, Party, Role  # noqa: PLC0415
-
     visitor = Visitor(gateway)
     await visitor.connect()
     await visitor.say("hello")
