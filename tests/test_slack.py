@@ -286,35 +286,6 @@ async def test_a_button_press_reaches_the_bot_as_the_customers_choice(
     assert len(await inbound(gateway)) == 2
 
 
-async def test_files_become_attachments(
-    gateway: Gateway, slack: FakeSlack, sender: SlackSender
-) -> None:
-    invoice = {"id": "F0000INV", "name": "invoice.pdf", "title": "Invoice", "size": 48213,
-               "mimetype": "application/pdf", "filetype": "pdf",
-               "url_private": "https://files.slack.com/files-pri/T0001-F0000INV/invoice.pdf",
-               "permalink": "https://omnigate-test.slack.com/files/U0000ADA/F0000INV/invoice.pdf"}
-    # a Slack Connect file arrives as a stub: only files.info has the details
-    slack.add_file({"id": "F0000PIC", "name": "photo.png", "mimetype": "image/png",
-                    "size": 1024, "url_private": "https://files.slack.com/files-pri/x/photo.png"})
-    stub = {"id": "F0000PIC", "file_access": "check_file_info"}
-    event = dm(ADA, "my order arrived broken", subtype="file_share", files=[invoice, stub])
-    assert (await sender.event(event))[0] == 200
-    [item] = await inbound(gateway)
-    assert item["text"] == "my order arrived broken"
-    assert item["attachments"] == [
-        {"content_type": "application/pdf", "name": "invoice.pdf", "size": 48213,
-         "url": invoice["url_private"]},
-        {"content_type": "image/png", "name": "photo.png", "size": 1024,
-         "url": "https://files.slack.com/files-pri/x/photo.png"},
-    ]
-    assert [c.params["file"] for c in slack.calls_of("files.info")] == ["F0000PIC"]
-    assert item["channel_data"]["files"] == ["F0000INV", "F0000PIC"]
-    # a file with no text at all is still a message
-    assert (await sender.event(dm(ADA, "", subtype="file_share", files=[invoice])))[0] == 200
-    last = (await inbound(gateway))[-1]
-    assert last["text"] is None and last["attachments"][0]["name"] == "invoice.pdf"
-
-
 async def test_a_store_failure_is_a_5xx_and_the_retry_is_stored(
     gateway: Gateway, slack: FakeSlack, sender: SlackSender
 ) -> None:

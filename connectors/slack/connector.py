@@ -14,6 +14,10 @@ into that thread. Sending: ``chat.postMessage`` through a client whose only retr
 slack_sdk's 429 handler (a 429 never posted anything); every post carries the item's id
 in its metadata, and a retried delivery first looks for it, so a message that reached
 Slack before an error is never posted again.
+
+Files (connectors/slack/files.py): a message's files are listed as pending attachments
+and downloaded later by the gateway's fetcher through ``fetch`` (the bot token only to
+Slack's file hosts); an item's stored files are uploaded into the DM or thread, each once.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import aiohttp
@@ -38,8 +42,15 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import AsyncConnectionErrorRetryHandler
 from slack_sdk.web.async_client import AsyncWebClient
 
-from connectors.base import Connector, ConnectorContext, DeliveryError, DeliveryResult
+from connectors.base import (
+    Connector,
+    ConnectorContext,
+    DeliveryError,
+    DeliveryResult,
+    FetchError,
+)
 from connectors.slack.bolt import SlackUnavailable, SocketModeAcker, WorkspaceAuthorize
+from connectors.slack.files import SlackFiles, stored_files
 from connectors.slack.inbound import (
     CHANNEL,
     SIGNATURE_HEADER,
@@ -48,8 +59,8 @@ from connectors.slack.inbound import (
     BlockActions,
     MessageEnvelope,
     MessageEvent,
-    SlackFile,
     envelope_problem,
+    incoming_files,
     slack_time,
     split_thread_key,
     strip_mention,
@@ -80,7 +91,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/webhooks/slack/events"
 INTERACTIVE_PATH = "/webhooks/slack/interactive"
-LOOKUP_TIMEOUT = 2.0  # users.info / files.info while Slack waits for our answer (3 s)
+LOOKUP_TIMEOUT = 2.0  # users.info while Slack waits for our answer (3 s)
 SEND_TIMEOUT = 15.0
 INLINE_RATE_LIMIT_WAIT = 10.0  # wait out shorter 429s in place; longer ones: outbox retry
 HISTORY_PAGES = 5
@@ -109,6 +120,7 @@ class SlackConnector(Connector):
         self._session: aiohttp.ClientSession | None = None
         self._reader: AsyncWebClient | None = None  # reads: retried on connection errors
         self._writer: AsyncWebClient | None = None  # posts: retried on 429 only
+        self._files: SlackFiles | None = None  # downloads and uploads (files.py)
         self._bolt: AsyncApp | None = None
         self._socket: SocketModeAcker | None = None
         self._socket_task: asyncio.Task[None] | None = None
@@ -135,6 +147,9 @@ class SlackConnector(Connector):
             token=self.settings.bot_token, timeout=int(SEND_TIMEOUT), **common,
             retry_handlers=[self.rate_limit_retry],
         )
+        self._files = SlackFiles(
+            token=self.settings.bot_token, api_url=self.api_url, session=self._session,
+            reader=self._reader, writer=self._writer, context=context)
         bolt = AsyncApp(
             name="omnigate-slack",
             logger=logging.getLogger("connectors.slack.bolt"),
@@ -291,9 +306,8 @@ class SlackConnector(Connector):
             return None  # channel chatter that is not addressed to us
         auth = self._auth
         text = strip_mention(event.text, auth.bot_user_id if auth else None)
-        # Slack waits for our answer: the lookups run side by side, each time-boxed
-        name, *attachments = await asyncio.gather(
-            self._user_name(event.user), *(self._attachment(f) for f in event.files))
+        # Slack waits for our answer: the name is time-boxed; files are fetched later
+        name = await self._user_name(event.user)
         return InboundMessage(
             channel=CHANNEL,
             external_id=f"{event.channel}:{event.ts}",  # the same on every Slack retry
@@ -302,7 +316,7 @@ class SlackConnector(Connector):
             sender_external_id=event.user,
             timestamp=slack_time(event.ts),
             text=text or None,
-            attachments=attachments,
+            files=incoming_files(event.files),
             channel_data={
                 "event_id": body.get("event_id") if isinstance(body.get("event_id"), str) else None,
                 "event_type": event.type, "channel": event.channel,
@@ -393,42 +407,43 @@ class SlackConnector(Connector):
         self._names[user_id] = name
         return name
 
-    async def _attachment(self, file: SlackFile) -> Attachment:
-        if not file.complete:  # e.g. Slack Connect files: only files.info has the details
-            try:
-                assert self._reader is not None
-                async with asyncio.timeout(LOOKUP_TIMEOUT):
-                    info = (await self._reader.files_info(file=file.id)).get("file")
-                if isinstance(info, dict):
-                    file = SlackFile.model_validate(info)
-            except Exception as exc:  # best effort: the stub still becomes an attachment
-                log.info("slack: files.info %s failed: %r", file.id, exc)
-        return Attachment(
-            content_type=file.mimetype or "application/octet-stream",
-            name=file.name or file.title,
-            url=file.url_private or file.permalink,
-            size=file.size,
-        )
+    async def fetch(self, ref: Mapping[str, Any]) -> bytes:
+        """A customer's file for the attachment store (the fetcher calls this)."""
+        if self._files is None:
+            raise FetchError("the Slack connector is not started")
+        return await self._files.fetch(ref)
 
     # ----------------------------------------------------------------- outbound
 
     async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
-        """Post one item (in parts if long); never a part twice, whatever failed before."""
-        if self._writer is None or self._reader is None:
+        """Post one item (in parts if long); never a part twice, whatever failed before.
+
+        An item with stored files: its text's parts are posted as usual except the last,
+        which becomes the files' ``initial_comment`` (unless it carries buttons: Slack
+        shows no blocks on a file share, so it is posted too and the files follow without
+        a comment); then the files are uploaded and shared (files.py), each uploaded once.
+        """
+        if self._writer is None or self._reader is None or self._files is None:
             raise DeliveryError("the Slack connector is not started")
         channel, thread_ts = split_thread_key(conversation.thread_key)
+        files = stored_files(item) if item.type is ActivityType.MESSAGE else []
         username: str | None = None
         if item.type is ActivityType.EVENT:
             parts = render_event(item)
         elif item.sender.role is Role.AGENT and item.sender.name:
-            if self._can_customize():
+            if self._can_customize() and not files:
                 username = item.sender.name[:80]
                 parts = render_message(item)
-            else:
+            else:  # (a file share always shows the app's name)
                 parts = render_message(item, author=item.sender.name)
         else:
             parts = render_message(item)
-        if not parts:
+        comment: str | None = None
+        if files:
+            await self._files.check(files)
+            if parts and parts[-1].blocks is None:
+                comment = parts.pop().text
+        elif not parts:
             return DeliveryResult(DeliveryStatus.SKIPPED)
         delivery = item.delivery
         first = delivery.parts_sent if delivery is not None else 0
@@ -442,9 +457,26 @@ class SlackConnector(Connector):
             ts = found if found is not None else await self._post(
                 conversation, parts[index], channel=channel, thread_ts=thread_ts, key=key,
                 username=username)
-            if index + 1 < len(parts):
+            if index + 1 < len(parts) or files:
                 await self.context.store.set_parts_sent(item.id, index + 1)
+        if files:
+            ts = await self._share(conversation, item, files, channel=channel,
+                                   thread_ts=thread_ts, comment=comment)
         return DeliveryResult(DeliveryStatus.DELIVERED, external_id=ts)
+
+    async def _share(
+        self, conversation: Conversation, item: Activity, files: list[Attachment], *,
+        channel: str, thread_ts: str | None, comment: str | None,
+    ) -> str:
+        """Upload and share the item's files; the first Slack file id."""
+        assert self._files is not None
+        try:
+            return await self._files.share(item, files, channel=channel,
+                                           thread_ts=thread_ts, comment=comment)
+        except SlackApiError as exc:
+            raise await self._failed(conversation, exc, "a file upload") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DeliveryError(f"slack: a file upload went unanswered: {exc!r}") from exc
 
     def _can_customize(self) -> bool:
         """May we set ``username`` (chat:write.customize)? Unknown scopes: assume so."""

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from gateway.model import IncomingFile
+
 CHANNEL = "slack"
 
 # The payload types the connector answers. Anything else is a 400 (we never configure
@@ -29,6 +31,7 @@ SlackId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 # Seconds (at most 11 digits: a year a datetime can hold) and Slack's fraction.
 SlackTs = Annotated[str, StringConstraints(pattern=r"^\d{1,11}(\.\d{1,9})?$")]
 Short = Annotated[str, StringConstraints(max_length=2000)]
+MAX_FILE_NAME = 512  # IncomingFile.name
 TIMESTAMP_HEADER = re.compile(r"\d{1,12}")
 SIGNATURE_HEADER = re.compile(r"v0=[0-9a-f]{64}")
 
@@ -87,18 +90,56 @@ class _Model(BaseModel):
 
 
 class SlackFile(_Model):
+    """A file of a message event, or files.info's ``file`` (the fields we read)."""
+
     id: SlackId
     name: Short | None = None
     title: Short | None = None
     mimetype: Short | None = None
     size: int | None = Field(None, ge=0, le=2**53)
     url_private: Short | None = None
+    url_private_download: Short | None = None
     permalink: Short | None = None
     file_access: Short | None = None  # "check_file_info": only files.info has the details
+    mode: Short | None = None  # hosted, external, snippet, tombstone (deleted), ...
+    is_external: bool | None = None  # a Google Drive (...) link, not stored in Slack
+    external_type: Short | None = None
 
     @property
     def complete(self) -> bool:
         return self.file_access != "check_file_info" and self.url_private is not None
+
+    @property
+    def download_url(self) -> str | None:
+        return self.url_private_download or self.url_private
+
+
+def incoming_file(file: SlackFile) -> IncomingFile:
+    """A file of a message, for the attachment store: fetched later by the connector
+    (``SlackConnector.fetch``) from ``ref``, never while Slack waits for our answer. A
+    file Slack hands out as a stub (``check_file_info``, Slack Connect) has no URL in
+    ``ref``: the fetch asks files.info first."""
+    mimetype = file.mimetype if file.mimetype and len(file.mimetype) <= 255 else None
+    ref: dict[str, Any] = {"file": file.id, "content_type": mimetype, "size": file.size}
+    if file.complete and file.download_url:
+        ref["url"] = file.download_url
+    if file.is_external:
+        ref["external"] = file.external_type or "external"
+        ref["link"] = file.url_private or file.permalink
+    name = file.name or file.title
+    return IncomingFile(key=file.id, name=name[:MAX_FILE_NAME] if name else None,
+                        content_type=mimetype, size=file.size, ref=ref)
+
+
+def incoming_files(files: list[SlackFile]) -> list[IncomingFile]:
+    """A message's files, each once (Slack names a file by its id)."""
+    seen: set[str] = set()
+    out: list[IncomingFile] = []
+    for file in files:
+        if file.id not in seen:
+            seen.add(file.id)
+            out.append(incoming_file(file))
+    return out
 
 
 class EditedMessage(_Model):

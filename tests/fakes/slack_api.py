@@ -6,6 +6,11 @@ The real slack_sdk client is pointed at it through ``OMNIGATE_SLACK_API_URL``
 ``/api/<method>``, the token in ``Authorization: Bearer``, JSON or form bodies, ``{"ok":
 false, "error": ...}`` answers, ``429`` with ``Retry-After``, and ``x-oauth-scopes`` on
 auth.test. Every call is recorded; failures are queued per method on demand.
+
+Files: downloads of files a test hands it (``add_download``: ``url_private`` /
+``url_private_download`` on the fake, answered only with the bot token), and Slack's
+three-step upload (files.getUploadURLExternal, a POST of the bytes to the upload URL it
+names, files.completeUploadExternal, which shares the files: ``shares``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp
 from aiohttp import web
@@ -32,7 +37,8 @@ BOT_USER_ID = "UBOT0001"
 BOT_ID = "BBOT0001"
 APP_ID = "A0001"
 ALL_SCOPES = ("app_mentions:read,channels:history,groups:history,im:history,mpim:history,"
-              "chat:write,chat:write.customize,users:read,files:read")
+              "chat:write,chat:write.customize,users:read,files:read,files:write")
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in</body></html>"
 
 
 @dataclass
@@ -70,6 +76,37 @@ class Message:
         return [e for b in self.blocks if b.get("type") == "actions" for e in b["elements"]]
 
 
+@dataclass
+class Upload:
+    """A file announced with files.getUploadURLExternal: its bytes once POSTed."""
+
+    file_id: str
+    filename: str
+    length: int
+    data: bytes | None = None
+    posts: int = 0  # how often bytes were sent to its upload URL
+    completed: bool = False
+
+
+@dataclass
+class SharedFile:
+    id: str
+    name: str
+    title: str | None
+    data: bytes
+
+
+@dataclass
+class Share:
+    """One files.completeUploadExternal that shared files (into a channel or thread)."""
+
+    channel: str | None
+    thread_ts: str | None
+    initial_comment: str | None
+    files: list[SharedFile]
+    ts: str
+
+
 class FakeSlack:
     def __init__(self, *, scopes: str = ALL_SCOPES) -> None:
         self.scopes = scopes
@@ -77,7 +114,13 @@ class FakeSlack:
         self.messages: list[Message] = []
         self.users: dict[str, dict[str, Any]] = {}
         self.files: dict[str, dict[str, Any]] = {}
-        self.failures: dict[str, list[Failure]] = {}
+        self.failures: dict[str, list[Failure | None]] = {}  # None: that call works
+        self.blobs: dict[str, bytes] = {}  # file id -> what its download answers
+        self.login_pages: set[str] = set()  # file ids whose download is a sign-in page
+        self.downloads: list[Call] = []
+        self.uploads: dict[str, Upload] = {}  # by file id
+        self._upload_urls: dict[str, str] = {}  # upload URL key -> file id
+        self.shares: list[Share] = []
         self.acks: dict[str, dict[str, Any]] = {}
         self.sockets: list[web.WebSocketResponse] = []
         self.socket_opens = 0
@@ -91,6 +134,8 @@ class FakeSlack:
         app = web.Application()
         app.router.add_route("*", "/api/{method}", self._api)
         app.router.add_get("/link/", self._socket)
+        app.router.add_get("/files-pri/{path:.+}", self._download)
+        app.router.add_post("/upload/v1/{key}", self._upload)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -108,9 +153,13 @@ class FakeSlack:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/api/"
 
-    def fail(self, method: str, times: int = 1, **failure: Any) -> None:
-        """The next ``times`` calls of ``method`` fail like this."""
-        self.failures.setdefault(method, []).extend(Failure(**failure) for _ in range(times))
+    def fail(self, method: str, times: int = 1, *, after: int = 0, **failure: Any) -> None:
+        """The next ``times`` calls of ``method`` (after ``after`` more that work) fail
+        like this. Besides Web API methods: ``download`` (a file's URL) and ``upload`` (an
+        upload URL), by ``status``."""
+        queue = self.failures.setdefault(method, [])
+        queue.extend([None] * after)
+        queue.extend(Failure(**failure) for _ in range(times))
 
     def add_user(self, user_id: str, real_name: str, display_name: str = "") -> None:
         self.users[user_id] = {
@@ -121,6 +170,30 @@ class FakeSlack:
 
     def add_file(self, file: dict[str, Any]) -> None:
         self.files[file["id"]] = file
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def add_download(self, name: str, data: bytes, mimetype: str | None = None, *,
+                     file_id: str | None = None, login_page: bool = False) -> dict[str, Any]:
+        """A file someone shared: the file object as a message event carries it (its URLs
+        on this fake), also answered by files.info. ``login_page``: its download answers
+        a sign-in web page, as Slack does for a token that may not read the file."""
+        file_id = file_id or f"F{uuid.uuid4().hex[:10].upper()}"
+        base = f"{self.origin}/files-pri/{TEAM_ID}-{file_id}"
+        file = {"id": file_id, "created": int(time.time()), "name": name, "title": name,
+                "mimetype": mimetype or "application/octet-stream",
+                "filetype": name.rsplit(".", 1)[-1], "user": "U0000ADA", "size": len(data),
+                "mode": "hosted", "is_external": False, "is_public": False,
+                "url_private": f"{base}/{quote(name)}",
+                "url_private_download": f"{base}/download/{quote(name)}",
+                "permalink": f"https://omnigate-test.slack.com/files/U0000ADA/{file_id}/x"}
+        self.files[file_id] = file
+        self.blobs[file_id] = data
+        if login_page:
+            self.login_pages.add(file_id)
+        return dict(file)
 
     def calls_of(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
@@ -205,6 +278,53 @@ class FakeSlack:
         return {"ok": True, "channel": channel, "ts": message.ts,
                 "message": self._render(message, with_metadata=True)}, {}
 
+    def _unknown_channel(self, channel: Any) -> bool:
+        return not channel or str(channel).startswith("X")  # X…: no such channel
+
+    def m_files_getUploadURLExternal(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        filename, length = params.get("filename"), str(params.get("length") or "")
+        if not filename or not length.isdigit():
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        file_id, key = f"F{uuid.uuid4().hex[:10].upper()}", uuid.uuid4().hex
+        self.uploads[file_id] = Upload(file_id, str(filename), int(length))
+        self._upload_urls[key] = file_id
+        return {"ok": True, "upload_url": f"{self.origin}/upload/v1/{key}",
+                "file_id": file_id}, {}
+
+    def m_files_completeUploadExternal(self, params: dict[str, Any]
+                                       ) -> tuple[dict[str, Any], dict]:
+        try:
+            wanted = json.loads(params.get("files") or "")
+        except ValueError:
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        uploads = [self.uploads.get(str(f.get("id"))) for f in wanted if isinstance(f, dict)]
+        if not wanted or len(uploads) != len(wanted):
+            return {"ok": False, "error": "invalid_arguments"}, {}
+        # Slack completes an upload once; after that (or before its bytes) it is no upload
+        if any(u is None or u.data is None or u.completed for u in uploads):
+            return {"ok": False, "error": "file_not_found"}, {}
+        channel = params.get("channel_id")
+        if channel is not None and self._unknown_channel(channel):
+            return {"ok": False, "error": "channel_not_found"}, {}
+        thread_ts, comment = params.get("thread_ts"), params.get("initial_comment")
+        share = Share(channel, thread_ts, comment, [], self.next_ts())
+        for upload, asked in zip(uploads, wanted, strict=True):
+            assert upload is not None and upload.data is not None
+            upload.completed = True
+            share.files.append(SharedFile(upload.file_id, upload.filename, asked.get("title"),
+                                          upload.data))
+            where = "private" if channel and channel[0] in "DG" else "public"
+            self.files[upload.file_id] = {
+                "id": upload.file_id, "name": upload.filename, "title": asked.get("title"),
+                "size": len(upload.data), "user": BOT_USER_ID,
+                "shares": {where: {channel: [{"ts": share.ts, **(
+                    {"thread_ts": thread_ts} if thread_ts else {})}]}} if channel else {}}
+        self.shares.append(share)
+        if channel:
+            self.messages.append(Message(channel, share.ts, comment, thread_ts,
+                                         {"files": [f.id for f in share.files]}))
+        return {"ok": True, "files": [{"id": f.id, "title": f.title} for f in share.files]}, {}
+
     def m_users_info(self, params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
         user = self.users.get(params.get("user", ""))
         if user is None:
@@ -216,6 +336,54 @@ class FakeSlack:
         if file is None:
             return {"ok": False, "error": "file_not_found"}, {}
         return {"ok": True, "file": file}, {}
+
+    # ------------------------------------------------------------------ files
+
+    def _failure(self, method: str, call: Call) -> web.Response | None:
+        queued = self.failures.get(method)
+        failure = queued.pop(0) if queued else None
+        if failure is None:
+            return None
+        call.status, call.error = failure.status, failure.error
+        return web.Response(status=failure.status, text=failure.error or "failed")
+
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        """A file's url_private / url_private_download: only with the bot token."""
+        auth = request.headers.get("Authorization", "")
+        call = Call("download", {"path": request.path}, auth.removeprefix("Bearer ") or None,
+                    time.monotonic())
+        self.downloads.append(call)
+        failed = self._failure("download", call)
+        if failed is not None:
+            return failed
+        if call.token != BOT_TOKEN:
+            call.status = 401
+            return web.Response(status=401, text="not authorised")
+        head = request.match_info["path"].split("/", 1)[0]
+        file_id = head.removeprefix(f"{TEAM_ID}-")
+        if file_id not in self.blobs:
+            call.status = 404
+            return web.Response(status=404, text="file not found")
+        if file_id in self.login_pages:
+            return web.Response(body=LOGIN_PAGE, content_type="text/html")
+        mimetype = str(self.files.get(file_id, {}).get("mimetype") or "application/octet-stream")
+        return web.Response(body=self.blobs[file_id], content_type=mimetype)
+
+    async def _upload(self, request: web.Request) -> web.StreamResponse:
+        """An upload URL of files.getUploadURLExternal: the file's bytes, POSTed raw."""
+        file_id = self._upload_urls.get(request.match_info["key"])
+        data = await request.read()
+        call = Call("upload", {"file_id": file_id, "bytes": len(data)}, None, time.monotonic())
+        self.calls.append(call)
+        failed = self._failure("upload", call)
+        if failed is not None:
+            return failed
+        upload = self.uploads.get(file_id or "")
+        if upload is None or upload.completed:
+            call.status = 404
+            return web.Response(status=404, text="no such upload")
+        upload.data, upload.posts = data, upload.posts + 1
+        return web.Response(text=f"OK - {len(data)}")
 
     def _render(self, message: Message, *, with_metadata: bool) -> dict[str, Any]:
         out: dict[str, Any] = {"type": "message", "subtype": "bot_message", "ts": message.ts,
