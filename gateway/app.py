@@ -227,9 +227,9 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await fetcher.stop()  # before the connectors its downloads go through
         for connector in connectors.values():
             await connector.stop()
-        await fetcher.stop()
         await pipeline.stop()
         await assigner.stop()
         await routing.levels.stop()
