@@ -4,13 +4,14 @@ Inbound, a connector verifies and parses what its network sends, turns it into a
 ``InboundMessage`` and hands it to ``ConnectorContext.ingest``; it acknowledges the
 network only after that call returned (the message is then durably stored).
 Outbound, the outbox calls ``send`` with a stored item; the connector renders it for its
-channel. Platform SDK objects never leave the connector.
+channel (a connector that ``combines_turns`` gets a bot turn's replies together in
+``send_together``). Platform SDK objects never leave the connector.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +98,10 @@ class Connector(ABC):
     #: items as ``stored`` and calls ``send`` only to show them on this process's open
     #: clients, never retrying it.
     store_backed: bool = False
+    #: True when the channel says all replies of one bot turn in one message (email: one
+    #: mail per turn): the outbox hands a turn's undelivered replies, in seq order, to
+    #: ``send_together`` at once, and records its one outcome on each of them.
+    combines_turns: bool = False
 
     @abstractmethod
     def setup(self, app: web.Application) -> None:
@@ -112,6 +117,13 @@ class Connector(ABC):
     @abstractmethod
     async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
         """Deliver one stored outbound item. Raise ``DeliveryError`` on failure."""
+
+    async def send_together(self, conversation: Conversation,
+                            items: Sequence[Activity]) -> DeliveryResult:
+        """Deliver several stored items of one bot turn as one message (called only when
+        ``combines_turns``); the result counts for all of them. Raise ``DeliveryError``."""
+        raise DeliveryError(f"channel {self.channel} cannot send items together",
+                            permanent=True)
 
     async def fetch(self, ref: Mapping[str, Any]) -> bytes:
         """Download a file that an inbound message named by reference

@@ -14,6 +14,13 @@ channel's ``retry_after``); permanent ones and exhausted retries mark the item
 item again: at least once, never lost (docs/delivery.md says what each channel then
 gets twice, and how rarely).
 
+A channel that says a bot turn in one message (``Connector.combines_turns``: email) gets
+the turn's replies together: the undelivered items that follow the one due, with the
+next seqs, the same ``reply_to_id``, sent by the bot on the same thread, are claimed with
+it (each by its own conditional update, in seq order; a claim that fails ends the group
+there) and handed to ``send_together``; the one outcome is recorded on each of them
+(delivered with one external id, or retried or given up together).
+
 Store-backed channels (web chat, ``Connector.store_backed``): the item is stored as
 ``stored``; the visitor's sockets read the conversation from the store by ``seq``, live
 through the change feed of whichever process holds them, so there is nothing to send
@@ -30,7 +37,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from pymongo.errors import PyMongoError
 
@@ -38,10 +45,13 @@ from connectors.base import Connector, DeliveryError, DeliveryResult
 from gateway.aio import Background, KeyedLocks
 from gateway.model import (
     Activity,
+    ActivityType,
     Conversation,
     ConversationRef,
     DeliveryStatus,
+    Direction,
     OutboundDraft,
+    Role,
     utcnow,
 )
 from gateway.store import Store
@@ -69,6 +79,27 @@ def _addressed(conversation: Conversation, ref: ConversationRef) -> Conversation
 
 def store_backed(connector: Connector | None) -> bool:
     return bool(getattr(connector, "store_backed", False))
+
+
+def combines_turns(connector: Connector | None) -> bool:
+    return bool(getattr(connector, "combines_turns", False))
+
+
+def _bot_reply(item: Activity) -> bool:
+    """A bot's message answering an inbound item: what a combined turn is made of."""
+    return (item.type is ActivityType.MESSAGE and item.direction is Direction.OUTBOUND
+            and item.sender.role is Role.BOT and item.reply_to_id is not None
+            and not item.private)
+
+
+def same_turn(head: Activity, item: Activity) -> bool:
+    """``item`` belongs to the bot turn that ``head`` starts (next seqs are checked by
+    the caller): a bot reply to the same message, on the same channel and thread."""
+    return (_bot_reply(item) and item.reply_to_id == head.reply_to_id
+            and item.channel == head.channel and item.conversation_ref == head.conversation_ref)
+
+
+Claimed = tuple[Activity, int]  # an item claimed for a send (attempts counting it), its claim
 
 
 class DeliveredMarks:
@@ -311,52 +342,68 @@ class Outbox:
             ).to_list()
             if not docs:
                 return
-            item = from_doc(Activity, min(docs, key=lambda d: int(d["seq"])))
-            state = item.delivery
-            assert state is not None
-            if state.status is DeliveryStatus.PENDING and (
-                    state.next_attempt_at and state.next_attempt_at > now):
-                return  # backing off; the sweeper comes back when it is due
-            if item.id in born and state.status is DeliveryStatus.SENDING:
-                mine = born.pop(item.id)
-                assert mine.delivery is not None
-                first = mine.model_copy(update={"delivery": mine.delivery.model_copy(
-                    update={"attempts": mine.delivery.attempts + 1})})
-                if not await self._attempt(first, conversation, claim=mine.delivery.attempts):
-                    return
-                continue
-            if state.status is DeliveryStatus.SENDING and state.owner != self.instance and (
-                    state.lease_until and state.lease_until > now):
-                return  # another worker holds it
-            lease_until = now + LEASE
-            claimed = await self.store.messages.update_one(
-                {"_id": item.id, "delivery.status": state.status.value,
-                 "delivery.attempts": state.attempts},
-                {"$set": {"delivery.status": DeliveryStatus.SENDING.value,
-                          "delivery.lease_until": lease_until, "delivery.owner": self.instance,
-                          "delivery.updated_at": now},
-                 "$inc": {"delivery.attempts": 1}},
-            )
-            if claimed.matched_count == 0:
-                return  # lost the race to another worker
-            claim = state.model_copy(update={
-                "status": DeliveryStatus.SENDING, "lease_until": lease_until,
-                "owner": self.instance, "updated_at": now, "attempts": state.attempts + 1})
-            if not await self._attempt(item.model_copy(update={"delivery": claim}),
-                                       conversation):
+            docs.sort(key=lambda d: int(d["seq"]))
+            head = from_doc(Activity, docs[0])
+            taken = await self._take(head, born, now)
+            if taken is None:
+                return  # backing off, held by another worker, or lost the race
+            group = [taken]
+            if combines_turns(self.connectors.get(head.channel)) and _bot_reply(head):
+                for doc in docs[1:]:  # the rest of the turn, while it follows seq by seq
+                    item = from_doc(Activity, doc)
+                    if item.seq != group[-1][0].seq + 1 or not same_turn(head, item):
+                        break
+                    if (more := await self._take(item, born, now)) is None:
+                        break
+                    group.append(more)
+            if not await self._attempt(group, conversation):
                 return
 
-    async def _attempt(self, item: Activity, conversation: Conversation | None = None,
-                       claim: int | None = None) -> bool:
-        """Send one claimed item and record the outcome. True if it is done with (sent,
-        skipped or given up), False if it waits for a retry (later items wait too).
-        ``item.delivery.attempts`` counts this send; ``claim`` is the count stored with
-        the claim, when it differs (an item stored claimed, not yet sent)."""
+    async def _take(self, item: Activity, born: dict[str, Activity],
+                    now: datetime) -> Claimed | None:
+        """Claim ``item`` for a send: one this process stored claimed is its already;
+        else a conditional update. None: not due, another worker's, or lost the race."""
+        state = item.delivery
+        assert state is not None
+        if state.status is DeliveryStatus.PENDING and (
+                state.next_attempt_at and state.next_attempt_at > now):
+            return None  # backing off; the sweeper comes back when it is due
+        if item.id in born and state.status is DeliveryStatus.SENDING:
+            mine = born.pop(item.id)
+            assert mine.delivery is not None
+            return mine.model_copy(update={"delivery": mine.delivery.model_copy(
+                update={"attempts": mine.delivery.attempts + 1})}), mine.delivery.attempts
+        if state.status is DeliveryStatus.SENDING and state.owner != self.instance and (
+                state.lease_until and state.lease_until > now):
+            return None  # another worker holds it
+        lease_until = now + LEASE
+        claimed = await self.store.messages.update_one(
+            {"_id": item.id, "delivery.status": state.status.value,
+             "delivery.attempts": state.attempts},
+            {"$set": {"delivery.status": DeliveryStatus.SENDING.value,
+                      "delivery.lease_until": lease_until, "delivery.owner": self.instance,
+                      "delivery.updated_at": now},
+             "$inc": {"delivery.attempts": 1}},
+        )
+        if claimed.matched_count == 0:
+            return None  # lost the race to another worker
+        claim = state.model_copy(update={
+            "status": DeliveryStatus.SENDING, "lease_until": lease_until,
+            "owner": self.instance, "updated_at": now, "attempts": state.attempts + 1})
+        return item.model_copy(update={"delivery": claim}), state.attempts + 1
+
+    async def _attempt(self, group: list[Claimed],
+                       conversation: Conversation | None = None) -> bool:
+        """Send claimed items (one, or a bot turn's replies for ``send_together``) and
+        record the outcome on each. True if they are done with (sent, skipped or given
+        up), False if they wait for a retry (later items wait too). Each item's
+        ``delivery.attempts`` counts this send; its claim is the count stored with the
+        claim (they differ for an item stored claimed, not yet sent)."""
+        item = group[0][0]
         assert item.delivery is not None
-        attempts = item.delivery.attempts
-        claim = attempts if claim is None else claim
+        attempts = max(i.delivery.attempts for i, _ in group if i.delivery is not None)
         if item.private:  # a private note is for agents only: never given to a connector
-            await self._finish(item, DeliveryResult(DeliveryStatus.SKIPPED), claim)
+            await self._finish(group, DeliveryResult(DeliveryStatus.SKIPPED))
             return True
         connector = self.connectors.get(item.channel)
         conversation = conversation or self._known.get(item.conversation_id)
@@ -366,23 +413,29 @@ class Outbox:
         if connector is None or conversation is None:
             error = DeliveryError(f"channel {item.channel!r} is not enabled")
         else:
+            addressed = _addressed(conversation, item.conversation_ref)
             try:
-                result = await connector.send(_addressed(conversation, item.conversation_ref),
-                                              item)
+                if len(group) == 1:
+                    result = await connector.send(addressed, item)
+                else:
+                    result = await connector.send_together(addressed, [i for i, _ in group])
             except DeliveryError as exc:
                 error = exc
             except Exception as exc:
-                log.exception("outbox: %s connector crashed sending %s", item.channel, item.id)
+                log.exception("outbox: %s connector crashed sending %s", item.channel,
+                              _ids(group))
                 error = DeliveryError(f"connector error: {exc!r}")
             else:
-                await self._finish(item, result, claim)
+                await self._finish(group, result)
                 return True
         now = utcnow()
         if error.permanent or attempts >= self.max_attempts:
             status, next_at = DeliveryStatus.FAILED, None
             if self.on_failed is not None:
-                self.on_failed(item.channel)
-            log.warning("outbox: giving up on %s after %d attempt(s): %s", item.id, attempts, error)
+                for _ in group:
+                    self.on_failed(item.channel)
+            log.warning("outbox: giving up on %s after %d attempt(s): %s",
+                        _ids(group), attempts, error)
         else:
             delay = (
                 error.retry_after
@@ -391,15 +444,15 @@ class Outbox:
             )
             status, next_at = DeliveryStatus.PENDING, now + timedelta(seconds=delay)
             log.info("outbox: %s attempt %d failed (%s); retry in %.1f s",
-                     item.id, attempts, error, delay)
-        await self.store.apply([Op("messages", self._still_mine(item, claim), {"$set": {
+                     _ids(group), attempts, error, delay)
+        await self.store.apply([Op("messages", self._still_mine(member, claim), {"$set": {
             "delivery.status": status.value,
-            "delivery.attempts": attempts,
+            "delivery.attempts": member.delivery.attempts if member.delivery else attempts,
             "delivery.next_attempt_at": next_at,
             "delivery.lease_until": None,
             "delivery.last_error": str(error),
             "delivery.updated_at": now,
-        }})])
+        }}) for member, claim in group])
         return status is DeliveryStatus.FAILED
 
     @staticmethod
@@ -408,32 +461,36 @@ class Outbox:
         return {"_id": item.id, "delivery.status": DeliveryStatus.SENDING.value,
                 "delivery.attempts": claim}
 
-    async def _finish(self, item: Activity, result: DeliveryResult, claim: int) -> None:
-        """Record a send's outcome. The network has it now: while the store is away the
-        write is retried for as long as this process's claim lasts, so that a store
-        outage does not make another worker send it again when the claim expires (the
-        duplicate window is then only a crash of this process between the send and this
-        write; docs/delivery.md)."""
-        assert item.delivery is not None
-        op = Op("messages", self._still_mine(item, claim), {"$set": {
-            "delivery.status": result.status.value,
-            "delivery.attempts": item.delivery.attempts,
-            "delivery.external_id": result.external_id,
-            "delivery.lease_until": None,
-            "delivery.last_error": None,
-            "delivery.updated_at": utcnow(),
-        }})
-        claim_ends = item.delivery.lease_until or utcnow() + LEASE
+    async def _finish(self, group: list[Claimed], result: DeliveryResult) -> None:
+        """Record a send's outcome (on each item it sent). The network has it now: while
+        the store is away the write is retried for as long as this process's claim lasts,
+        so that a store outage does not make another worker send it again when the claim
+        expires (the duplicate window is then only a crash of this process between the
+        send and this write; docs/delivery.md)."""
+        now = utcnow()
+        ops: list[Op] = []
+        claim_ends = now + LEASE
+        for item, claim in group:
+            assert item.delivery is not None
+            ops.append(Op("messages", self._still_mine(item, claim), {"$set": {
+                "delivery.status": result.status.value,
+                "delivery.attempts": item.delivery.attempts,
+                "delivery.external_id": result.external_id,
+                "delivery.lease_until": None,
+                "delivery.last_error": None,
+                "delivery.updated_at": now,
+            }}))
+            claim_ends = min(claim_ends, item.delivery.lease_until or claim_ends)
         pause = 0.2
         while True:
             try:
-                await self.store.apply([op])
+                await self.store.apply(ops)
                 return
             except PyMongoError as exc:
                 if utcnow() + timedelta(seconds=pause) >= claim_ends - FINISH_MARGIN:
                     raise
                 log.warning("outbox: %s sent, its status not yet written (%s); retrying",
-                            item.id, exc)
+                            _ids(group), exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 5.0)
 
@@ -463,3 +520,9 @@ class Outbox:
     async def stop(self, grace: float = 5.0) -> None:
         await self._background.stop(grace)
         await self.marks.stop()
+
+
+def _ids(group: Sequence[Claimed]) -> str:
+    """The items of a send, for the log: one id, or the first and how many more."""
+    first = group[0][0].id
+    return first if len(group) == 1 else f"{first} (+{len(group) - 1} of its turn)"

@@ -13,7 +13,13 @@ from hypothesis import strategies as st
 
 from connectors.email.connector import inbound_message
 from connectors.email.parse import Limits, ParsedMail, Rejected, parse_mail
-from connectors.email.render import HeaderInjection, Outgoing, build, reply_subject
+from connectors.email.render import (
+    HeaderInjection,
+    Outgoing,
+    OutgoingFile,
+    build,
+    reply_subject,
+)
 from connectors.email.text import html_to_text, sanitize_html, strip_reply
 from connectors.email.threads import Thread, choice, token_for
 from gateway.model import Button
@@ -117,18 +123,34 @@ def test_html_only_is_converted_and_sanitised() -> None:
         assert bad not in parsed.html
 
 
-def test_attachments_are_listed_with_sizes_and_numbered_links() -> None:
+def test_attachments_become_files_with_their_bytes_and_part_numbers() -> None:
     message = EmailMessage()
     message["From"] = "a@b.test"
     message.set_content("see attached")
     message.add_attachment(b"x" * 1234, maintype="image", subtype="png", filename="../../a.png")
     message.add_attachment(b"y" * 10, maintype="application", subtype="octet-stream",
-                           filename="b.bin")
+                           filename="Grüße.bin")  # RFC 2231-encoded by the stdlib
+    message.add_attachment(b"", maintype="text", subtype="plain", filename="empty.txt")
     parsed = parse_mail(message.as_bytes(), LIMITS)
-    assert [(a.name, a.content_type, a.size) for a in parsed.attachments] == [
-        (".._.._a.png", "image/png", 1234), ("b.bin", "application/octet-stream", 10)]
-    assert parsed.attachments[0].url == f"/email/raw/{parsed.digest}/parts/2"
+    assert [(f.key, f.name, f.content_type, f.size, f.data) for f in parsed.files] == [
+        ("2", "../../a.png", "image/png", 1234, b"x" * 1234),  # the store keeps "a.png"
+        ("3", "Grüße.bin", "application/octet-stream", 10, b"y" * 10),
+        ("4", "empty.txt", "text/plain", 0, b"")]
     assert parsed.text == "see attached"
+
+
+def test_encoded_word_file_names_and_inline_images_are_decoded() -> None:
+    raw = (b"From: a@b.test\r\nContent-Type: multipart/related; boundary=b\r\n\r\n"
+           b"--b\r\nContent-Type: text/html\r\n\r\n<p>see <img src=cid:i1></p>\r\n"
+           b"--b\r\nContent-Type: image/gif\r\nContent-ID: <i1>\r\n"
+           b"Content-Disposition: inline\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           b"R0lGODlhAQABAAAAACw=\r\n"
+           b"--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment;"
+           b' filename="=?UTF-8?B?UmVjaG51bmcgw6QucGRm?="\r\n\r\n%PDF-1.4\r\n--b--\r\n')
+    parsed = parse_mail(raw, LIMITS)
+    assert [(f.key, f.name, f.content_type) for f in parsed.files] == [
+        ("2", None, "image/gif"), ("3", "Rechnung ä.pdf", "application/pdf")]
+    assert parsed.files[0].data == b"GIF89a\x01\x00\x01\x00\x00\x00\x00,"
 
 
 def test_too_many_attachments_is_a_problem() -> None:
@@ -138,7 +160,7 @@ def test_too_many_attachments_is_a_problem() -> None:
     for n in range(5):
         message.add_attachment(b"x", maintype="image", subtype="png", filename=f"{n}.png")
     parsed = parse_mail(message.as_bytes(), Limits(max_attachments=3))
-    assert len(parsed.attachments) == 3 and parsed.problem is not None
+    assert len(parsed.files) == 3 and parsed.problem is not None
 
 
 def _nested(depth: int) -> bytes:
@@ -254,6 +276,29 @@ def test_rendered_bot_mail() -> None:
     html = again.get_body(("html",)).get_content()  # type: ignore[union-attr]
     assert "Hello <you>\n\n1. Opening hours\n2. Shipping costs\n3. Talk to a human" in plain
     assert "Hello &lt;you&gt;" in html and "<li>Shipping costs</li>" in html
+
+
+def test_files_are_attached_with_their_names_and_types() -> None:
+    files = [OutgoingFile("Grüße.pdf", "application/pdf", b"%PDF-1.4\x00\xff"),
+             OutgoingFile("odd.bin", "not a type", b"\x00\x01"),
+             OutgoingFile("mail.eml", "message/rfc822", b"From: a@b.test\r\n\r\nhi\r\n")]
+    message = build(outgoing(buttons=[], files=files))
+    again = BytesParser(policy=policy.default).parsebytes(message.as_bytes())
+    assert again.get_content_type() == "multipart/mixed"
+    assert again.get_body(("plain",)).get_content().strip() == "Hello <you>"  # type: ignore[union-attr]
+    found = [(p.get_filename(), p.get_content_type()) for p in again.iter_attachments()]
+    assert found == [("Grüße.pdf", "application/pdf"), ("odd.bin", "application/octet-stream"),
+                     ("mail.eml", "application/octet-stream")]  # no base64 message/*
+    first = next(again.iter_attachments())
+    assert first.get_content() == b"%PDF-1.4\x00\xff"
+    with pytest.raises(HeaderInjection):
+        build(outgoing(files=[OutgoingFile("a\r\nBcc: x@y.test", "text/plain", b"x")]))
+
+
+def test_choices_without_text_start_the_body() -> None:
+    message = build(outgoing(text=""))
+    plain = message.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    assert plain.startswith("1. Opening hours\n")
 
 
 def test_human_mail_has_no_auto_submitted() -> None:

@@ -2,33 +2,42 @@
 
 Inbound, every mail (from IMAP or the SMTP server) takes one road, ``take_in``: parse →
 dedupe by Message-ID → find its conversation (threads.py) → keep the raw bytes → ingest.
+Its attachment parts and inline images go in as ``InboundMessage.files`` (the pipeline
+keeps them in the attachment store); the raw mail itself is kept there too, as
+``message.eml`` (``channel_data["raw_attachment_id"]``), so agents read both through
+``GET /api/v1/attachments/{id}`` with the same access rules as every file.
 Mail that is itself automatic (Auto-Submitted, Precedence bulk/list/junk, mailer-daemon,
 bounces, lists) and mail that was not unpacked (MIME bombs, too large) is stored for
 agents and its conversation is put in the agents' queue before it is stored, so the bot
 never answers it: no mail loops.
 
-Outbound, ``send`` renders one stored item as one mail (render.py), remembers its
-Message-ID for threading, and sends it (smtp_out.py). Events (handoff, assigned, ...)
-are not mailed.
-
-Agents fetch the raw message and its attachments with their API token:
-``GET /email/raw/{digest}`` and ``GET /email/raw/{digest}/parts/{n}``.
+Outbound, ``send`` renders one stored item as one mail (render.py), its files attached,
+remembers its Message-ID for threading, and sends it (smtp_out.py). A bot turn's replies
+go out as one mail (``combines_turns``: the outbox hands them to ``send_together``).
+Events (handoff, assigned, ...) are not mailed.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from aiohttp import web
 from bson import Binary
-from pymongo.errors import PyMongoError
+from gridfs.errors import NoFile
 
 from connectors.base import Connector, ConnectorContext, DeliveryError, DeliveryResult
 from connectors.email import verify
 from connectors.email.imap import ImapInbox, ImapOptions, Outcome
-from connectors.email.parse import Limits, ParsedMail, Rejected, leaves, parse_bytes, parse_mail
-from connectors.email.render import HeaderInjection, Outgoing, build, reply_subject
+from connectors.email.parse import Limits, ParsedMail, Rejected, parse_mail
+from connectors.email.render import (
+    HeaderInjection,
+    Outgoing,
+    OutgoingFile,
+    build,
+    reply_subject,
+)
 from connectors.email.smtp_in import InboundHandler, SmtpListener
 from connectors.email.smtp_out import RecipientRefused, SmtpSender
 from connectors.email.threads import (
@@ -40,11 +49,12 @@ from connectors.email.threads import (
     thread_state_key,
 )
 from gateway.channel_settings import EmailSettings
-from gateway.keys import AGENTS
+from gateway.files import Files, attachment_key
 from gateway.leases import Singleton
 from gateway.model import (
     Activity,
     ActivityType,
+    AttachmentState,
     Conversation,
     DeliveryStatus,
     Direction,
@@ -56,6 +66,9 @@ from gateway.model import (
 log = logging.getLogger(__name__)
 
 NOT_UNPACKED = "This mail was not unpacked ({problem}). The original is kept for agents."
+RAW_NAME = "message.eml"  # the raw mail in the attachment store
+RAW_TYPE = "message/rfc822"
+MAX_FILES = 100  # InboundMessage.files holds at most this many
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +98,7 @@ def inbound_message(parsed: ParsedMail, thread: Thread, source: str, kept: int) 
         timestamp=parsed.date,
         text=text,
         value=None if no_reply else choice(parsed.text, thread.buttons),
-        attachments=parsed.attachments,
+        files=parsed.files[:MAX_FILES],
         reply_to_external_id=parsed.in_reply_to[0] if parsed.in_reply_to else None,
         channel_data={
             "source": source,
@@ -100,7 +113,7 @@ def inbound_message(parsed: ParsedMail, thread: Thread, source: str, kept: int) 
             "full_text": parsed.full_text,  # the whole body, quotes and signature included
             "html": parsed.html,  # sanitised with nh3
             "raw_digest": parsed.digest,
-            "raw_url": f"/email/raw/{parsed.digest}",
+            "raw_attachment_id": raw_attachment_id(parsed.external_id),
             "raw_size": parsed.raw_size,
             "raw_kept": kept,
             "automatic": parsed.automatic,
@@ -114,8 +127,14 @@ def raw_key(digest: str) -> str:
     return f"raw:{digest}"
 
 
+def raw_attachment_id(external_id: str) -> str:
+    """The id of a mail's raw copy in the attachment store (one per Message-ID)."""
+    return attachment_key(CHANNEL, external_id, RAW_NAME)
+
+
 class EmailConnector(Connector):
     channel = CHANNEL
+    combines_turns = True  # a bot turn's replies: one mail (send_together)
 
     def __init__(self, settings: EmailSettings, options: EmailOptions | None = None) -> None:
         self.settings = settings
@@ -126,6 +145,7 @@ class EmailConnector(Connector):
         self.imap_lease: Singleton | None = None  # several processes: one reads the mailbox
         self.listener: SmtpListener | None = None
         self._context: ConnectorContext | None = None
+        self._own_files: Files | None = None
 
     @property
     def context(self) -> ConnectorContext:
@@ -135,11 +155,17 @@ class EmailConnector(Connector):
 
     # ------------------------------------------------------------------- wiring
 
+    @property
+    def files(self) -> Files:
+        """The attachment store (the core's; one of our own if the context has none)."""
+        if self.context.files is not None:
+            return self.context.files
+        if self._own_files is None:
+            self._own_files = Files(self.context.store)
+        return self._own_files
+
     def setup(self, app: web.Application) -> None:
-        sub = web.Application()
-        sub.router.add_get("/raw/{digest}", self.handle_raw)
-        sub.router.add_get("/raw/{digest}/parts/{number}", self.handle_part)
-        app.add_subapp("/email", sub)
+        """No routes: agents read mail and its files through the agent API."""
 
     async def start(self, context: ConnectorContext) -> None:
         self._context = context
@@ -193,7 +219,10 @@ class EmailConnector(Connector):
         parsed = parse_mail(raw, self.options.limits, envelope_from=envelope_from, size=size)
         if parsed.sender == self.address:
             raise Rejected("mail from our own address (a loop)")
-        if await store.find_by_external_id(CHANNEL, parsed.external_id) is not None:
+        kept = raw[: self.options.limits.max_bytes]
+        existing = await store.find_by_external_id(CHANNEL, parsed.external_id)
+        if existing is not None:  # (its raw copy, if a crash came between the two)
+            await self._keep_raw(existing, kept)
             return Outcome.DUPLICATE
         thread = await Threads(store, self.address).resolve(parsed)
         no_reply = parsed.automatic or parsed.problem
@@ -203,7 +232,6 @@ class EmailConnector(Connector):
         elif parsed.automatic is not None:
             log.info("email: mail %s from %s is automatic (%s): stored, not answered",
                      parsed.external_id, parsed.sender, parsed.automatic)
-        kept = raw[: self.options.limits.max_bytes]
         await store.put_state(CHANNEL, raw_key(parsed.digest), {
             "raw": Binary(kept), "size": parsed.raw_size, "truncated": len(kept) < len(raw)
             or parsed.raw_size > len(raw)})
@@ -217,7 +245,20 @@ class EmailConnector(Connector):
         # to us alone: may continue the sender's open conversation on another channel
         message.channel_data["one_to_one"] = set(parsed.recipients) == {self.address}
         result = await self.context.ingest(message)
+        await self._keep_raw(result.item, kept)
         return Outcome.DUPLICATE if result.duplicate else Outcome.STORED
+
+    async def _keep_raw(self, item: Activity, kept: bytes) -> None:
+        """The raw mail as an attachment of its conversation (``message.eml``), once.
+        Written after the item (whose conversation it belongs to): a crash in between is
+        mended when the mail comes again (IMAP: not yet \\Seen; SMTP: no 250 yet)."""
+        attachment_id = item.channel_data.get("raw_attachment_id")
+        if not isinstance(attachment_id, str):
+            return  # stored before raw mail was kept as an attachment
+        await self.files.store.put(
+            attachment_id, kept, name=RAW_NAME, content_type=RAW_TYPE,
+            conversation_id=item.conversation_id, contact_id=item.contact_id,
+            sender=item.sender, channel=CHANNEL, direction=Direction.INBOUND, item_id=item.id)
 
     # ------------------------------------------------------------------ outbound
 
@@ -231,45 +272,57 @@ class EmailConnector(Connector):
         await verify.send_code(sender, self.address, address, code, minutes)
 
     async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
-        if item.type is ActivityType.EVENT or not (item.text or item.buttons):
+        return await self.send_together(conversation, [item])
+
+    async def send_together(self, conversation: Conversation,
+                            items: Sequence[Activity]) -> DeliveryResult:
+        """One mail for ``items`` (one item, or a bot turn's replies): the texts in order,
+        then every button as one numbered list, then every file attached. Its Message-ID
+        is made from the first item's id, so a retry of the same items is the same mail."""
+        said = [i for i in items if i.type is ActivityType.MESSAGE
+                and (i.text or i.buttons or i.attachments)]
+        if not said:
             return DeliveryResult(DeliveryStatus.SKIPPED)  # no mail for events
+        first = said[0]
         store = self.context.store
         key = conversation.thread_key
         thread = await store.get_state(CHANNEL, thread_state_key(key))
         if not thread or not thread.get("address"):
             raise DeliveryError(f"no email address known for thread {key}", permanent=True)
-        parent = await self._parent(conversation, item)
-        if item.sender.role is Role.BOT and parent is not None and \
-                parent.channel_data.get("no_reply"):
+        parent = await self._parent(conversation, first)
+        bot = first.sender.role is Role.BOT
+        if bot and parent is not None and parent.channel_data.get("no_reply"):
             log.info("email: not answering automatic mail %s", parent.external_id)
             return DeliveryResult(DeliveryStatus.SKIPPED)
         in_reply_to = parent.channel_data.get("message_id") if parent is not None else None
         references: list[str] = []
         if parent is not None and in_reply_to:
             references = [*parent.channel_data.get("references", []), in_reply_to]
-        message_id = f"<omnigate.{item.id}@{self.domain}>"  # the same on every retry
-        default_name = "Support" if item.sender.role is Role.BOT else None
+        message_id = f"<omnigate.{first.id}@{self.domain}>"  # the same on every retry
+        files, links = await self._files_of(said)
+        buttons = [b for i in said for b in i.buttons]
         try:
             message = build(Outgoing(
                 from_address=self.address,
-                from_name=item.sender.name or default_name,
+                from_name=first.sender.name or ("Support" if bot else None),
                 to_address=str(thread["address"]),
                 to_name=thread.get("name"),
                 subject=reply_subject(str(thread.get("subject") or ""), key),
                 message_id=message_id,
                 in_reply_to=in_reply_to,
                 references=references,
-                text=item.text or "",
-                buttons=item.buttons,
-                automatic=item.sender.role is Role.BOT,
+                text="\n\n".join([*(i.text for i in said if i.text), *links]),
+                buttons=buttons,
+                automatic=bot,
+                files=files,
             ))
         except HeaderInjection as exc:
-            log.warning("email: refusing to send %s: %s", item.id, exc)
+            log.warning("email: refusing to send %s: %s", first.id, exc)
             raise DeliveryError(f"refused: {exc}", permanent=True) from None
-        buttons = [b.model_dump() for b in item.buttons]
+        choices = [b.model_dump() for b in buttons]
         await store.put_state(CHANNEL, id_key(message_id), {
-            "thread_key": key, "conversation_id": conversation.id, "buttons": buttons})
-        await store.put_state(CHANNEL, thread_state_key(key), {"buttons": buttons})
+            "thread_key": key, "conversation_id": conversation.id, "buttons": choices})
+        await store.put_state(CHANNEL, thread_state_key(key), {"buttons": choices})
         sender = SmtpSender(self.settings.smtp, self.options.smtp_timeout)
         try:
             await sender.send(message, self.address, str(thread["address"]))
@@ -277,6 +330,31 @@ class EmailConnector(Connector):
             await store.set_identity_reachable(CHANNEL, str(thread["address"]), False, str(exc))
             raise
         return DeliveryResult(DeliveryStatus.DELIVERED, external_id=message_id)
+
+    async def _files_of(self, items: Sequence[Activity]) -> tuple[list[OutgoingFile], list[str]]:
+        """The items' files, read from the attachment store, and lines naming the files
+        that exist only as a link (items from before the store). A file that cannot be
+        read refuses the mail (permanently: trying again will not bring it back)."""
+        files: list[OutgoingFile] = []
+        links: list[str] = []
+        for item in items:
+            for a in item.attachments:
+                if a.id is not None and a.state in (None, AttachmentState.STORED):
+                    try:
+                        stored = await self.files.load(a.id)
+                    except NoFile:
+                        stored = None
+                    if stored is None:
+                        raise DeliveryError(f"attachment {a.name or a.id} is not in the "
+                                            "attachment store", permanent=True)
+                    files.append(OutgoingFile(stored.name, stored.content_type, stored.data))
+                elif a.url:
+                    links.append(f"{a.name or 'file'}: {a.url}")
+                else:
+                    state = a.state.value if a.state is not None else "unknown"
+                    raise DeliveryError(f"attachment {a.name or 'file'} cannot be sent "
+                                        f"({state})", permanent=True)
+        return files, links
 
     async def _parent(self, conversation: Conversation, item: Activity) -> Activity | None:
         """The customer's mail this item answers: its reply_to, else their latest mail."""
@@ -288,56 +366,3 @@ class EmailConnector(Connector):
         items, _ = await store.history(conversation.id, before=item.seq, limit=50)
         return next((i for i in items if i.direction is Direction.INBOUND
                      and i.channel_data.get("message_id")), None)
-
-    # -------------------------------------------------------- agents: raw mail
-
-    async def _raw_for_agent(self, request: web.Request) -> bytes:
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        agent = None
-        try:
-            if scheme.lower() == "bearer" and self._context is not None:
-                agent = await request.config_dict[AGENTS].authenticate(token.strip())
-            if agent is None:
-                raise web.HTTPUnauthorized(
-                    text="send Authorization: Bearer <agent token>",
-                    headers={"WWW-Authenticate": 'Bearer realm="omnigate"'})
-            digest = request.match_info["digest"]
-            if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-                raise web.HTTPNotFound(text="no such message")
-            state = await self.context.store.get_state(CHANNEL, raw_key(digest))
-        except PyMongoError:
-            raise web.HTTPServiceUnavailable(text="the store is unavailable") from None
-        if state is None or "raw" not in state:
-            raise web.HTTPNotFound(text="no such message")
-        return bytes(state["raw"])
-
-    async def handle_raw(self, request: web.Request) -> web.StreamResponse:
-        raw = await self._raw_for_agent(request)
-        return web.Response(body=raw, content_type="message/rfc822", headers=_DOWNLOAD)
-
-    async def handle_part(self, request: web.Request) -> web.StreamResponse:
-        raw = await self._raw_for_agent(request)
-        number = request.match_info["number"]
-        if not number.isdigit():
-            raise web.HTTPNotFound(text="no such part")
-        try:
-            message = parse_bytes(raw)
-            part = next((p for n, p in leaves(message, self.options.limits)
-                         if n == int(number)), None)
-            body = part.get_payload(decode=True) if part is not None else None
-        except Exception:
-            body = None
-        if not isinstance(body, bytes):
-            raise web.HTTPNotFound(text="no such part")
-        return web.Response(body=body, content_type="application/octet-stream",
-                            headers=_DOWNLOAD)
-
-
-_DOWNLOAD = {
-    "Content-Disposition": "attachment",
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "default-src 'none'; sandbox",
-    "Cache-Control": "private, no-store",
-}
-

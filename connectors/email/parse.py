@@ -5,6 +5,9 @@ malformed headers, unknown charsets and broken MIME degrade to what can be read.
 bombs (too many parts, nesting too deep, too large) are not unpacked: the result carries
 a ``problem`` note, the headers, and no text for the bot; the raw bytes are kept (up to
 the size limit) so an agent can still look at the message.
+
+Attachment parts and inline images become ``files`` (``IncomingFile`` with the decoded
+bytes, keyed by the part's number): the pipeline keeps them in the attachment store.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email import policy
@@ -22,7 +24,7 @@ from email.parser import BytesParser
 from email.utils import getaddresses, parsedate_to_datetime
 
 from connectors.email.text import html_to_text, sanitize_html, strip_reply
-from gateway.model import Attachment
+from gateway.model import IncomingFile
 
 MAX_HEADER_CHARS = 998  # RFC 5322 line limit: longer decoded values are cut
 MAX_IDS = 50  # Message-IDs read from References / In-Reply-To
@@ -62,7 +64,7 @@ class ParsedMail:
     full_text: str  # the whole body as text, for agents
     text: str | None  # what the customer wrote (quotes and signature stripped), for the bot
     html: str | None  # the HTML body, sanitised
-    attachments: list[Attachment] = field(default_factory=list)
+    files: list[IncomingFile] = field(default_factory=list)  # attachments, inline images
     automatic: str | None = None  # why this mail must not be answered
     problem: str | None = None  # why it was not unpacked (MIME bomb, too large, ...)
     raw_size: int = 0
@@ -195,24 +197,32 @@ def _text_of(part: Message) -> str:
 
 
 def _filename(part: Message) -> str | None:
+    """The part's file name as the sender's client wrote it, decoded (RFC 2231 and
+    encoded-words); the attachment store keeps only its last path segment."""
     try:
         name = part.get_filename()
     except Exception:
         return None
     if not name:
         return None
-    name = _CONTROL.sub("", str(name)).replace("/", "_").replace("\\", "_").strip()
+    name = _decode_header(str(name)) if "=?" in str(name) else str(name)
+    name = _CONTROL.sub("", name).strip()
     return name[:200] or None
 
 
-def leaves(root: Message, limits: Limits) -> Iterator[tuple[int, Message]]:
-    """Numbered non-multipart parts (the numbering attachment links use)."""
-    parts, _ = _walk(root, limits)
-    number = 0
-    for part, _depth in parts:
-        if not part.is_multipart():
-            number += 1
-            yield number, part
+def _part_bytes(part: Message) -> bytes:
+    """A leaf part's content, transfer-decoded; what cannot be decoded is kept as sent."""
+    try:
+        payload = part.get_payload(decode=True)
+    except Exception:
+        payload = None
+    if isinstance(payload, bytes):
+        return payload
+    try:
+        raw = part.get_payload()
+    except Exception:
+        return b""
+    return raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else b""
 
 
 def parse_bytes(raw: bytes) -> Message:
@@ -337,16 +347,13 @@ def _read_body(parsed: ParsedMail, message: Message, limits: Limits) -> None:
         elif disposition != "attachment" and content_type == "text/html" and markup is None:
             markup = _text_of(part)
         elif content_type not in ("text/plain", "text/html") or disposition == "attachment":
-            if len(parsed.attachments) >= limits.max_attachments:
+            if len(parsed.files) >= limits.max_attachments:
                 parsed.problem = f"more than {limits.max_attachments} attachments"
                 continue
-            try:
-                size = len(part.get_payload(decode=True) or b"")
-            except Exception:
-                size = 0
-            parsed.attachments.append(Attachment(
-                content_type=content_type[:200], name=_filename(part),
-                url=f"/email/raw/{parsed.digest}/parts/{number}", size=size))
+            data = _part_bytes(part)
+            parsed.files.append(IncomingFile(
+                key=str(number), name=_filename(part), content_type=content_type[:200],
+                size=len(data), data=data))
     if markup is not None:
         parsed.html = sanitize_html(markup)
     full = plain if plain is not None and plain.strip() else (

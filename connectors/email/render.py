@@ -3,13 +3,14 @@
 Every header value is checked for CR/LF first (``HeaderInjection``: never sent); bot mail
 carries ``Auto-Submitted: auto-replied`` (RFC 3834); replies carry In-Reply-To and
 References; the body is plain text plus an HTML alternative made only of escaped text
-(and cleaned by nh3 once more). Buttons become a numbered list in both.
+(and cleaned by nh3 once more). Buttons become a numbered list in both. Files go along
+as MIME attachments (``multipart/mixed``) with their stored name and content type.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
@@ -21,6 +22,7 @@ from gateway.model import Button
 
 MAX_REFERENCES = 20
 CHOICE_HINT = "Reply with the number or the name of your choice."
+_TOKEN = re.compile(r"^[a-z0-9][a-z0-9!#$&^_.+-]{0,126}$")
 
 
 class HeaderInjection(ValueError):
@@ -31,6 +33,15 @@ def checked(name: str, value: str) -> str:
     if "\r" in value or "\n" in value or "\x00" in value:
         raise HeaderInjection(f"{name}: header value contains a line break or NUL")
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingFile:
+    """A file to attach: its bytes, name and content type as the attachment store has them."""
+
+    name: str
+    content_type: str
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +57,7 @@ class Outgoing:
     text: str
     buttons: list[Button]
     automatic: bool  # bot mail: Auto-Submitted: auto-replied
+    files: list[OutgoingFile] = field(default_factory=list)
 
 
 def reply_subject(subject: str, token: str) -> str:
@@ -67,7 +79,8 @@ def body_text(text: str, buttons: list[Button]) -> str:
     if not buttons:
         return text
     lines = [f"{n}. {b.title}" for n, b in enumerate(buttons, 1)]
-    return f"{text}\n\n" + "\n".join(lines) + f"\n\n{CHOICE_HINT}"
+    lead = f"{text}\n\n" if text else ""
+    return lead + "\n".join(lines) + f"\n\n{CHOICE_HINT}"
 
 
 def body_html(text: str, buttons: list[Button]) -> str:
@@ -108,4 +121,24 @@ def build(mail: Outgoing) -> EmailMessage:
     message["X-Auto-Response-Suppress"] = "All"
     message.set_content(body_text(mail.text, mail.buttons))
     message.add_alternative(body_html(mail.text, mail.buttons), subtype="html")
+    for file in mail.files:
+        attach(message, file)
     return message
+
+
+def attach(message: EmailMessage, file: OutgoingFile) -> None:
+    """Add ``file`` as an attachment (the message becomes multipart/mixed), base64. A
+    content type that cannot be carried so goes as application/octet-stream: a malformed
+    one, multipart/*, and message/* (RFC 2046 allows it no base64, and stored bytes are
+    not known to be a well-formed 7-bit mail)."""
+    checked("filename", file.name)
+    maintype, _, subtype = file.content_type.partition(";")[0].strip().lower().partition("/")
+    if not _TOKEN.match(maintype) or not _TOKEN.match(subtype) or \
+            maintype in ("multipart", "message"):
+        maintype, subtype = "application", "octet-stream"
+    try:
+        message.add_attachment(file.data, maintype=maintype, subtype=subtype,
+                               filename=file.name)
+    except (ValueError, TypeError):
+        message.add_attachment(file.data, maintype="application", subtype="octet-stream",
+                               filename=file.name)
