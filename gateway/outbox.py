@@ -63,6 +63,9 @@ from gateway.store.writer import Duplicate
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(seconds=60)
+# An item's claim lasts this much longer per file it carries: uploading several large
+# files on a slow link must not outlast it (another worker would send them again).
+FILE_LEASE = timedelta(seconds=90)
 MAX_BACKOFF = 300.0
 FINISH_MARGIN = timedelta(seconds=5)  # a status write is given up this long before the claim ends
 MARK_EVERY = 1.0  # seconds: delivered marks not carried by a turn are written this often
@@ -79,6 +82,11 @@ def _addressed(conversation: Conversation, ref: ConversationRef) -> Conversation
 
 def store_backed(connector: Connector | None) -> bool:
     return bool(getattr(connector, "store_backed", False))
+
+
+def lease_for(files: int) -> timedelta:
+    """How long a claim to send an item with ``files`` files lasts."""
+    return LEASE + files * FILE_LEASE
 
 
 def combines_turns(connector: Connector | None) -> bool:
@@ -192,7 +200,8 @@ class Outbox:
             else:
                 # claimed, not yet attempted (attempts counts sends: the first makes it 1)
                 state = delivery(DeliveryStatus.SENDING, now, attempts=0,
-                                 lease_until=now + LEASE, owner=self.instance)
+                                 lease_until=now + lease_for(len(draft.attachments)),
+                                 owner=self.instance)
             docs.append(outbound_doc(addressed, draft, now, state))
         return docs
 
@@ -376,7 +385,7 @@ class Outbox:
         if state.status is DeliveryStatus.SENDING and state.owner != self.instance and (
                 state.lease_until and state.lease_until > now):
             return None  # another worker holds it
-        lease_until = now + LEASE
+        lease_until = now + lease_for(len(item.attachments))
         claimed = await self.store.messages.update_one(
             {"_id": item.id, "delivery.status": state.status.value,
              "delivery.attempts": state.attempts},

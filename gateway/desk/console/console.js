@@ -707,6 +707,11 @@
     if (item.attachments && item.attachments.length) {
       li.append(h("ul", { class: "c-attachments", "data-c": "attachments" }, ...item.attachments.map(renderAttachment)));
     }
+    const raw = item.channel_data && item.channel_data.raw_attachment_id;
+    if (typeof raw === "string" && raw) {  // a mail: the message as received
+      li.append(h("a", { class: "c-raw-mail", "data-c": "raw-mail", download: "message.eml",
+        href: API + "/attachments/" + encodeURIComponent(raw) + "?download=true", text: "Original mail (.eml)" }));
+    }
     if (item.buttons && item.buttons.length) {
       li.append(h("div", { class: "c-buttons" }, ...item.buttons.map((b) => h("span", { class: "c-chip", text: b.title || b.value || "" }))));
     }
