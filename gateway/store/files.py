@@ -33,7 +33,8 @@ from gateway.store.mongo import Store
 
 BUCKET = "attachment_files"
 RECORDS = "attachments"
-ORPHAN_AFTER = timedelta(hours=1)  # a GridFS file without a record this old is deleted
+ORPHAN_AFTER = timedelta(hours=1)
+READ_SIZE = 4 * 1024 * 1024  # bytes read from GridFS at a time when a file is served  # a GridFS file without a record this old is deleted
 
 
 class FileRecord(BaseModel):
@@ -109,10 +110,11 @@ class FileStore:
         stream = await self.bucket.open_download_stream(record.file_id)
         return bytes(await stream.read())
 
-    async def chunks(self, record: FileRecord) -> AsyncIterator[bytes]:
-        """The file's bytes, a GridFS chunk (255 KiB) at a time."""
+    async def chunks(self, record: FileRecord, size: int = READ_SIZE) -> AsyncIterator[bytes]:
+        """The file's bytes, ``size`` at a time (the GridFS chunks it spans are read in one
+        query: bench.files)."""
         stream = await self.bucket.open_download_stream(record.file_id)
-        while chunk := await stream.readchunk():
+        while chunk := await stream.read(size):
             yield bytes(chunk)
 
     async def sweep_orphans(self, older_than: timedelta = ORPHAN_AFTER,
