@@ -22,6 +22,7 @@ from datetime import datetime
 from urllib.parse import quote
 
 import puremagic
+from aiohttp import web
 
 from gateway.model import (
     Attachment,
@@ -150,6 +151,20 @@ class Files:
 
     async def read(self, record: FileRecord) -> bytes:
         return await self.store.read(record)
+
+    async def serve(self, request: web.Request, record: FileRecord, *, download: bool,
+                    cross_origin: bool = False) -> web.StreamResponse:
+        """Answer ``request`` with the file (streamed from the store): inline only for the
+        image types of INLINE_TYPES and unless ``download``; see ``file_headers``."""
+        inline = record.content_type in INLINE_TYPES and not download
+        response = web.StreamResponse(headers=file_headers(
+            record.name, record.content_type, record.size, inline=inline,
+            cross_origin=cross_origin))
+        await response.prepare(request)
+        async for chunk in self.store.chunks(record):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
 
     async def load(self, attachment_id: str) -> StoredFile | None:
         """A stored file with its bytes (None: no such attachment)."""

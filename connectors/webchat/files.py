@@ -29,7 +29,7 @@ from aiohttp import BodyPartReader, web
 from pymongo.errors import PyMongoError
 
 from connectors.webchat.tokens import CHANNEL, VISITOR_ID
-from gateway.files import INLINE_TYPES, clean_name, file_headers
+from gateway.files import clean_name
 from gateway.model import InboundMessage, IncomingFile, Party, Role
 
 if TYPE_CHECKING:
@@ -84,14 +84,8 @@ async def handle_download(chat: WebchatConnector, request: web.Request) -> web.S
             conversation.thread_key if conversation.channel == CHANNEL else None,
             conversation.routes.get(CHANNEL)):
         return _refused(404, "not_found", "no such file in this chat")
-    inline = record.content_type in INLINE_TYPES and request.query.get("download") != "1"
-    response = web.StreamResponse(headers=file_headers(
-        record.name, record.content_type, record.size, inline=inline, cross_origin=True))
-    await response.prepare(request)
-    async for chunk in files.store.chunks(record):
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    return await files.serve(request, record, download=request.query.get("download") == "1",
+                             cross_origin=True)
 
 
 @dataclass

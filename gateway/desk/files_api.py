@@ -21,7 +21,7 @@ from aiohttp import BodyPartReader, web
 from gateway.desk.auth import STAFF, AccessError, BadInput, Forbidden
 from gateway.desk.http import AGENT
 from gateway.desk.openapi import Endpoint, Query
-from gateway.files import INLINE_TYPES, Files, clean_name, file_headers
+from gateway.files import Files, clean_name
 from gateway.keys import FILES, STORE
 from gateway.model import Agent, AgentRole, Conversation
 from gateway.store import NotFound
@@ -61,14 +61,7 @@ async def get_attachment(request: web.Request) -> web.StreamResponse:
     download = request.query.get("download", "false")
     if download not in ("true", "false", "1", "0"):
         raise BadInput("download must be true or false (or 1 or 0)")
-    inline = record.content_type in INLINE_TYPES and download in ("false", "0")
-    response = web.StreamResponse(headers=file_headers(
-        record.name, record.content_type, record.size, inline=inline))
-    await response.prepare(request)
-    async for chunk in files.store.chunks(record):
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    return await files.serve(request, record, download=download in ("true", "1"))
 
 
 @dataclass

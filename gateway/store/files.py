@@ -33,8 +33,8 @@ from gateway.store.mongo import Store
 
 BUCKET = "attachment_files"
 RECORDS = "attachments"
-ORPHAN_AFTER = timedelta(hours=1)
-READ_SIZE = 4 * 1024 * 1024  # bytes read from GridFS at a time when a file is served  # a GridFS file without a record this old is deleted
+ORPHAN_AFTER = timedelta(hours=1)  # a GridFS file without a record this old is deleted
+READ_SIZE = 4 * 1024 * 1024  # bytes read from GridFS at a time when a file is served
 
 
 class FileRecord(BaseModel):
