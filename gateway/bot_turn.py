@@ -82,22 +82,32 @@ class BotTurns:
         return [Op("turn_state", {"_id": held.id, **epoch_is(held.epoch)},
                    {"$set": {"bot_state": dict(held.bot_state), "bot_since": held.bot_since}})]
 
+    def _state_op(self, conversation_id: str, *, state: Mapping[str, Any], since: int,
+                  processed: int, until: datetime, epoch: int | None = None
+                  ) -> tuple[Op, int | None]:
+        """The turn state written from a turn (required: the lease is this process's and
+        the bot owns the conversation; of ``epoch``, if given), with the delivered mark
+        waiting for it; the mark is returned, to give back if the write fails."""
+        highs: Doc = {"processed_seq": processed}
+        if (seen := self.outbox.marks.take(conversation_id)) is not None:
+            highs["delivered_seq"] = seen
+        query = self.turns.commit_filter(conversation_id, bot=True)
+        if epoch is not None:
+            query.update(epoch_is(epoch))
+        return Op("turn_state", query, {
+            "$set": {"bot_state": dict(state), "bot_since": since, "lease.until": until},
+            "$max": highs}, required=True), seen
+
     async def checkpoint(self, held: Held) -> bool:
         """Write the turn state from what the held conversation's turns recorded, with
         its lease renewed. False: not written (the bot no longer owns it, its memory was
         cleared, or the lease is gone): read again before the next turn."""
         held.checkpoint_due = False
-        now = utcnow()
-        until = now + LEASE
-        highs: Doc = {"processed_seq": held.processed}
-        if (seen := self.outbox.marks.take(held.id)) is not None:
-            highs["delivered_seq"] = seen
-        query = {**self.turns.commit_filter(held.id, bot=True), **epoch_is(held.epoch)}
+        until = utcnow() + LEASE
+        op, seen = self._state_op(held.id, state=held.bot_state, since=held.bot_since,
+                                  processed=held.processed, until=until, epoch=held.epoch)
         try:
-            await self.store.apply([Op("turn_state", query, {
-                "$set": {"bot_state": dict(held.bot_state), "bot_since": held.bot_since,
-                         "lease.until": until},
-                "$max": highs}, required=True)])
+            await self.store.apply([op])
         except BaseException as exc:
             if seen is not None:
                 self.outbox.marks.seen(held.id, seen)
@@ -185,13 +195,9 @@ class BotTurns:
                         since=since, events=turn.events)
         else:
             commit.until = now + LEASE
-            highs: Doc = {"processed_seq": item.seq}
-            if (seen := self.outbox.marks.take(conversation.id)) is not None:
-                highs["delivered_seq"] = commit.seen = seen
-            commit.ops.append(Op(
-                "turn_state", self.turns.commit_filter(conversation.id, bot=True),
-                {"$set": {"bot_state": dict(turn.state), "bot_since": since,
-                          "lease.until": commit.until}, "$max": highs}, required=True))
+            op, commit.seen = self._state_op(conversation.id, state=turn.state, since=since,
+                                             processed=item.seq, until=commit.until)
+            commit.ops.append(op)
             if turn.events:
                 commit.ops.append(events_op(conversation.id, item.seq, turn.events, now))
         active = conversation.last_activity_at
@@ -252,7 +258,6 @@ class BotTurns:
             )
             for n, reply in enumerate(turn.replies)
         ]
-
 
 
 def _flow(state: Mapping[str, Any]) -> str | None:
