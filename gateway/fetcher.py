@@ -18,8 +18,6 @@ tells the consoles to show the item again (gateway/feed.py).
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timedelta
@@ -33,6 +31,7 @@ from gateway.files import FETCHES, Files, FileTooLarge
 from gateway.model import Attachment, AttachmentState, Direction, Party, utcnow
 from gateway.store.files import ORPHAN_AFTER
 from gateway.store.mongo import Doc, Store
+from gateway.store.turns import instance_name
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,7 @@ class Fetcher:
         self.files = files
         self.connectors = connectors
         self.sweep_seconds = sweep_seconds
-        self.instance = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+        self.instance = instance_name()
         # (conversation id, item id, names): tell the customer a file was too large
         self.on_too_large: TooLarge | None = None
         self._background = Background("fetcher")

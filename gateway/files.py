@@ -22,7 +22,7 @@ from datetime import datetime
 from urllib.parse import quote
 
 import puremagic
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
 from gateway.model import (
     Attachment,
@@ -84,6 +84,25 @@ def detect(data: bytes) -> str:
     if any(ord(c) < 32 and c not in "\t\n\r\f" for c in text):
         return OCTET_STREAM
     return "text/plain"
+
+
+async def read_part(part: BodyPartReader, limit: int) -> bytes:
+    """A multipart part's bytes, read until ``limit``: one byte more is ``FileTooLarge``
+    (nothing beyond is read)."""
+    data = bytearray()
+    while chunk := await part.read_chunk(65536):
+        data += chunk
+        if len(data) > limit:
+            raise FileTooLarge(None, limit)
+    return bytes(data)
+
+
+def size_text(size: int) -> str:
+    """A size as people read it: 20 MB, 512 KB, 900 bytes."""
+    for unit, scale in (("MB", 1024 * 1024), ("KB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size} bytes"
 
 
 def clean_name(name: str | None, fallback: str) -> str:

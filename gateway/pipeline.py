@@ -40,7 +40,7 @@ from flows.bot import Bot
 from gateway.aio import Background
 from gateway.bot_turn import BOT_TIMEOUT, BotTurns
 from gateway.feed import Change, ChangeKind
-from gateway.files import Files
+from gateway.files import Files, size_text
 from gateway.held import Held
 from gateway.identity import Identity, is_link_payload
 from gateway.metrics import Metrics
@@ -212,9 +212,8 @@ class Pipeline:
                          names: list[str]) -> None:
         """Tell the customer, on their channel, which of their files were not kept (the
         agent sees them in the item, marked too large)."""
-        limit = self.files.max_bytes / (1024 * 1024)
         text = (f"Sorry, we could not receive {', '.join(names)}: files can be at most "
-                f"{limit:g} MB. Please send a smaller file or a link.")
+                f"{size_text(self.files.max_bytes)}. Please send a smaller file or a link.")
         await self.outbox.enqueue(conversation, [OutboundDraft(
             sender=self.bot_party, text=text, reply_to_id=item.id,
             dedupe_key=f"{item.id}:too-large")])

@@ -29,7 +29,7 @@ from aiohttp import BodyPartReader, web
 from pymongo.errors import PyMongoError
 
 from connectors.webchat.tokens import CHANNEL, VISITOR_ID
-from gateway.files import clean_name
+from gateway.files import FileTooLarge, clean_name, read_part, size_text
 from gateway.model import InboundMessage, IncomingFile, Party, Role
 
 if TYPE_CHECKING:
@@ -173,20 +173,10 @@ async def _read(request: web.Request, max_bytes: int, max_text: int) -> Upload:
 
 
 async def _limited(part: BodyPartReader, limit: int, code: str, message: str) -> bytes:
-    data = bytearray()
-    while chunk := await part.read_chunk(65536):
-        data += chunk
-        if len(data) > limit:
-            raise _Refused(413, code, message)
-    return bytes(data)
-
-
-def size_text(size: int) -> str:
-    """A size as people read it: 20 MB, 512 KB, 900 bytes."""
-    for unit, scale in (("MB", 1024 * 1024), ("KB", 1024)):
-        if size >= scale:
-            return f"{size / scale:.3g} {unit}"
-    return f"{size} bytes"
+    try:
+        return await read_part(part, limit)
+    except FileTooLarge:
+        raise _Refused(413, code, message) from None
 
 
 def _refused(status: int, code: str, message: str, **more: Any) -> web.Response:

@@ -21,7 +21,7 @@ from aiohttp import BodyPartReader, web
 from gateway.desk.auth import STAFF, AccessError, BadInput, Forbidden
 from gateway.desk.http import AGENT
 from gateway.desk.openapi import Endpoint, Query
-from gateway.files import Files, clean_name
+from gateway.files import Files, FileTooLarge, clean_name, read_part
 from gateway.keys import FILES, STORE
 from gateway.model import Agent, AgentRole, Conversation
 from gateway.store import NotFound
@@ -107,12 +107,10 @@ async def read_multipart(request: web.Request, max_bytes: int) -> ReplyParts:
 
 
 async def _read_limited(part: BodyPartReader, limit: int) -> bytes:
-    data = bytearray()
-    while chunk := await part.read_chunk(65536):
-        data += chunk
-        if len(data) > limit:
-            raise TooLarge(f"part {part.name!r} is larger than {limit} bytes")
-    return bytes(data)
+    try:
+        return await read_part(part, limit)
+    except FileTooLarge:
+        raise TooLarge(f"part {part.name!r} is larger than {limit} bytes") from None
 
 
 MULTIPART_REPLY: dict[str, Any] = {
