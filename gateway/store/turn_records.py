@@ -33,6 +33,7 @@ the first turn after that.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -74,18 +75,25 @@ async def current(store: Store, conversation_id: str) -> TurnState | None:
     return await brought_forward(store, from_doc(TurnState, doc))
 
 
+async def _records_after(store: Store, conversation_id: str, after: int,
+                         fields: str = "turn") -> AsyncIterator[dict[str, Any]]:
+    """The records of the turns that answered an item after ``after`` (only ``fields``
+    of them read: "turn" or e.g. "turn.seq")."""
+    async for doc in store.messages.find(
+            {"conversation_id": conversation_id, "seq": {"$gt": after},
+             "turn.seq": {"$gt": after}}, {fields: 1}):
+        record = doc.get("turn")
+        if isinstance(record, dict):
+            yield record
+
+
 async def brought_forward(store: Store, checkpoint: TurnState) -> TurnState:
     """``checkpoint`` with the records of the turns done after it: how far the inbound
     items are processed, and the bot's memory (of the checkpoint's epoch only)."""
     after = checkpoint.processed_seq
     processed = after
     latest: dict[str, Any] | None = None
-    async for doc in store.messages.find(
-            {"conversation_id": checkpoint.id, "seq": {"$gt": after},
-             "turn.seq": {"$gt": after}}, {"turn": 1}):
-        record = doc.get("turn")
-        if not isinstance(record, dict):
-            continue
+    async for record in _records_after(store, checkpoint.id, after):
         seq = int(record.get("seq") or 0)
         processed = max(processed, seq)
         if int(record.get("epoch") or 0) == checkpoint.epoch and (
@@ -103,12 +111,8 @@ async def processed_after(store: Store, conversation_id: str, after: int) -> int
     """How far the conversation's inbound items are processed, from a checkpoint that
     says ``after``: the turn records written since bring it forward."""
     processed = after
-    async for doc in store.messages.find(
-            {"conversation_id": conversation_id, "seq": {"$gt": after},
-             "turn.seq": {"$gt": after}}, {"turn.seq": 1}):
-        record = doc.get("turn")
-        if isinstance(record, dict):
-            processed = max(processed, int(record.get("seq") or 0))
+    async for record in _records_after(store, conversation_id, after, "turn.seq"):
+        processed = max(processed, int(record.get("seq") or 0))
     return processed
 
 
