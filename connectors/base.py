@@ -20,7 +20,7 @@ from aiohttp import web
 from gateway.feed import Change
 from gateway.files import Files
 from gateway.leases import Leases
-from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage
+from gateway.model import Activity, Conversation, DeliveryStatus, InboundMessage, LinkOffer
 from gateway.store import Store
 
 
@@ -44,6 +44,10 @@ def _not_recorded(_conversation_id: str, _seq: int) -> None:
     return None
 
 
+async def _no_offers(_conversation: Conversation) -> list[LinkOffer]:
+    return []
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectorContext:
     """What the core lends a connector: the way in, the store for its own state, which
@@ -53,7 +57,9 @@ class ConnectorContext:
     store-backed connector to record how far a live client got. ``leases`` (named
     leases in the store, gateway/leases.py) runs work that must run in one gateway
     process only, e.g. a polling loop, under ``Singleton``; None: run it here. ``files``:
-    the attachment store (an outbound item's files are read from it: ``Files.load``)."""
+    the attachment store (an outbound item's files are read from it: ``Files.load``).
+    ``offers(conversation)``: links that continue it on the gateway's other channels,
+    for a mail to carry (gateway/identity.py)."""
 
     ingest: Ingest
     store: Store
@@ -62,6 +68,7 @@ class ConnectorContext:
     delivered: Callable[[str, int], None] = _not_recorded
     leases: Leases | None = None
     files: Files | None = None
+    offers: Callable[[Conversation], Awaitable[list[LinkOffer]]] = _no_offers
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,15 @@ class Connector(ABC):
     #: mail per turn): the outbox hands a turn's undelivered replies, in seq order, to
     #: ``send_together`` at once, and records its one outcome on each of them.
     combines_turns: bool = False
+    #: A connector with ``deep_link`` (gateway/identity.py ``DeepLinks``) whose links
+    #: cannot carry the token (Slack): the customer sends the code there themselves.
+    link_by_code: bool = False
+
+    @property
+    def links_enabled(self) -> bool:
+        """False when its ``deep_link`` cannot work in this configuration (the web chat
+        without a page URL): the channel is then not offered."""
+        return True
 
     @abstractmethod
     def setup(self, app: web.Application) -> None:

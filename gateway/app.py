@@ -98,6 +98,7 @@ def build_connectors(settings: Settings) -> dict[str, Connector]:
             connects_per_minute=settings.webchat_connects_per_minute,
             messages_per_minute=settings.webchat_messages_per_minute,
             message_burst=settings.webchat_message_burst,
+            page_url=settings.webchat_page_url,
         )
     )
     connectors: dict[str, Connector] = {webchat.channel: webchat}
@@ -220,7 +221,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
                                channels=frozenset(connectors), watch=feed.subscribe,
                                delivered=outbox.marks.seen,
                                leases=Leases(store),  # pollers run in one process
-                               files=files)
+                               files=files, offers=pipeline.identity.mail_offers)
     for connector in connectors.values():
         await connector.start(context)
         log.info("channel %s: on", connector.channel)

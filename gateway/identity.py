@@ -28,7 +28,7 @@ channel, so the history shows where each message came from.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,29 +36,41 @@ from pydantic import BaseModel
 
 from gateway.model import (
     Activity,
+    Button,
     Conversation,
     ConversationRef,
     InboundMessage,
+    LinkOffer,
     OutboundDraft,
     Party,
     Role,
 )
 from gateway.outbox import Outbox
 from gateway.store import Store
-from gateway.store.contacts import ContactStore, LinkState, Merge, is_link_payload
+from gateway.store.contacts import OPEN, ContactStore, LinkState, Merge, is_link_payload
 from gateway.store.email_link import CODE_TTL, CodeState, EmailCodes, RateLimited
 from gateway.timeline import add_source
 
 log = logging.getLogger(__name__)
 
 SYSTEM = Party(role=Role.SYSTEM, name="Omnigate")
+AGAIN = "Ask for a new one where you got it (or write /continue on the channel you came from)."
 LINK_ANSWERS = {
     LinkState.LINKED: "You're connected: this chat now continues your conversation. "
     "Just write here.",
-    LinkState.EXPIRED: "Sorry, this link has expired. Ask for a new one in the web chat.",
-    LinkState.USED: "Sorry, this link was already used. Ask for a new one in the web chat.",
-    LinkState.UNKNOWN: "Sorry, this link is not valid. Ask for a new one in the web chat.",
+    LinkState.EXPIRED: "Sorry, this link has expired. " + AGAIN,
+    LinkState.USED: "Sorry, this link was already used. " + AGAIN,
+    LinkState.UNKNOWN: "Sorry, this link is not valid. " + AGAIN,
+    LinkState.TAKEN: "This account is already linked to another customer account. "
+    "An agent can merge the two.",
 }
+# The customer asks to continue elsewhere: answered with a link per other channel.
+CONTINUE_COMMANDS = frozenset({"/continue", "continue elsewhere"})
+# Offers in our mails stay valid this long (a mail is read later than a chat).
+MAIL_OFFER_TTL = timedelta(days=7)
+# Channels whose sender is not proven by the platform (a mail's From can be forged): a
+# link redeemed there never takes the account from another customer with a history.
+UNPROVEN_SENDERS = frozenset({"email"})
 
 EMAIL = "email"
 
@@ -86,7 +98,8 @@ EMAIL_ANSWERS = {
 }
 
 __all__ = ["CodeMailer", "DeepLinks", "EmailLink", "EmailLinkResult", "Identity",
-           "InvalidAddress", "LinkOffer", "LinkUnavailable", "RateLimited", "is_link_payload"]
+           "InvalidAddress", "LinkOffer", "LinkUnavailable", "RateLimited",
+           "is_continue_request", "is_link_payload"]
 
 
 @runtime_checkable
@@ -94,6 +107,11 @@ class DeepLinks(Protocol):
     """A connector that can make a link opening a chat with us that carries ``payload``."""
 
     async def deep_link(self, payload: str) -> str: ...
+
+
+def is_continue_request(text: str | None) -> bool:
+    """The customer asks for links that continue this conversation elsewhere."""
+    return text is not None and " ".join(text.lower().split()) in CONTINUE_COMMANDS
 
 
 class LinkUnavailable(Exception):
@@ -120,12 +138,6 @@ class EmailLinkResult(BaseModel):
     message: str
 
 
-class LinkOffer(BaseModel):
-    channel: str
-    url: str
-    expires_at: datetime
-
-
 class Identity:
     """Stateless: build one wherever a store and the outbox are at hand."""
 
@@ -137,45 +149,118 @@ class Identity:
     # ------------------------------------------------------------------ linking
 
     async def offer_link(
-        self, contact_id: str, channel: str, conversation_id: str | None = None
+        self, contact_id: str, channel: str, conversation_id: str | None = None,
+        *, ttl: timedelta | None = None,
     ) -> LinkOffer:
-        """A single-use, expiring deep link that links its opener on ``channel`` to
-        ``contact_id``."""
+        """A single-use, expiring link that links its opener on ``channel`` to
+        ``contact_id`` (and continues ``conversation_id`` there)."""
         connector = self.outbox.connectors.get(channel)
         if not isinstance(connector, DeepLinks):
             raise LinkUnavailable(f"{channel} is not enabled on this gateway")
+        extra = {} if ttl is None else {"ttl": ttl}
         token, expires = await self.contacts.create_token(
-            contact_id, channel, conversation_id=conversation_id)
+            contact_id, channel, conversation_id=conversation_id, **extra)
         try:
             url = await connector.deep_link(token)
         except Exception as exc:
             log.warning("identity: no %s deep link: %s", channel, exc)
             raise LinkUnavailable(f"{channel} cannot make links right now") from exc
-        return LinkOffer(channel=channel, url=url, expires_at=expires)
+        code = token if connector.link_by_code else None
+        return LinkOffer(channel=channel, url=url, expires_at=expires, code=code)
 
-    async def redeem(self, message: InboundMessage) -> LinkState:
-        """An inbound deep-link payload: link its sender if the token is good (once)."""
+    async def offers(
+        self, conversation: Conversation, here: str, *, ttl: timedelta | None = None
+    ) -> list[LinkOffer]:
+        """A link for each other channel this gateway can continue ``conversation`` on
+        (the ones that cannot make one right now are left out)."""
+        found: list[LinkOffer] = []
+        for channel in sorted(self.outbox.connectors):
+            connector = self.outbox.connectors[channel]
+            if channel == here or not isinstance(connector, DeepLinks) or (
+                    not connector.links_enabled):
+                continue
+            try:
+                found.append(await self.offer_link(
+                    conversation.contact_id, channel, conversation.id, ttl=ttl))
+            except LinkUnavailable as exc:
+                log.info("identity: no %s offer for %s: %s", channel, conversation.id, exc)
+        return found
+
+    async def mail_offers(self, conversation: Conversation) -> list[LinkOffer]:
+        """The links a mail of ours carries (ConnectorContext.offers)."""
+        return await self.offers(conversation, EMAIL, ttl=MAIL_OFFER_TTL)
+
+    async def answer_continue(self, conversation: Conversation, item: Activity) -> None:
+        """The customer asked to continue elsewhere: one message with a link (a button
+        where the channel shows one) for every other channel."""
+        offers = await self.offers(conversation, item.channel)
+        if not offers:
+            text = "Sorry, this conversation cannot be continued on another channel here."
+        else:
+            text = "You can continue this conversation on another channel:\n" + "\n".join(
+                o.line() for o in offers)
+        buttons = [Button(title=o.title, value=o.channel, url=o.url) for o in offers]
+        draft = OutboundDraft(sender=SYSTEM, text=text, buttons=buttons, reply_to_id=item.id,
+                              dedupe_key=f"{item.id}:continue", channel=item.channel)
+        await self.outbox.enqueue(conversation, [draft])
+
+    async def redeem(self, message: InboundMessage) -> str | None:
+        """An inbound deep-link payload: link its sender if the token is good (once).
+        Returns the open conversation it continues (the one it was asked for in), if any."""
         assert message.deep_link is not None
         identity_id = f"{message.channel}:{message.sender_external_id}"
         state, contact_id = await self.contacts.consume_token(
             message.deep_link, message.channel, identity_id)
-        if contact_id is not None:
-            had = await self.store.identities.find_one({"_id": identity_id}, {"contact_id": 1})
-            await self.store.link_identity(
-                message.channel, message.sender_external_id, contact_id, message.sender.name)
-            if had is not None and had["contact_id"] != contact_id:
-                # its conversations moved here; their items keep the old contact's id
-                await add_source(self.store, contact_id, str(had["contact_id"]))
-            log.info("identity: %s linked to contact %s", identity_id, contact_id)
-        else:
+        if contact_id is None:
             log.info("identity: link token refused for %s: %s", identity_id, state.value)
-        return state
+            return None
+        if not await self.link(message.channel, message.sender_external_id, contact_id,
+                               message.sender.name):
+            return None
+        return await self.continued(message.deep_link, contact_id)
+
+    async def link(self, channel: str, external_id: str, contact_id: str,
+                   name: str | None = None) -> bool:
+        """A redeemed link joins (channel, external id) to ``contact_id``. On a channel
+        whose senders are not proven, never moved from another customer with a history
+        (False: TAKEN)."""
+        identity_id = f"{channel}:{external_id}"
+        if channel in UNPROVEN_SENDERS:
+            linked = await self.contacts.claim_identity(channel, external_id, contact_id)
+            log.info("identity: %s %s contact %s", identity_id,
+                     "linked to" if linked else "not taken from another for", contact_id)
+            return linked
+        had = await self.store.identities.find_one({"_id": identity_id}, {"contact_id": 1})
+        await self.store.link_identity(channel, external_id, contact_id, name)
+        if had is not None and had["contact_id"] != contact_id:
+            # its conversations moved here; their items keep the old contact's id
+            await add_source(self.store, contact_id, str(had["contact_id"]))
+        log.info("identity: %s linked to contact %s", identity_id, contact_id)
+        return True
+
+    async def continued(self, token: str, contact_id: str) -> str | None:
+        """The conversation a redeemed token continues: the one it was asked for in, if
+        it is the contact's and still open."""
+        conversation_id = await self.contacts.token_conversation(token)
+        if conversation_id is None:
+            return None
+        conversation = await self.store.get_conversation(conversation_id)
+        if conversation is None or conversation.owner not in OPEN or (
+                await self.contacts.survivor(conversation.contact_id) != contact_id):
+            return None
+        return conversation.id
 
     async def answer_link(self, conversation: Conversation, item: Activity) -> None:
         """Tell the sender of a link payload whether it worked (once per message)."""
         assert item.deep_link is not None
-        state = await self.contacts.token_state(
-            item.deep_link, item.channel, f"{item.channel}:{item.sender.id}")
+        identity_id = f"{item.channel}:{item.sender.id}"
+        state = await self.contacts.token_state(item.deep_link, item.channel, identity_id)
+        if state is LinkState.LINKED and item.channel in UNPROVEN_SENDERS:
+            owner = await self.store.identities.find_one({"_id": identity_id},
+                                                         {"contact_id": 1})
+            wanted = await self.contacts.token_contact(item.deep_link)
+            if owner is None or wanted is None or owner["contact_id"] != wanted:
+                state = LinkState.TAKEN  # redeemed, but the account stayed where it was
         draft = OutboundDraft(sender=SYSTEM, text=LINK_ANSWERS[state], reply_to_id=item.id,
                               dedupe_key=f"{item.id}:link", channel=item.channel)
         await self.outbox.enqueue(conversation, [draft])

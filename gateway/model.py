@@ -55,8 +55,10 @@ class OwnerState(StrEnum):
 class DeliveryStatus(StrEnum):
     PENDING = "pending"  # stored, not yet handed to the connector
     SENDING = "sending"  # a worker holds it
-    DELIVERED = "delivered"  # the channel accepted it (or a live socket received it)
-    STORED = "stored"  # web chat: no socket open; the client fetches it on reconnect
+    DELIVERED = "delivered"  # the channel accepted it
+    # store-backed channels (web chat): always; sockets read it from the store (what a
+    # live socket received is TurnState.delivered_seq, gateway/outbox.py)
+    STORED = "stored"
     SKIPPED = "skipped"  # the channel has no rendering for it (e.g. an event)
     FAILED = "failed"  # permanent failure, or retries exhausted
 
@@ -124,6 +126,9 @@ class Button(_Model):
 
     title: str = Field(min_length=1, max_length=200)
     value: str = Field(min_length=1, max_length=200)
+    # A link button: opens ``url`` instead of sending ``value`` back (a "continue in the
+    # web chat" offer); channels that cannot show one put the link in the text.
+    url: str | None = Field(None, max_length=2048, pattern=r"^(https?|mailto|tg):")
 
 
 class Delivery(_Model):
@@ -190,6 +195,30 @@ class Activity(_Model):
     files_at: datetime | None = Field(default=None, exclude=True)
 
 
+class LinkOffer(_Model):
+    """A way for the customer to continue on ``channel``: open ``url`` (with the link
+    token in it); where the link cannot carry it (Slack), send ``code`` there."""
+
+    channel: str
+    url: str
+    expires_at: datetime
+    code: str | None = None
+
+    @property
+    def title(self) -> str:
+        return CONTINUE_TITLES.get(self.channel, f"Continue on {self.channel}")
+
+    def line(self) -> str:
+        """The offer as a line of text (for channels and mails without link buttons)."""
+        if self.code is not None:
+            return f"{self.title}: send {self.code} to us in a direct message there ({self.url})"
+        return f"{self.title}: {self.url}"
+
+
+CONTINUE_TITLES = {"webchat": "Continue in the web chat", "telegram": "Continue on Telegram",
+                   "email": "Continue by email", "slack": "Continue in Slack"}
+
+
 class InboundMessage(_Model):
     """What a connector hands to the pipeline: one normalised inbound message."""
 
@@ -237,6 +266,9 @@ class Identity(_Model):
     reachable: bool = True
     unreachable_reason: str | None = None
     created_at: datetime
+    # A web chat visitor who came by a link from another channel: the conversation their
+    # chat continues (gateway/identity.py); None: their own thread's conversation.
+    conversation_id: str | None = None
 
 
 class Contact(_Model):
@@ -330,6 +362,9 @@ class Conversation(_Model):
     # to the channel they used last (None: this conversation's own channel).
     routes: dict[str, str] = Field(default_factory=dict)
     reply_channel: str | None = None
+    # Only the customer and we are in its thread (a Slack DM, a mail to our address
+    # alone, ...): another channel's message of theirs may continue it.
+    one_to_one: bool = False
     # Service levels (gateway/sla.py) and the customer's rating after resolve (CSAT).
     sla: Sla | None = None
     csat: Csat | None = None

@@ -42,7 +42,7 @@ from gateway.bot_turn import BOT_TIMEOUT, BotTurns
 from gateway.feed import Change, ChangeKind
 from gateway.files import Files, size_text
 from gateway.held import Held
-from gateway.identity import Identity, is_link_payload
+from gateway.identity import Identity, is_continue_request, is_link_payload
 from gateway.metrics import Metrics
 from gateway.model import (
     Activity,
@@ -137,6 +137,10 @@ class Pipeline:
         identity = await self.store.resolve_identity(channel, sender_external_id, name)
         if not identity.reachable:  # they wrote to us: reachable again (unblocked, ...)
             await self.store.set_identity_reachable(channel, sender_external_id, True)
+        if identity.conversation_id is not None:  # a web chat visitor who came by a link
+            bound = await self.store.get_conversation(identity.conversation_id)
+            if bound is not None:
+                return bound
         # channel switch: a linked customer's open conversation elsewhere goes on here
         # (one_to_one: the connector vouches that only the sender and we are in it)
         elsewhere = await self.identity.continue_elsewhere(
@@ -144,17 +148,22 @@ class Pipeline:
             one_to_one=one_to_one)
         if elsewhere is not None:
             return elsewhere
-        return await self.store.resolve_conversation(channel, thread_key, identity.contact_id)
+        return await self.store.resolve_conversation(
+            channel, thread_key, identity.contact_id,
+            one_to_one=one_to_one or thread_key == sender_external_id)
 
-    async def _conversation_for(self, message: InboundMessage) -> Conversation:
-        """The message's conversation. A web chat thread always keeps its conversation
-        (no channel switch from it), so that is remembered; the feed says when it moved
-        to another contact or its replies to another channel."""
+    async def _conversation_for(self, message: InboundMessage,
+                                continued: str | None = None) -> Conversation:
+        """The message's conversation (``continued``: the one a link it redeemed was
+        asked for in). A web chat thread always keeps its conversation (no channel switch
+        from it), so that is remembered; the feed says when it moved to another contact
+        or its replies to another channel."""
         key = (message.channel, message.thread_key)
         cacheable = message.channel in NO_SWITCH_FROM
         if cacheable and (known := self._threads.get(key)) is not None:
             return known
-        conversation = await self.open_conversation(
+        found = None if continued is None else await self.store.get_conversation(continued)
+        conversation = found or await self.open_conversation(
             message.channel, message.thread_key, message.sender_external_id,
             message.sender.name, one_to_one=message.channel_data.get("one_to_one") is True)
         conversation = await self.identity.note_inbound(
@@ -180,9 +189,10 @@ class Pipeline:
                                                              message.external_id)
             if duplicate is not None:
                 return await self._duplicate(duplicate, None)
+        continued = None
         if link:  # a link token: link first (verified)
-            await self.identity.redeem(message)
-        conversation = await self._conversation_for(message)
+            continued = await self.identity.redeem(message)
+        conversation = await self._conversation_for(message, continued)
         if not message.files:
             item, is_duplicate = await self.store.append_inbound(conversation, message)
         else:  # kept (or a fetch job written with the item) before the item is stored
@@ -470,6 +480,10 @@ class Pipeline:
         conversation = await self._conversation(held)
         if is_link_payload(item.deep_link):  # answered here, whoever owns it; not the bot's
             await self.identity.answer_link(conversation, item)
+            await self._done(held, item)
+            return
+        if item.value is None and is_continue_request(item.text):  # links elsewhere: ours
+            await self.identity.answer_continue(conversation, item)
             await self._done(held, item)
             return
         needs_human = item.channel_data.get("needs_human")

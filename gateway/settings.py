@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     webchat_connects_per_minute: int = Field(120, ge=0, le=1_000_000)
     webchat_messages_per_minute: int = Field(600, ge=0, le=1_000_000)
     webchat_message_burst: int = Field(30, ge=1, le=1_000_000)
+    # The page that shows the chat widget: links that continue a conversation in the web
+    # chat open it (unset: no such links are offered on the other channels).
+    webchat_page_url: str | None = Field(None, pattern=r"^https?://[^#\s]+$")
     # Webhook requests (POST /webhooks/...) per client address per second (burst: 2 s).
     webhook_requests_per_second: int = Field(200, ge=0, le=1_000_000)
     # Signs web chat visitor tokens (unset: a random key kept in the store, shared by

@@ -15,6 +15,7 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -23,9 +24,12 @@ import aiohttp
 import pytest
 from playwright.sync_api import Page, expect
 
-from gateway.keys import STORE
+from connectors.webchat import WebchatConnector
+from gateway.identity import LINK_ANSWERS
+from gateway.keys import CONNECTORS, STORE
 from gateway.settings import Settings
 from gateway.store import Store
+from gateway.store.contacts import LinkState
 from tests.conftest import free_port
 from tests.console_rig import ARTIFACTS
 from tests.fakes.telegram_api import FakeTelegram, People
@@ -379,6 +383,57 @@ def test_continue_on_telegram_button(telegram_gateway: TelegramGateway, page: Pa
     contact = only_conversation(gw)["contact_id"]
     wait_for(lambda: identity_owner(gw, "telegram:4242") == contact, 15,
              "the Telegram user is linked to the visitor's contact")
+    problems.check()
+
+
+def test_a_telegram_customer_continues_in_the_web_chat_by_its_button(
+        telegram_gateway: TelegramGateway, page: Page) -> None:
+    """Telegram's /continue answer has a link button into the web chat; the page opened
+    by it shows the conversation so far, and what is written there goes on in it."""
+    gw = telegram_gateway
+    assert gw.app is not None
+    webchat = gw.app[CONNECTORS]["webchat"]
+    assert isinstance(webchat, WebchatConnector)
+    webchat.config = replace(webchat.config, page_url=gw.url + "/")
+    people = People(gw.fake)
+    ann = people.user(4343, "Ann")
+    assert gw.call(gw.deliver(people.message(ann, text="My parcel is late"))) == 200
+    assert gw.call(gw.deliver(people.message(ann, text="/continue"))) == 200
+    offer = wait_for(lambda: next((c for c in gw.fake.of("sendMessage")
+                                   if c.params["text"].startswith("You can continue")), None),
+                     15, "the /continue answer")
+    [[button]] = offer.params["reply_markup"]["inline_keyboard"]
+    assert button["text"] == "Continue in the web chat"
+    assert button["url"].startswith(gw.url + "/#omnigate-link=link_")
+
+    problems = Problems(page)
+    page.goto(button["url"])
+    expect(page.locator('[data-og="status"]')).to_have_attribute("data-state", "online",
+                                                                   timeout=WAIT)
+    expect(page.locator('[data-og="linked"]')).to_have_text(
+        LINK_ANSWERS[LinkState.LINKED], timeout=WAIT)
+    assert page.evaluate("location.hash") == ""  # single use: out of the address bar
+    # the conversation so far, Telegram's part too
+    expect(message(page, "customer", "My parcel is late")).to_be_visible(timeout=WAIT)
+    say(page, "Any news?")
+    telegram_conversation = gw.call(store_of(gw).conversations.find_one(
+        {"channel": "telegram"}))
+    assert telegram_conversation is not None
+    wait_for(lambda: gw.call(store_of(gw).messages.find_one(
+        {"conversation_id": telegram_conversation["_id"], "channel": "webchat",
+         "text": "Any news?"})), 15, "the web chat message in the Telegram conversation")
+    # a reload resumes the same chat (no link any more)
+    page.reload()
+    expect(message(page, "customer", "Any news?")).to_be_visible(timeout=WAIT)
+    expect(page.locator('[data-og="linked"]')).to_be_hidden()
+
+    # the web chat's own /continue: a link button back to Telegram
+    say(page, "/continue")
+    link = page.locator('a[data-og="link-button"]')
+    expect(link).to_have_text("Continue on Telegram", timeout=WAIT)
+    href = link.get_attribute("href")
+    assert href is not None and href.startswith("https://t.me/omnigate_test_bot?start=link_")
+    assert link.get_attribute("rel") == "noopener noreferrer"
     problems.check()
 
 

@@ -20,8 +20,10 @@ Events (handoff, assigned, ...) are not mailed.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from urllib.parse import quote
 
 from aiohttp import web
 from bson import Binary
@@ -62,6 +64,7 @@ from gateway.model import (
     Party,
     Role,
 )
+from gateway.store.contacts import is_link_payload
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,7 @@ NOT_UNPACKED = "This mail was not unpacked ({problem}). The original is kept for
 RAW_NAME = "message.eml"  # the raw mail in the attachment store
 RAW_TYPE = "message/rfc822"
 MAX_FILES = 100  # InboundMessage.files holds at most this many
+LINK_IN_SUBJECT = re.compile(r"\[(link_[A-Za-z0-9_-]{1,59})\]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,7 @@ def inbound_message(parsed: ParsedMail, thread: Thread, source: str, kept: int) 
         value=None if no_reply else choice(parsed.text, thread.buttons),
         files=parsed.files[:MAX_FILES],
         reply_to_external_id=parsed.in_reply_to[0] if parsed.in_reply_to else None,
+        deep_link=link_in(parsed.subject),
         channel_data={
             "source": source,
             "message_id": parsed.message_id,
@@ -121,6 +126,12 @@ def inbound_message(parsed: ParsedMail, thread: Thread, source: str, kept: int) 
             "no_reply": no_reply,
         },
     )
+
+
+def link_in(subject: str | None) -> str | None:
+    """A link token in a subject (``EmailConnector.deep_link``'s mailto), if any."""
+    found = LINK_IN_SUBJECT.search(subject or "")
+    return found.group(1) if found and is_link_payload(found.group(1)) else None
 
 
 def raw_key(digest: str) -> str:
@@ -262,6 +273,12 @@ class EmailConnector(Connector):
 
     # ------------------------------------------------------------------ outbound
 
+    async def deep_link(self, payload: str) -> str:
+        """A new mail to us whose subject carries the link token (read back in
+        ``inbound_message``): continuing by email from another channel."""
+        subject = quote(f"Continue my conversation [{payload}]")
+        return f"mailto:{self.address}?subject={subject}"
+
     def verifiable(self, address: str) -> str | None:
         """An address a verification code may be mailed to (normalised), or None."""
         return verify.verifiable(address, self.address)
@@ -300,7 +317,9 @@ class EmailConnector(Connector):
             references = [*parent.channel_data.get("references", []), in_reply_to]
         message_id = f"<omnigate.{first.id}@{self.domain}>"  # the same on every retry
         files, links = await self._files_of(said)
-        buttons = [b for i in said for b in i.buttons]
+        buttons = [b for i in said for b in i.buttons if b.url is None]
+        links += [f"{b.title}: {b.url}" for i in said for b in i.buttons if b.url is not None]
+        links += await self._footer(conversation)
         try:
             message = build(Outgoing(
                 from_address=self.address,
@@ -330,6 +349,19 @@ class EmailConnector(Connector):
             await store.set_identity_reachable(CHANNEL, str(thread["address"]), False, str(exc))
             raise
         return DeliveryResult(DeliveryStatus.DELIVERED, external_id=message_id)
+
+    async def _footer(self, conversation: Conversation) -> list[str]:
+        """Links that continue this conversation on our other channels (a week long;
+        gateway/identity.py). A mail goes without them rather than not at all."""
+        try:
+            offers = await self.context.offers(conversation)
+        except Exception as exc:  # the links are a courtesy; the mail is what matters
+            log.warning("email: no continue links for %s: %s", conversation.id, exc)
+            return []
+        if not offers:
+            return []
+        return ["-- \nContinue this conversation elsewhere:\n" + "\n".join(
+            o.line() for o in offers)]
 
     async def _files_of(self, items: Sequence[Activity]) -> tuple[list[OutgoingFile], list[str]]:
         """The items' files, read from the attachment store, and lines naming the files

@@ -82,17 +82,27 @@ class Threads:
         local, _, domain = own_address.lower().partition("@")
         self.own = (local, domain)
 
-    async def _thread_of_id(self, message_id: str) -> tuple[str | None, list[Button]]:
+    async def _thread_of_id(self, message_id: str
+                            ) -> tuple[str | None, list[Button], str | None]:
+        """(thread key, its buttons, its conversation) of a mail we know by its id."""
         sent = await self.store.get_state(CHANNEL, id_key(message_id))
         if sent is not None and sent.get("thread_key"):
-            return str(sent["thread_key"]), _buttons(sent)
+            conversation_id = sent.get("conversation_id")
+            return str(sent["thread_key"]), _buttons(sent), (
+                str(conversation_id) if conversation_id else None)
         item = await self.store.find_by_external_id(CHANNEL, message_id)
         if item is not None:
-            return item.conversation_ref.thread_key, []
-        return None, []
+            return item.conversation_ref.thread_key, [], item.conversation_id
+        return None, [], None
 
-    async def _sender_belongs(self, thread_key: str, sender: str) -> bool:
+    async def _sender_belongs(self, thread_key: str, sender: str,
+                              conversation_id: str | None = None) -> bool:
         conversation = await self.store.find_conversation(CHANNEL, thread_key)
+        if conversation is None and conversation_id is not None:
+            # a thread of a conversation that began on another channel (channel switch)
+            conversation = await self.store.get_conversation(conversation_id)
+            if conversation is not None and conversation.routes.get(CHANNEL) != thread_key:
+                conversation = None
         if conversation is None:
             return False
         contact = await self.store.get_contact(conversation.contact_id)
@@ -105,10 +115,10 @@ class Threads:
         candidates += [(i, "references") for i in reversed(parsed.references)]
         refused: set[str] = set()
         for message_id, via in candidates:
-            thread_key, buttons = await self._thread_of_id(message_id)
+            thread_key, buttons, conversation_id = await self._thread_of_id(message_id)
             if thread_key is None or thread_key in refused:
                 continue
-            if await self._sender_belongs(thread_key, parsed.sender):
+            if await self._sender_belongs(thread_key, parsed.sender, conversation_id):
                 buttons = buttons or await self.latest_buttons(thread_key)
                 return Thread(thread_key, True, via, buttons)
             refused.add(thread_key)

@@ -27,6 +27,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
@@ -86,9 +87,12 @@ from gateway.model import (
     Party,
     Role,
 )
+from gateway.store.contacts import is_link_payload
+from gateway.store.mongo import from_doc
 
 log = logging.getLogger(__name__)
 
+LINK_TEXT = "(a link code)"  # what the history shows for a pasted link code
 EVENTS_PATH = "/webhooks/slack/events"
 INTERACTIVE_PATH = "/webhooks/slack/interactive"
 LOOKUP_TIMEOUT = 2.0  # users.info while Slack waits for our answer (3 s)
@@ -220,6 +224,16 @@ class SlackConnector(Connector):
                 )
             return self._auth
 
+    # ------------------------------------------------------------- deep links
+
+    link_by_code = True  # no Slack link carries a payload: the customer sends the code
+
+    async def deep_link(self, payload: str) -> str:
+        """Opens the direct message with our app (the code is sent there by hand)."""
+        auth = await self.identity()
+        return (f"https://slack.com/app_redirect?channel={quote(auth.bot_user_id or '')}"
+                f"&team={quote(auth.team_id or '')}")
+
     # ------------------------------------------------------------------ inbound
 
     async def handle_http(self, request: web.Request) -> web.StreamResponse:
@@ -306,6 +320,9 @@ class SlackConnector(Connector):
             return None  # channel chatter that is not addressed to us
         auth = self._auth
         text = strip_mention(event.text, auth.bot_user_id if auth else None)
+        direct = event.type == "message" and event.channel_type == "im"
+        # a link code pasted in a DM (offered on another channel: LinkOffer.code)
+        deep_link = text.strip() if direct and text and is_link_payload(text.strip()) else None
         # Slack waits for our answer: the name is time-boxed; files are fetched later
         name = await self._user_name(event.user)
         return InboundMessage(
@@ -315,7 +332,8 @@ class SlackConnector(Connector):
             sender=Party(role=Role.CUSTOMER, id=event.user, name=name),
             sender_external_id=event.user,
             timestamp=slack_time(event.ts),
-            text=text or None,
+            text=LINK_TEXT if deep_link else text or None,
+            deep_link=deep_link,
             files=incoming_files(event.files),
             channel_data={
                 "event_id": body.get("event_id") if isinstance(body.get("event_id"), str) else None,
@@ -323,6 +341,7 @@ class SlackConnector(Connector):
                 "channel_type": event.channel_type, "ts": event.ts,
                 "thread_ts": event.thread_ts, "client_msg_id": event.client_msg_id,
                 "team": event.team, "files": [f.id for f in event.files],
+                "one_to_one": direct,  # a DM: only the person and us
             },
         )
 
@@ -353,12 +372,16 @@ class SlackConnector(Connector):
                 log.info("slack: a button pressed in %s belongs to no conversation", channel)
                 await ack()
                 return None
+            # a DM that continues another channel's conversation: the press comes from
+            # the DM (the pipeline finds that conversation, as for a message there)
+            direct = conversation.channel != CHANNEL
+            thread_key = channel if direct else conversation.thread_key
             user = payload.user
             name = await self._user_name(user.id) or user.name or user.username
             await self.context.ingest(InboundMessage(
                 channel=CHANNEL,
                 external_id=f"action:{channel}:{action.action_ts}",
-                thread_key=conversation.thread_key,
+                thread_key=thread_key,
                 sender=Party(role=Role.CUSTOMER, id=user.id, name=name),
                 sender_external_id=user.id,
                 timestamp=slack_time(action.action_ts),
@@ -366,7 +389,7 @@ class SlackConnector(Connector):
                 value=action.value,
                 channel_data={"action_id": action.action_id, "block_id": action.block_id,
                               "channel": channel, "message_ts": payload.message_ts,
-                              "trigger_id": payload.trigger_id},
+                              "trigger_id": payload.trigger_id, "one_to_one": direct},
             ))
         except ValidationError as exc:
             return _bolt_error(400, "bad_action", _first_error(exc))
@@ -382,7 +405,15 @@ class SlackConnector(Connector):
             found = await store.find_conversation(CHANNEL, f"{channel}:{thread_ts}")
             if found is not None:
                 return found
-        return await store.find_conversation(CHANNEL, channel)
+        return await store.find_conversation(CHANNEL, channel) or await self._continued_in(
+            channel)
+
+    async def _continued_in(self, channel: str) -> Conversation | None:
+        """The conversation of another channel that this DM continues (channel switch:
+        its replies come here, ``Conversation.routes``)."""
+        doc = await self.context.store.conversations.find_one(
+            {f"routes.{CHANNEL}": channel}, sort=[("updated_at", -1)])
+        return None if doc is None else from_doc(Conversation, doc)
 
     async def _user_name(self, user_id: str) -> str | None:
         """The person's display name (users.info), cached; None if Slack does not say."""

@@ -89,12 +89,18 @@ def button_blocks(buttons: list[Button]) -> list[dict[str, Any]]:
         title = button.title
         if len(title) > MAX_BUTTON_TEXT:
             title = title[: MAX_BUTTON_TEXT - 1] + "…"
-        elements.append({
+        element: dict[str, Any] = {
             "type": "button",
             "action_id": f"{ACTION_PREFIX}{index}",
             "text": {"type": "plain_text", "text": title, "emoji": True},
-            "value": button.value,
-        })
+        }
+        if button.url is None:
+            element["value"] = button.value
+        elif button.url.startswith(("https://", "http://")):
+            element["url"] = button.url  # opens it; its press carries no value: ignored
+        else:
+            continue  # a mailto: link stays in the text
+        elements.append(element)
     return [
         {"type": "actions", "block_id": f"{ACTION_PREFIX}buttons:{n}",
          "elements": elements[start : start + BUTTONS_PER_BLOCK]}

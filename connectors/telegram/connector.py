@@ -72,6 +72,7 @@ from connectors.telegram.outbound import (
     entities,
     keyboard,
     needs_mapping,
+    opens_here,
     plan,
     render,
     short_key,
@@ -548,14 +549,19 @@ class TelegramConnector(Connector):
 
     async def _keyboard(self, item: Activity) -> Any:
         rows: list[tuple[str, str]] = []
+        links: list[tuple[str, str]] = []
         for button in item.buttons:
+            if button.url is not None:  # opens a link (offers to continue elsewhere)
+                if opens_here(button.url):
+                    links.append((button.title, button.url))
+                continue
             data = button.value
             if needs_mapping(data):
                 data = short_key(button.value)
                 await self.context.store.put_state(CHANNEL, "button:" + data,
                                                    {"value": button.value})
             rows.append((button.title, data))
-        return keyboard(rows)
+        return keyboard(rows, links) if rows or links else None
 
     async def _reply_target(
         self, conversation: Conversation, item: Activity

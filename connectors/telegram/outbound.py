@@ -164,9 +164,17 @@ def short_key(value: str) -> str:
     return LONG_VALUE_PREFIX + base64.urlsafe_b64encode(digest).decode()[:32]
 
 
-def keyboard(rows: list[tuple[str, str]]) -> InlineKeyboardMarkup:
-    """One button per row: (title, callback_data)."""
+def keyboard(rows: list[tuple[str, str]], links: list[tuple[str, str]] | None = None
+             ) -> InlineKeyboardMarkup:
+    """One button per row: (title, callback_data), then the link buttons (title, url)."""
     return InlineKeyboardMarkup(
         inline_keyboard=[[InlineKeyboardButton(text=title, callback_data=data)]
                          for title, data in rows]
+        + [[InlineKeyboardButton(text=title, url=url)] for title, url in links or []]
     )
+
+
+def opens_here(url: str) -> bool:
+    """A link a Telegram button can open (http(s) and tg: only; a mailto: stays in the
+    text)."""
+    return url.startswith(("https://", "http://", "tg://"))

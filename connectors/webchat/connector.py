@@ -57,7 +57,8 @@ from gateway.store.mongo import from_doc
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
-LINKABLE = frozenset({"email", "telegram"})  # channels a visitor can link by a code or link
+# channels a visitor can link by a code (email) or a link (``link`` frame)
+LINKABLE = frozenset({"email", "slack", "telegram"})
 HARD_FRAME_LIMIT = 1024 * 1024  # aiohttp closes the socket with 1009 above this
 HELLO_TIMEOUT = 10.0
 CLOSE_INVALID_TOKEN = 4401
@@ -79,6 +80,7 @@ class WebchatConfig:
     connects_per_minute: int = 120  # hellos per client address (burst: the same); 0 = off
     messages_per_minute: int = 600  # messages and actions per visitor; 0 = off
     message_burst: int = 30
+    page_url: str | None = None  # the page with the widget: "continue in the web chat" links
 
 
 class WebchatConnector(Connector):
@@ -212,6 +214,20 @@ class WebchatConnector(Connector):
             },
         )
 
+    # ------------------------------------------------------------- deep links
+
+    @property
+    def links_enabled(self) -> bool:
+        """Links into the web chat need the page that shows it."""
+        return self.config.page_url is not None
+
+    async def deep_link(self, payload: str) -> str:
+        """The chat page with a link token in its fragment (the widget redeems it at
+        hello: connectors/webchat/continued.py)."""
+        if self.config.page_url is None:
+            raise RuntimeError("OMNIGATE_WEBCHAT_PAGE_URL is not set")
+        return f"{self.config.page_url}#omnigate-link={payload}"
+
     # ------------------------------------------------------------------ outbound
 
     async def send(self, conversation: Conversation, item: Activity) -> DeliveryResult:
@@ -316,7 +332,7 @@ class WebchatConnector(Connector):
             await ws.close(code=CLOSE_RATE_LIMITED, message=b"rate limited")
             return None
         try:
-            return await self._open_session(ws, hello)
+            return await self._open_session(ws, hello, request)
         except PyMongoError as exc:
             log.warning("webchat: store unavailable at hello: %s", exc)
             await ws.send_json(error(ErrorCode.UNAVAILABLE, "store unavailable, retry"))
@@ -344,23 +360,30 @@ class WebchatConnector(Connector):
                 await ws.send_json(error(ErrorCode.BAD_FRAME, _explain(exc)))
 
     async def _open_session(
-        self, ws: web.WebSocketResponse, hello: Hello
+        self, ws: web.WebSocketResponse, hello: Hello, request: web.Request
     ) -> VisitorSocket | None:
-        """Check or issue the token, say welcome, replay, join the hub."""
+        """Check or issue the token (redeem a link), say welcome, replay, join the hub."""
         store = self.context.store
         signer = await self.signer()
-        if hello.token is None:  # nothing written: the first message creates the visitor
-            visitor_id = new_visitor_id()
-            token = signer.issue(visitor_id)
-        else:
-            token = hello.token
-            found = await self._visitor_of(signer, token)
+        found = prior = None
+        if hello.token is not None:
+            found = await self._visitor_of(signer, hello.token)
             if found is None:
                 message = "unknown visitor token; say hello without one"
                 await ws.send_json(error(ErrorCode.INVALID_TOKEN, message))
                 await ws.close(code=CLOSE_INVALID_TOKEN, message=b"invalid token")
                 return None
+            prior = found
+        linked: dict[str, str] | None = None
+        if hello.link is not None:  # continues a conversation from another channel
+            found, linked = await self._arrive(found, hello.link, request)
+        if found is None:  # nothing written: the first message creates the visitor
+            visitor_id = new_visitor_id()
+            token = signer.issue(visitor_id)
+        else:
             visitor_id = found
+            token = hello.token if hello.token is not None and hello.link is None else (
+                signer.issue(visitor_id))
         links = await self.file_links()
         socket = VisitorSocket(ws, store, visitor_id,
                                link=lambda attachment: links.url(attachment, visitor_id))
@@ -372,9 +395,10 @@ class WebchatConnector(Connector):
                 "token": token,
                 "visitor_id": visitor_id,
                 "conversation_id": conversation_id,
-                "new": hello.token is None,
+                "new": visitor_id != prior,
                 # the channels this visitor can link to (the widget offers only these)
                 "links": sorted(LINKABLE & self.context.channels),
+                **({} if linked is None else {"linked": linked}),
             }
         )
         await socket.send(await socket.replay(hello.watermark))
@@ -385,6 +409,15 @@ class WebchatConnector(Connector):
             self.hub.remove(socket)
             raise
         return socket
+
+    async def _arrive(self, known: str | None, link: str, request: web.Request
+                      ) -> tuple[str, dict[str, str]]:
+        """Redeem a link token at hello (connectors/webchat/continued.py)."""
+        from connectors.webchat import continued  # noqa: PLC0415 (loads the core)
+        from gateway.keys import OUTBOX  # noqa: PLC0415
+
+        return await continued.arrive(self.context.store, request.config_dict[OUTBOX],
+                                      known, link)
 
     async def _visitor_of(self, signer: TokenSigner, token: str) -> str | None:
         """The visitor a token binds: a signed one by its MAC, an older one (a random
@@ -440,24 +473,14 @@ class WebchatConnector(Connector):
     async def _link(
         self, socket: VisitorSocket, frame: LinkRequest, request: web.Request
     ) -> None:
-        """A single-use, expiring link (a Telegram deep link) that joins the visitor's
-        account there to this visitor's contact: the chat can go on on that channel."""
-        # The identity service lives in the core; imported here, where it is used, so the
-        # connector module does not load the core.
-        from gateway.identity import Identity, LinkUnavailable  # noqa: PLC0415
+        """A single-use, expiring link (a Telegram deep link, a Slack code) that joins
+        the visitor's account there to this visitor's contact: the chat can go on on that
+        channel (connectors/webchat/continued.py)."""
+        from connectors.webchat import continued  # noqa: PLC0415 (loads the core)
         from gateway.keys import OUTBOX  # noqa: PLC0415
 
-        store = self.context.store
-        identity = await store.resolve_identity(CHANNEL, socket.visitor_id)
-        links = Identity(store, request.config_dict[OUTBOX])
-        try:
-            offer = await links.offer_link(identity.contact_id, frame.channel,
-                                           await socket.find_conversation())
-        except LinkUnavailable as exc:
-            await socket.send(error(ErrorCode.LINK_UNAVAILABLE, str(exc)))
-            return
-        await socket.send({"type": "link", "channel": offer.channel, "url": offer.url,
-                           "expires_at": offer.expires_at.isoformat()})
+        await socket.send(await continued.offer(
+            self.context.store, request.config_dict[OUTBOX], socket, frame.channel))
 
     async def _file_link(self, socket: VisitorSocket, frame: FileRequest) -> None:
         """A fresh link to a file of the visitor's own chat."""

@@ -23,6 +23,8 @@ class Hello(_Frame):
     type: Literal["hello"]
     token: str | None = None  # a malformed token is answered with invalid_token
     watermark: int | None = Field(None, ge=0)
+    # a link token from another channel (the page's #omnigate-link=...): continue there
+    link: str | None = Field(None, max_length=64)
 
 
 class SendMessage(_Frame):
@@ -52,7 +54,7 @@ class FileRequest(_Frame):
 
 
 class LinkRequest(_Frame):
-    """Ask for a link that continues this chat on another channel (Telegram)."""
+    """Ask for a link that continues this chat on another channel (Telegram, Slack)."""
 
     type: Literal["link"]
     channel: str = Field("telegram", pattern=r"^[a-z]{1,32}$")

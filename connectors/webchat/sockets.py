@@ -32,6 +32,17 @@ CHANNEL = "webchat"
 BATCH = 200
 
 
+async def conversation_of(store: Store, visitor_id: str) -> str | None:
+    """The visitor's conversation: the one they continue if they came by a link from
+    another channel (their identity says), else their own thread's; None: none yet."""
+    identity = await store.identities.find_one({"_id": f"{CHANNEL}:{visitor_id}"},
+                                               {"conversation_id": 1})
+    if identity is not None and identity.get("conversation_id"):
+        return str(identity["conversation_id"])
+    conversation = await store.find_conversation(CHANNEL, visitor_id)
+    return conversation.id if conversation else None
+
+
 class VisitorSocket:
     def __init__(self, ws: web.WebSocketResponse, store: Store, visitor_id: str,
                  link: Callable[[str], str] | None = None) -> None:
@@ -58,8 +69,7 @@ class VisitorSocket:
 
     async def find_conversation(self) -> str | None:
         if self.conversation_id is None:
-            conversation = await self.store.find_conversation(CHANNEL, self.visitor_id)
-            self.conversation_id = conversation.id if conversation else None
+            self.conversation_id = await conversation_of(self.store, self.visitor_id)
         return self.conversation_id
 
     async def replay(self, watermark: int | None) -> dict[str, Any]:

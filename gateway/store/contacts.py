@@ -14,10 +14,11 @@ and which conversation a message from another channel continues.
   where the customer wrote last (``Conversation.reply_channel`` / ``routes``).
 
 One-to-one only: a thread is the person's own when its key is their external id there
-(web chat visitors, Telegram private chats), or when it is a NEW email thread whose mail
-went to our address alone (the connector vouches: ``one_to_one``). Group chats, Slack
-threads and existing email threads keep their conversations, so nothing private is
-continued or answered in a shared place.
+(web chat visitors, Telegram private chats), when it is a Slack direct message, or when it
+is a NEW email thread whose mail went to our address alone (the connector vouches:
+``one_to_one``; such conversations are marked ``Conversation.one_to_one``). Group chats,
+Slack channel threads and existing email threads keep their conversations, so nothing
+private is continued or answered in a shared place.
 
 ``claim_identity`` joins a verified account (an email address proven by a code) to a
 contact, unless another customer with a history holds it (then an agent decides: merge).
@@ -53,6 +54,9 @@ NO_SWITCH_FROM = frozenset({"webchat"})
 # verified address to our address alone is one-to-one, so it may continue the contact's
 # open conversation (replies then go by email, threaded under that mail).
 NEW_THREAD_SWITCH = frozenset({"email"})
+# A direct-message channel is the person's own thread, new or not (its key is the DM
+# channel's id, not the person's: the connector vouches ``one_to_one``).
+DIRECT_THREADS = frozenset({"slack"})
 MAX_MERGE_CHAIN = 20
 
 
@@ -61,6 +65,9 @@ class LinkState(StrEnum):
     EXPIRED = "expired"
     USED = "used"  # someone else redeemed it
     UNKNOWN = "unknown"
+    # the account (an email address: its sender is not proven by the channel) belongs to
+    # another customer with a history: not moved; an agent can merge the two
+    TAKEN = "taken"
 
 
 class NoRoute(NotFound):
@@ -139,6 +146,7 @@ class ContactStore:
         self, token: str, channel: str, identity_id: str
     ) -> tuple[LinkState, str | None]:
         """Redeem ``token`` for ``identity_id``: (state, the contact to link to if LINKED).
+        ``token_conversation`` says which conversation it was asked for in.
 
         One conditional update: of two concurrent redeemers exactly one wins. Redeeming
         again by the same identity (a redelivered message) is LINKED again.
@@ -153,6 +161,17 @@ class ContactStore:
         if state is not LinkState.LINKED or doc is None:
             return state, None
         return state, await self.survivor(str(doc["contact_id"]))
+
+    async def token_conversation(self, token: str) -> str | None:
+        """The conversation a token was asked for in (None: none, or unknown token)."""
+        doc = await self.tokens.find_one({"_id": token_hash(token)}, {"conversation_id": 1})
+        return None if doc is None or not doc.get("conversation_id") else str(
+            doc["conversation_id"])
+
+    async def token_contact(self, token: str) -> str | None:
+        """The contact a token links to (as it lives on after merges); None: unknown."""
+        doc = await self.tokens.find_one({"_id": token_hash(token)}, {"contact_id": 1})
+        return None if doc is None else await self.survivor(str(doc["contact_id"]))
 
     async def token_state(self, token: str, channel: str, identity_id: str) -> LinkState:
         doc = await self.tokens.find_one({"_id": token_hash(token)})
@@ -231,11 +250,18 @@ class ContactStore:
         NEW_THREAD_SWITCH continues it too. An existing thread keeps its conversation."""
         if channel in NO_SWITCH_FROM:
             return None
-        if thread_key != sender_external_id:
+        personal = thread_key == sender_external_id or (
+            one_to_one and channel in DIRECT_THREADS)
+        if not personal:
             if not (one_to_one and channel in NEW_THREAD_SWITCH):
                 return None  # not the person's own thread (a group, a Slack thread)
             if await self.store.find_conversation(channel, thread_key) is not None:
                 return None  # a thread that has its conversation already keeps it
+            routed = await self.store.conversations.find_one({
+                "contact_id": contact_id, f"routes.{channel}": thread_key,
+                "owner": {"$in": [o.value for o in OPEN]}})
+            if routed is not None:  # a thread begun by a switch to it (even from its own
+                return from_doc(Conversation, routed)  # channel): that conversation
         docs = self.store.conversations.find({
             "contact_id": contact_id, "owner": {"$in": [o.value for o in OPEN]},
             "channel": {"$ne": channel}})
@@ -252,7 +278,8 @@ class ContactStore:
         if not others:
             return None
         own_threads = await self._own_threads(contact_id)
-        others = [c for c in others if f"{c.channel}:{c.thread_key}" in own_threads]
+        others = [c for c in others
+                  if c.one_to_one or f"{c.channel}:{c.thread_key}" in own_threads]
         if not others:
             return None
         best = max(others, key=_activity)
@@ -269,18 +296,22 @@ class ContactStore:
         """The customer wrote in ``conversation`` from (channel, thread key): replies go
         there from now on. Writes only when that changes where replies go."""
         own = (channel, thread_key) == (conversation.channel, conversation.thread_key)
-        if own and conversation.reply_channel is None:
+        if own and conversation.reply_channel is None and channel not in conversation.routes:
             return conversation
         if not own and conversation.reply_channel == channel and (
                 conversation.routes.get(channel) == thread_key):
             return conversation
-        update: Doc = {"reply_channel": None if own else channel}
+        update: Doc = {"$set": {"reply_channel": None if own else channel}}
+        routes = dict(conversation.routes)
+        if own and channel in routes:  # another thread of this channel had taken over
+            update["$unset"] = {f"routes.{channel}": ""}
+            del routes[channel]
         if not own:
-            update[f"routes.{channel}"] = thread_key
-        await self.store.conversations.update_one({"_id": conversation.id}, {"$set": update})
-        routes = conversation.routes if own else {**conversation.routes, channel: thread_key}
+            update["$set"][f"routes.{channel}"] = thread_key
+            routes[channel] = thread_key
+        await self.store.conversations.update_one({"_id": conversation.id}, update)
         return conversation.model_copy(
-            update={"reply_channel": update["reply_channel"], "routes": routes})
+            update={"reply_channel": None if own else channel, "routes": routes})
 
     async def route(self, conversation: Conversation, channel: str | None) -> ConversationRef:
         """Where an outbound item of ``conversation`` goes: on ``channel`` if asked (the
@@ -288,10 +319,13 @@ class ContactStore:
         the customer wrote last. Raises NoRoute if the contact has no thread there."""
         own = ConversationRef(channel=conversation.channel, thread_key=conversation.thread_key)
         wanted = channel or conversation.reply_channel
-        if wanted is None or wanted == conversation.channel:
+        if wanted is None:
             return own
-        if wanted in conversation.routes:
+        if wanted in conversation.routes:  # (on its own channel: a web chat visitor who
+            # came back by a link, gateway/identity.py)
             return ConversationRef(channel=wanted, thread_key=conversation.routes[wanted])
+        if wanted == conversation.channel:
+            return own
         if channel is None:
             return own  # a reply channel without its thread (cannot happen): stay home
         threads = await self._own_threads(conversation.contact_id)
@@ -300,6 +334,12 @@ class ContactStore:
             # a thread whose key is the person's id there is their own (one-to-one)
             if kind == wanted and await self.store.find_conversation(wanted, external_id):
                 return ConversationRef(channel=wanted, thread_key=external_id)
+        # or their newest one-to-one thread there (a Slack DM, a mail to us alone)
+        doc = await self.store.conversations.find_one(
+            {"contact_id": conversation.contact_id, "channel": wanted, "one_to_one": True},
+            {"thread_key": 1}, sort=[("created_at", -1)])
+        if doc is not None:
+            return ConversationRef(channel=wanted, thread_key=str(doc["thread_key"]))
         raise NoRoute(f"the contact has no {wanted} account to send to")
 
     # -------------------------------------------------------------------- merges

@@ -379,9 +379,10 @@ class Store:
     # ------------------------------------------------------------ conversations
 
     async def resolve_conversation(
-        self, channel: str, thread_key: str, contact_id: str
+        self, channel: str, thread_key: str, contact_id: str, *, one_to_one: bool = False
     ) -> Conversation:
-        """The conversation for (channel, thread key), created in the bot's hands if new."""
+        """The conversation for (channel, thread key), created in the bot's hands if new
+        (``one_to_one``: only the customer and we are in that thread)."""
         now = utcnow()
         doc, created = await self._upsert(
             self.conversations,
@@ -396,6 +397,7 @@ class Store:
                 "created_at": now,
                 "updated_at": now,
                 "last_activity_at": None,
+                "one_to_one": one_to_one,
             },
         )
         if created:  # its turn state; if this is lost, Turns.acquire writes it

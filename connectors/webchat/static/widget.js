@@ -34,6 +34,15 @@
   const START_OPEN = SCRIPT.dataset.open === "true";
   const LINKS = SCRIPT.dataset.links !== "false";
   let linkable = ["email", "telegram"]; // until the server's welcome says which it runs
+  // A link from another channel (Telegram, Slack, a mail) that continues the customer's
+  // conversation here: #omnigate-link=link_... in the page URL. Taken out of the address
+  // bar at once (single use; not bookmarked), sent with the next hello only.
+  let arrivalLink = (() => {
+    const m = /(?:^#|&)omnigate-link=(link_[A-Za-z0-9_-]{1,59})(?:&|$)/.exec(location.hash || "");
+    if (!m) return null;
+    try { history.replaceState(null, "", location.pathname + location.search); } catch (e) { /* ignore */ }
+    return m[1];
+  })();
 
   const PING_MS = 25000;          // keep-alive while open
   const STALE_MS = 70000;         // nothing heard for this long: the socket is dead
@@ -177,6 +186,10 @@
     "aria-label": "Conversation",
   });
   const scroller = h("div", { class: "og-scroll" }, moreBtn, list);
+  // What a link from another channel did (connected, expired, used, ...).
+  const linkNote = h("div", {
+    class: "og-linked", "data-og": "linked", role: "status", "aria-live": "polite", hidden: true,
+  });
 
   // "Alice is typing…": outside the log, announced politely.
   const typingEl = h("div", {
@@ -263,7 +276,7 @@
   const panel = h("div", {
     id: "og-panel", class: "og-panel", "data-og": "panel", role: "dialog",
     "aria-label": TITLE, hidden: true,
-  }, header, scroller, typingEl, tools, emailBox, composerMsg, tray, form);
+  }, header, linkNote, scroller, typingEl, tools, emailBox, composerMsg, tray, form);
   panel.addEventListener("keydown", (e) => { if (e.key === "Escape") { close(); launcher.focus(); } });
 
   // Drag files onto the chat, or paste them (a screenshot, files copied in a file manager).
@@ -321,6 +334,12 @@
       const u = new URL(String(url), BASE);
       return u.protocol === "https:" || u.protocol === "http:" ? u.href : null;
     } catch (e) { return null; }
+  }
+
+  // A link button's target: http(s), or a mailto: (continue by email).
+  function safeLink(url) {
+    if (typeof url === "string" && /^mailto:[^\s"<>]+$/.test(url)) return url;
+    return safeUrl(url);
   }
 
   function formatSize(n) {
@@ -498,6 +517,12 @@
     const row = h("div", { class: "og-buttons", role: "group", "aria-label": "Suggested replies" });
     for (const b of buttons) {
       if (!b || typeof b.title !== "string" || typeof b.value !== "string") continue;
+      if (b.url !== undefined && b.url !== null) { // a link (to continue elsewhere): opens it
+        const href = safeLink(b.url);
+        if (href) row.append(h("a", { class: "og-button", "data-og": "link-button", href, text: b.title,
+          target: "_blank", rel: "noopener noreferrer" }));
+        continue;
+      }
       row.append(h("button", {
         type: "button", class: "og-button", "data-og": "button", text: b.title,
         "aria-label": b.title, onclick: () => sendAction(b.value, b.title),
@@ -1053,7 +1078,9 @@
     sock.onopen = () => {
       lastHeard = Date.now();
       helloWatermark = watermark;
-      sock.send(JSON.stringify({ type: "hello", token: store.get("token"), watermark }));
+      const hello = { type: "hello", token: store.get("token"), watermark };
+      if (arrivalLink) { hello.link = arrivalLink; hello.watermark = null; helloWatermark = null; }
+      sock.send(JSON.stringify(hello));
       pingTimer = setInterval(() => {
         if (Date.now() - lastHeard > STALE_MS) { drop(sock); scheduleReconnect(); return; }
         transmit({ type: "ping" });
@@ -1122,6 +1149,14 @@
     switch (f.type) {
       case "welcome":
         if (typeof f.token === "string") store.set("token", f.token);
+        if (arrivalLink) { // answered: never sent again
+          arrivalLink = null;
+          if (f.linked && typeof f.linked.message === "string") {
+            linkNote.textContent = f.linked.message;
+            linkNote.dataset.state = String(f.linked.state || "");
+            linkNote.hidden = false;
+          }
+        }
         if (f.conversation_id) hasConversation = true;
         if (Array.isArray(f.links)) { // what this gateway can link: offer only that
           linkable = f.links;
