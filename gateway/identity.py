@@ -193,8 +193,14 @@ class Identity:
     async def answer_continue(self, conversation: Conversation, item: Activity) -> None:
         """The customer asked to continue elsewhere: one message with a link (a button
         where the channel shows one) for every other channel."""
-        offers = await self.offers(conversation, item.channel)
-        if not offers:
+        personal = item.conversation_ref.thread_key == item.sender.id or (
+            item.channel_data.get("one_to_one") is True)
+        offers = await self.offers(conversation, item.channel) if personal else []
+        if not personal:  # a group chat, a Slack channel thread, a mail with others on it:
+            # whoever else reads the thread could take the links
+            text = ("To continue on another channel, ask in a private chat with us: "
+                    "links are personal.")
+        elif not offers:
             text = "Sorry, this conversation cannot be continued on another channel here."
         else:
             text = "You can continue this conversation on another channel:\n" + "\n".join(

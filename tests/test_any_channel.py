@@ -454,3 +454,24 @@ async def test_continue_with_no_other_channel_says_so(gateway: Gateway,
     assert answer["text"] == ("Sorry, this conversation cannot be continued on another "
                               "channel here.")
     assert answer["buttons"] == []
+
+
+async def test_no_links_are_offered_in_a_group(
+    rig: MailRig, telegram: FakeTelegram, slack: FakeSlack
+) -> None:
+    """Anyone in a group could take them: /continue there says to ask privately."""
+    gw = rig.gw
+    people = People(telegram)
+    ann = TelegramUser(gw, telegram, people, 7011, "Ann")
+    group = people.group(-100777)
+    await ann.post(people.message(ann.user, group, text="/continue@omnigate_test_bot"))
+    await gw.settle()
+    [answer] = [c.params["text"] for c in telegram.of("sendMessage")
+                if c.params["chat_id"] == -100777]
+    assert answer.startswith("To continue on another channel, ask in a private chat")
+    assert "link_" not in answer
+    assert await gw.store.db["link_tokens"].count_documents({}) == 0
+    # in a private chat the same person gets them
+    await ann.say("/continue")
+    await ann.until("You can continue this conversation")
+    assert await gw.store.db["link_tokens"].count_documents({}) == 3

@@ -352,7 +352,10 @@ class EmailConnector(Connector):
 
     async def _footer(self, conversation: Conversation) -> list[str]:
         """Links that continue this conversation on our other channels (a week long;
-        gateway/identity.py). A mail goes without them rather than not at all."""
+        gateway/identity.py). A mail goes without them rather than not at all, and a
+        conversation begun with others on the mail (Cc) gets none: they would see them."""
+        if not conversation.one_to_one:
+            return []
         try:
             offers = await self.context.offers(conversation)
         except Exception as exc:  # the links are a courtesy; the mail is what matters
