@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -177,6 +178,21 @@ def _serve(settings: Settings, *, worker: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a reader that stops early (``omnigate openapi | head``) ends it
+    quietly, as a closed pipe ends ``cat``: no traceback, exit code 141 (128 + SIGPIPE)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that is silent too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "flows":  # the designer's tools: no store, no server
         from flows.cli import run as run_flows
@@ -203,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(DeskApi().app()[SPEC], indent=2))
         return 0
+    except BrokenPipeError:
+        raise  # an OSError, but not a failure of the command: see main()
     except (StoreError, OSError, ValueError) as exc:  # FlowLoadError is a ValueError
         print(f"omnigate: {exc}", file=sys.stderr)
         return 1

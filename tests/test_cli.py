@@ -159,6 +159,20 @@ def test_openapi_command_prints_the_spec(tmp_path: Path) -> None:
     assert spec["openapi"].startswith("3.") and "/api/v1/me" in spec["paths"]
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """``omnigate openapi | head``: the spec is larger than a pipe holds, head closes it."""
+    process = subprocess.Popen(
+        [*COMMAND, "openapi"], env=clean_env(), cwd=tmp_path, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    assert process.stdout.read(10).startswith(b"{")
+    process.stdout.close()  # what head does after its lines
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141  # as a shell reports a command ended by SIGPIPE
+    assert stderr == ""  # no "Broken pipe", no traceback
+
+
 # ---------------------------------------------------------------------- validation
 
 
