@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
@@ -148,32 +150,78 @@ def _agents(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def bind(host: str, port: int, *, reuse_port: bool = False) -> list[socket.socket]:
+    """The listening address taken before anything starts, as asyncio's ``create_server``
+    would take it (every address ``host`` resolves to; IPv6 sockets IPv6 only): a port in
+    use fails here, with a message for people, before the store or a channel starts."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror} "
+                      "(OMNIGATE_HOST or --host)") from exc
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                hint = (" (another program, or another Omnigate, listens there: choose "
+                        "another port with --port or OMNIGATE_PORT)"
+                        if exc.errno == errno.EADDRINUSE else "")
+                raise OSError(f"cannot listen on {host}:{port}: "
+                              f"{(exc.strerror or str(exc)).lower()}{hint}") from exc
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 def _serve(settings: Settings, *, worker: bool = False) -> int:
     from gateway.app import build_bot, create_app
 
+    master = settings.workers > 1 and not worker
+    # Bound first: a port in use stops here, before the log promises a page there. The
+    # master only checks (its workers bind the port themselves, with SO_REUSEPORT).
+    sockets = bind(settings.host, settings.port, reuse_port=worker or master)
+    port = sockets[0].getsockname()[1]  # --port 0: the one the system chose
     if not worker:
         store = (settings.mongodb_uri and "MongoDB at OMNIGATE_MONGODB_URI") or (
             f"embedded store in {settings.data_dir.resolve()}"
         )
         log.info(
             "Omnigate %s: demo page http://%s:%d/  agent API http://%s:%d/api/docs  (%s)",
-            _version(), settings.host, settings.port, settings.host, settings.port, store,
+            _version(), settings.host, port, settings.host, port, store,
         )
-    if settings.workers > 1 and not worker:
+    if master:
+        for sock in sockets:
+            sock.close()
         from gateway.workers import serve_workers
 
         build_bot(settings)  # bad flows fail here, once, not in every worker
         return serve_workers(settings)  # the master: N of the below, one store
     app = create_app(settings)
+
+    async def stopping(app: web.Application) -> None:
+        log.info("stopping: closing connections, then the channels and the store")
+
+    app.on_shutdown.append(stopping)
     web.run_app(
         app,
-        host=settings.host,
-        port=settings.port,
-        reuse_port=worker or None,  # a worker shares the port with the others
+        sock=sockets,
         print=None,
         **access_log_options(settings),
         shutdown_timeout=10.0,
     )
+    log.info("Omnigate stopped" if not worker else "worker stopped")
     return 0
 
 

@@ -139,6 +139,7 @@ async def run_master(settings: Settings) -> int:
             await embedded.stop()
         if made:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    log.info("Omnigate stopped")
     return 0
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -254,6 +255,9 @@ def test_serve_agents_stop_and_restart(tmp_path: Path) -> None:
         started = time.monotonic()
         assert serve.terminate(15) == 0
         assert time.monotonic() - started < 15
+        log = serve.log()
+        assert "stopping: closing connections" in log
+        assert log.rstrip().endswith("Omnigate stopped")  # after the store stopped
         wait_until(lambda: not pid_running(store_pid), 5, "the store process exits")
         assert not (data / "store.json").exists()
 
@@ -264,6 +268,22 @@ def test_serve_agents_stop_and_restart(tmp_path: Path) -> None:
         status, _, body = get(again.url + "/api/v1/me", auth)
         assert status == 200 and json.loads(body)["name"] == "Alice"
         assert again.terminate(15) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_stops_serve_before_anything_starts(tmp_path: Path, workers: int) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = omnigate("serve", "--port", str(port), "--workers", str(workers),
+                          "--data-dir", str(tmp_path / "data"), cwd=tmp_path, timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert (f"omnigate: cannot listen on 127.0.0.1:{port}: address already in use"
+            in result.stderr), result.stderr
+    assert "--port or OMNIGATE_PORT" in result.stderr
+    # nothing announced or started first: no demo URL, no channel, no store
+    for promise in ("demo page", "channel webchat: on", "embedded store started", "worker 1"):
+        assert promise not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "data").exists()
 
 
 @pytest.mark.usefixtures("embedded_store")
