@@ -240,22 +240,31 @@ class InProcessActions:
         self.package = package
         self._rejection: type[Exception] = ActionExecutionRejection
         self._executor = ActionExecutor()
+        # rasa-sdk logs "Registered function for ..." per action, and every action is
+        # registered twice here: the one line below names them instead.
+        rasa_log = logging.getLogger("rasa_sdk.executor")
+        level = rasa_log.level
+        rasa_log.setLevel(max(rasa_log.getEffectiveLevel(), logging.WARNING))
         try:
             self._executor.register_package(package)
         except (SystemExit, Exception) as exc:  # rasa-sdk exits on an ImportError
             cause = exc.__context__ if isinstance(exc, SystemExit) and exc.__context__ else exc
             raise ActionError(f"cannot load the custom actions of {package!r}: "
                               f"{type(cause).__name__}: {cause}") from exc
-        self._executor.actions.clear()
-        for cls in rasa_utils.all_subclasses(Action):
-            if (not cls.__module__.startswith(("rasa.", "rasa_core.", "rasa_sdk."))
-                    and not inspect.isabstract(cls) and _belongs(cls, package)):
-                self._executor.register_action(cls)
+        else:
+            self._executor.actions.clear()
+            for cls in rasa_utils.all_subclasses(Action):
+                if (not cls.__module__.startswith(("rasa.", "rasa_core.", "rasa_sdk."))
+                        and not inspect.isabstract(cls) and _belongs(cls, package)):
+                    self._executor.register_action(cls)
+        finally:
+            rasa_log.setLevel(level)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="omnigate-action")
         for name, function in list(self._executor.actions.items()):
             if not inspect.iscoroutinefunction(function):
                 self._executor.actions[name] = self._threaded(function)
-        log.info("custom actions from %s: %s", package, ", ".join(sorted(self.registered())))
+        log.info("custom actions from %s: %s", package,
+                 ", ".join(sorted(self.registered())) or "none registered")
 
     def _threaded(self, function: Callable[..., Any]) -> Callable[..., Any]:
         async def run(dispatcher: Any, tracker: Any, domain: Any) -> Any:

@@ -49,6 +49,7 @@ from gateway.logs import setup_request_ids
 from gateway.metrics import Metrics, metrics_handler, multiprocess_dir, webhook_middleware
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
+from gateway.proxies import forwarded_middleware
 from gateway.ratelimit import RateLimit, webhook_limit_middleware
 from gateway.routing import Routing
 from gateway.settings import Settings
@@ -82,8 +83,7 @@ def build_bot(settings: Settings) -> BotParts:
         log.info("custom actions: none configured (OMNIGATE_ACTIONS_PACKAGE or "
                  "OMNIGATE_ACTION_SERVER_URL); a flow step calling one gets the polite "
                  "failure message")
-    elif registered is not None:
-        log.info("custom actions: %s", ", ".join(sorted(registered)) or "(none registered)")
+    # in-process actions: flows/actions.py names them, once
     return BotParts(FlowRegistry(settings.flows_dir, actions=registered), actions)
 
 
@@ -284,6 +284,8 @@ def create_app(settings: Settings) -> web.Application:
     metrics = app[METRICS] = Metrics(multiproc_dir=multiprocess_dir())
     metrics.known_channels(connectors)
     setup_request_ids(app)  # X-Request-ID, request_id in log lines (gateway/logs.py)
+    if settings.trusted_proxies:  # before everything that reads the client's address
+        app.middlewares.append(forwarded_middleware(settings.trusted_proxies))
     app.middlewares.append(webhook_middleware(metrics))
     # after the counting one: a 429 is counted; per client address, burst 2 s worth
     per_second = settings.webhook_requests_per_second

@@ -256,6 +256,9 @@ def test_serve_agents_stop_and_restart(tmp_path: Path) -> None:
         assert serve.terminate(15) == 0
         assert time.monotonic() - started < 15
         log = serve.log()
+        # the shipped actions named once, in one line (not rasa-sdk's line per action, twice)
+        assert log.count("custom actions from examples.actions: action_check_order") == 1
+        assert "Registered function" not in log and "gateway.app: custom actions" not in log
         assert "stopping: closing connections" in log
         assert log.rstrip().endswith("Omnigate stopped")  # after the store stopped
         wait_until(lambda: not pid_running(store_pid), 5, "the store process exits")
