@@ -30,7 +30,7 @@ from pymongo.errors import PyMongoError
 
 from gateway.aio import Background
 from gateway.model import Agent, Handoff, Presence, utcnow
-from gateway.routing import Assigned, Routing
+from gateway.routing import Assigned, Routing, who
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class Assigner:
         """Re-queue the conversations of agents offline longer than the grace period."""
         moved = 0
         for agent in await self.queue.due_requeue(utcnow()):
-            moved += await self.routing.requeue_agent(agent.id)
+            moved += await self.routing.requeue_agent(agent)
             assert agent.requeue_at is not None
             await self.queue.clear_requeue(agent.id, agent.requeue_at)
         return moved
@@ -159,7 +159,8 @@ class Assigner:
         for agent in await self.queue.all_agents():
             fixed = await self.queue.repair(agent.id)
             if fixed is not None:
-                log.warning("agent %s: load counter was %d, is %d: repaired", agent.id, *fixed)
+                log.warning("agent %s: load counter was %d, is %d: repaired", who(agent),
+                            *fixed)
                 repaired += 1
         return repaired
 

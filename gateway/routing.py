@@ -44,7 +44,7 @@ from gateway.store import NotFound, Store
 from gateway.store.queue import Assigned, QueueStore
 from gateway.store.writer import Duplicate, Op, Precondition
 
-__all__ = ["SYSTEM", "Assigned", "Conflict", "Routing"]
+__all__ = ["SYSTEM", "Assigned", "Conflict", "Routing", "who"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,11 @@ class Conflict(Exception):
 
 def _nothing() -> None:
     return None
+
+
+def who(agent: Agent) -> str:
+    """An agent as log lines name them: the name people know, the id that is unique."""
+    return f"{agent.name} ({agent.id})"
 
 
 class Routing:
@@ -179,6 +184,7 @@ class Routing:
             if current.owner is OwnerState.AGENT and current.assignee_id == agent.id:
                 return current  # claiming twice is harmless
             raise Conflict(f"conversation is {current.owner.value}, not queued", current)
+        log.info("conversation %s claimed by %s", conversation_id, who(agent))
         return conversation
 
     async def assign(self, conversation_id: str, agent: Agent) -> Assigned:
@@ -193,7 +199,7 @@ class Routing:
             now = await self.store.get_conversation(conversation_id)
             queued = now is not None and now.owner is OwnerState.QUEUED
             return Assigned.AGENT_FULL if queued else Assigned.TAKEN
-        log.info("conversation %s assigned to agent %s", conversation_id, agent.id)
+        log.info("conversation %s assigned to %s", conversation_id, who(agent))
         return Assigned.ASSIGNED
 
     async def require_assignee(self, conversation_id: str, agent: Agent) -> Conversation:
@@ -227,6 +233,7 @@ class Routing:
         if conversation is None:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can resolve this conversation", current)
+        log.info("conversation %s resolved by %s", conversation_id, who(agent))
         conversation = await self.levels.resolved(conversation)  # SLA: resolved_at
         self.wake()
         await self._ended(conversation, "agent", agent=agent)
@@ -243,6 +250,7 @@ class Routing:
         if conversation is None:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can hand this conversation back", current)
+        log.info("conversation %s handed back to the bot by %s", conversation_id, who(agent))
         self.wake()
         return conversation
 
@@ -265,6 +273,8 @@ class Routing:
         if conversation is None:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can transfer this conversation", current)
+        log.info("conversation %s transferred by %s to %s", conversation_id, who(agent),
+                 who(target))
         self.wake()
         return conversation
 
@@ -288,13 +298,15 @@ class Routing:
         if conversation is None:
             current = await self._get(conversation_id)
             raise Conflict("only the assigned agent can transfer this conversation", current)
+        log.info("conversation %s transferred by %s to the %s team", conversation_id,
+                 who(agent), team)
         self.wake()
         return conversation
 
-    async def requeue_agent(self, agent_id: str) -> int:
-        """Put every conversation the agent owns back in the queue (they went offline).
-        Returns how many this call re-queued."""
-        moved = 0
+    async def requeue_agent(self, agent: Agent) -> int:
+        """Put every conversation the agent owns back in the queue (they went offline or
+        were deactivated). Returns how many this call re-queued."""
+        agent_id, moved = agent.id, 0
         for conversation_id in await self.queue.assigned_to(agent_id):
             conversation = await self._change(
                 conversation_id, {OwnerState.AGENT}, OwnerState.QUEUED,
@@ -307,7 +319,8 @@ class Routing:
                 continue  # it moved on meanwhile (resolved, transferred, ...)
             moved += 1
         if moved:
-            log.info("agent %s offline: %d conversation(s) re-queued", agent_id, moved)
+            log.info("%d conversation(s) of %s re-queued (offline past the grace period, "
+                     "or deactivated)", moved, who(agent))
             self.wake()
         return moved
 
@@ -340,6 +353,8 @@ class Routing:
             dedupe_key=dedupe_key,
         )
         if conversation is not None:
+            log.info("conversation %s resolved by the bot%s", conversation_id,
+                     f" ({topic})" if topic else "")
             await self._ended(conversation, "bot", topic=topic)
         return conversation
 

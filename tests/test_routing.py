@@ -5,6 +5,7 @@ re-queue after the grace period, load counters repaired."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -335,6 +336,41 @@ async def test_a_deactivated_agent_hands_their_conversations_back_at_once(
     frank_id, _ = await make_agent(gateway, "Frank")
     await assigned_to(gateway, mine, frank_id)
     await assert_loads_true(gateway)
+
+
+async def test_agent_actions_are_logged_with_the_agents_names(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.routing")
+    alice_id, alice = await make_agent(gateway, "Alice", online=False)
+    bob_id, bob = await make_agent(gateway, "Bob", online=False)
+    first, second, third = [await handoff(gateway, f"log{n}") for n in range(3)]
+    base = "/conversations/"
+    assert (await call(gateway, "POST", f"{base}{first}/claim", alice))[0] == 200
+    assert (await call(gateway, "POST", f"{base}{first}/transfer", alice,
+                       json={"agent_id": bob_id}))[0] == 200
+    assert (await call(gateway, "POST", f"{base}{first}/resolve", bob))[0] == 200
+    assert (await call(gateway, "POST", f"{base}{second}/claim", bob))[0] == 200
+    assert (await call(gateway, "POST", f"{base}{second}/handback", bob))[0] == 200
+    await presence(gateway, alice, "online")  # the third is hers automatically
+    await assigned_to(gateway, third, alice_id)
+    await presence(gateway, alice, "offline")  # and back in the queue after the grace
+    await eventually(lambda: _is(owner(gateway, third), ("queued", None)))
+    lines = [r.getMessage() for r in caplog.records if r.name == "gateway.routing"]
+    alice_is, bob_is = f"Alice ({alice_id})", f"Bob ({bob_id})"
+    for line in (f"conversation {first} claimed by {alice_is}",
+                 f"conversation {first} transferred by {alice_is} to {bob_is}",
+                 f"conversation {first} resolved by {bob_is}",
+                 f"conversation {second} claimed by {bob_is}",
+                 f"conversation {second} handed back to the bot by {bob_is}",
+                 f"conversation {third} assigned to {alice_is}",
+                 f"1 conversation(s) of {alice_is} re-queued (offline past the grace period, "
+                 "or deactivated)"):
+        assert line in lines, (line, lines)
+
+
+async def _is(value: Awaitable[Any], expected: Any) -> bool:
+    return await value == expected
 
 
 async def test_colleagues_lists_active_agents_for_the_transfer_picker(

@@ -202,7 +202,7 @@ class AccessApi:
             raise NoSuchAgent("no such agent")
         routing = request.config_dict[ROUTING]
         if changes.get("active") is False:  # nobody may wait on a deactivated agent
-            await routing.requeue_agent(agent.id)
+            await routing.requeue_agent(agent)
         if changes.keys() & {"capacity", "teams", "skills", "active", "role"}:
             routing.wake()  # waiting conversations may fit now
         return json_response(AgentOut.of(agent))
