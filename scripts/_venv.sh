@@ -1,5 +1,5 @@
 # Shared by scripts/run and scripts/test: a virtualenv in .venv with the given extras,
-# reinstalled only when pyproject.toml changes.
+# installed once, again only when pyproject.toml changes.
 set -eu
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${OMNIGATE_VENV:-$ROOT/.venv}"
@@ -16,12 +16,22 @@ find_python() {
     return 1
 }
 
-ensure_venv() {  # $1: extras, e.g. "embedded" or "dev"
+# One stamp for both commands: the pyproject.toml checksum it was made for, then the extras
+# installed. The extras pyproject.toml includes in another count as installed with it
+# (dev = test + linters; test includes the embedded store), so ./scripts/run after
+# ./scripts/test installs nothing; ./scripts/test after ./scripts/run adds the test tools.
+STAMP="$VENV/.omnigate-installed"
+
+ensure_venv() {  # $1: extras, "embedded" (./scripts/run) or "dev" (./scripts/test)
     extras="$1"
-    stamp="$VENV/.omnigate-$extras-$(cksum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
-    if [ -f "$stamp" ]; then
-        return 0
+    sum="$(cksum < "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    installed=""
+    if [ -f "$STAMP" ] && [ "$(sed -n 1p "$STAMP")" = "$sum" ]; then
+        installed="$(sed -n 2p "$STAMP")"
     fi
+    case " $installed " in
+        *" $extras "*) return 0 ;;
+    esac
     if [ ! -x "$VENV/bin/python" ]; then
         python="$(find_python)"
         "$python" -m venv "$VENV" || {
@@ -29,7 +39,15 @@ ensure_venv() {  # $1: extras, e.g. "embedded" or "dev"
             return 1
         }
     fi
+    echo "installing Omnigate[$extras] into $VENV (once; again when pyproject.toml changes)" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e "$ROOT[$extras]"
-    touch "$stamp"
+    case "$extras" in
+        dev) installed="$installed dev test embedded" ;;
+        test) installed="$installed test embedded" ;;
+        *) installed="$installed $extras" ;;
+    esac
+    rm -f "$VENV"/.omnigate-embedded-* "$VENV"/.omnigate-dev-*  # the stamps of before
+    # shellcheck disable=SC2086 # unquoted on purpose: one space between the names
+    printf '%s\n%s\n' "$sum" "$(echo $installed)" > "$STAMP"
 }
