@@ -29,6 +29,8 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 
+from gateway.proxies import client_of
+
 if TYPE_CHECKING:
     from gateway.settings import Settings
 
@@ -132,17 +134,19 @@ def setup_request_ids(app: web.Application) -> None:
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request: method, path (no query string: it may carry secrets),
-    status, duration_ms, request_id, remote; in json as fields of the object."""
+    status, duration_ms, request_id, remote (the client's address: behind a trusted proxy the
+    forwarded one); in json as fields of the object."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         duration_ms = round(time * 1000, 3)
         request_id = request_id_of(request)
+        remote = client_of(request)  # behind a trusted proxy: the client (gateway/proxies.py)
         self.logger.info(
-            '%s "%s %s" %d %.1fms request_id=%s', request.remote, request.method,
+            '%s "%s %s" %d %.1fms request_id=%s', remote, request.method,
             request.path, response.status, duration_ms, request_id,
             extra={"method": request.method, "path": request.path,
                    "status": response.status, "duration_ms": duration_ms,
-                   "request_id": request_id, "remote": request.remote},
+                   "request_id": request_id, "remote": remote},
         )
 
 

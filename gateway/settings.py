@@ -24,6 +24,7 @@ from gateway.channel_settings import (
     default_port,
 )
 from gateway.hours import ALWAYS_OPEN, TeamHours, load_teams
+from gateway.proxies import Network, parse_networks
 from gateway.sla import DEFAULT_TARGETS_TEXT, Target, parse_targets
 
 ENV_PREFIX = "OMNIGATE_"
@@ -80,6 +81,9 @@ class Settings(BaseSettings):
     # Signs web chat visitor tokens (unset: a random key kept in the store, shared by
     # every process on it). 32-512 printable characters.
     secret_key: str | None = Field(None, pattern=r"^[\x21-\x7e]{32,512}$")
+    # Reverse proxies (gateway/proxies.py): from a peer in these networks X-Forwarded-For
+    # and X-Forwarded-Proto give the client's address and scheme; empty: trust none.
+    trusted_proxies: Annotated[list[Network], NoDecode] = Field(default_factory=list)
 
     # Attachments (gateway/files.py): a file over this many bytes is not kept (the
     # customer is told); 20 MB is what Telegram lets bots download.
@@ -151,6 +155,13 @@ class Settings(BaseSettings):
     def _split_origins(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _split_networks(cls, value: Any) -> Any:
+        if isinstance(value, str | list | tuple):
+            return parse_networks(value)
         return value
 
     @field_validator("webchat_allowed_origins")

@@ -250,9 +250,8 @@ class WebchatConnector(Connector):
         allowed = self.config.allowed_origins
         if "*" in allowed or origin.rstrip("/") in allowed:
             return True
-        own = f"{request.scheme}://{request.host}"
-        forwarded = request.headers.get("X-Forwarded-Proto")
-        return origin in {own, f"{forwarded}://{request.host}" if forwarded else own}
+        # request.scheme: behind a trusted proxy the client's (OMNIGATE_TRUSTED_PROXIES)
+        return origin == f"{request.scheme}://{request.host}"
 
     async def handle_socket(self, request: web.Request) -> web.StreamResponse:
         if not self.origin_allowed(request):
@@ -324,8 +323,8 @@ class WebchatConnector(Connector):
         hello = await self._read_hello(ws)
         if hello is None:
             return None
-        # Per client address (request.remote: behind a proxy, the proxy's address unless
-        # it rewrites it; docs/webchat-protocol.md). Checked before anything is read.
+        # Per client address (request.remote: behind a trusted proxy the forwarded one,
+        # gateway/proxies.py). Checked before anything is read.
         wait = self.connects.take(request.remote or "")
         if wait > 0:
             await ws.send_json(rate_limited(wait, "too many new chats from this address"))
