@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import getpass
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from aiohttp import web
 from pymongo.errors import PyMongoError
 
 from gateway.logs import access_log_options, configure_logging
-from gateway.model import AgentRole
+from gateway.model import Agent, AgentRole
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import Store, StoreError
 
@@ -84,8 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--capacity", type=int, default=3,
                      help="conversations at once, 0-100 (default 3)")
     add.add_argument("--password-stdin", action="store_true",
-                     help="read a console password (first line of standard input); "
-                     "needs --email")
+                     help="read a console password, 10 characters or more (first line of "
+                     "standard input; asked for without echo on a terminal); needs --email")
     agent_commands.add_parser("list", parents=[store_options], help="list agents")
 
     commands.add_parser("openapi", help="print the agent API's OpenAPI document")
@@ -121,8 +122,18 @@ def _split(values: list[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
+def _read_password() -> str:
+    """The first line of standard input; on a terminal, asked for without echo."""
+    if sys.stdin.isatty():
+        from gateway.desk.auth import MIN_PASSWORD
+
+        return getpass.getpass(f"Console password ({MIN_PASSWORD} characters or more): ")
+    return sys.stdin.readline().rstrip("\r\n")
+
+
 def _agents(args: argparse.Namespace, settings: Settings) -> int:
     from gateway.desk.agents import Agents
+    from gateway.desk.auth import check_password_rules
 
     if args.agents_command == "add":
         name = args.name or args.name_option
@@ -130,16 +141,29 @@ def _agents(args: argparse.Namespace, settings: Settings) -> int:
             raise ValueError("give the agent's name once: omnigate agents add NAME")
         if not 0 <= args.capacity <= 100:
             raise ValueError("--capacity is 0 to 100 conversations")
-        password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
-        agent, token = asyncio.run(
-            _with_store(settings, lambda store: Agents(store).add(
+        password = _read_password() if args.password_stdin else None
+        if password is not None:
+            check_password_rules(password)  # before the store starts, not after
+
+        async def add(store: Store) -> tuple[Agent, str, list[Agent]]:
+            agents = Agents(store)
+            namesakes = [a for a in await agents.list()
+                         if a.active and a.name.casefold() == name.strip().casefold()]
+            agent, token = await agents.add(
                 name, args.email, role=AgentRole(args.role), teams=_split(args.team),
                 skills=_split(args.skill), capacity=args.capacity, password=password,
-            ))
-        )
+            )
+            return agent, token, namesakes
+
+        agent, token, namesakes = asyncio.run(_with_store(settings, add))
         print(f"agent {agent.name} created (id {agent.id}, role {agent.role.value}).")
         print("API token (shown once; keep it secret):")
         print(token)
+        for other in namesakes:  # allowed, as in Zendesk or Chatwoot: the email is the key
+            print(f"omnigate: note: another agent is named {other.name} too (id {other.id}, "
+                  f"{other.email or 'no email'}): customers and colleagues will see two. "
+                  "Change or deactivate one with PATCH /api/v1/agents/ID "
+                  "(see /api/docs)", file=sys.stderr)
         return 0
     agents = asyncio.run(_with_store(settings, lambda store: Agents(store).list()))
     for agent in agents:

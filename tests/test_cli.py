@@ -290,6 +290,37 @@ def test_a_port_in_use_stops_serve_before_anything_starts(tmp_path: Path, worker
 
 
 @pytest.mark.usefixtures("embedded_store")
+def test_agents_add_refuses_a_taken_email_and_warns_of_a_repeated_name(tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+
+    def add(*args: str, password: str = "") -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*COMMAND, "agents", "add", *args, *data], env=clean_env(),
+                              cwd=tmp_path, input=password, capture_output=True, text=True,
+                              timeout=60, check=False)
+
+    first = add("Alice", "--team", "support")  # README step 2
+    assert first.returncode == 0 and "note:" not in first.stderr, first.stderr
+    # README's console step, for the same person: allowed (names may repeat, as in Zendesk
+    # or Chatwoot, where the email tells people apart), but said
+    second = add("alice ", "--email", "alice@example.com", "--password-stdin",
+                 password="correct horse battery\n")
+    assert second.returncode == 0, second.stderr
+    first_id = first.stdout.split("(id ")[1].split(",")[0]
+    assert (f"note: another agent is named Alice too (id {first_id}, no email)"
+            in second.stderr), second.stderr
+    # the email is the sign-in key: never twice, in any case
+    third = add("Alicia", "--email", "ALICE@example.com")
+    assert third.returncode == 1
+    assert "omnigate: another agent already signs in with ALICE@example.com" in third.stderr
+    # the password minimum is said at once, before the store starts
+    short = add("Bob", "--email", "bob@example.com", "--password-stdin", password="short\n")
+    assert short.returncode == 1 and "a password has 10 to 1024 characters" in short.stderr
+    assert "embedded store started" not in short.stderr
+    listed = omnigate("agents", "list", *data, cwd=tmp_path)
+    assert [line.split("  ")[1] for line in listed.stdout.splitlines()] == ["Alice", "alice"]
+
+
+@pytest.mark.usefixtures("embedded_store")
 def test_settings_from_the_environment(tmp_path: Path) -> None:
     data, port = tmp_path / "env-data", free_port()
     env = clean_env(OMNIGATE_HOST="127.0.0.1", OMNIGATE_PORT=str(port),
