@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from pymongo.errors import PyMongoError
 
 from connectors.base import Connector, ConnectorContext, DeliveryResult
-from connectors.webchat import email_link
+from connectors.webchat import demo, email_link
 from connectors.webchat.files import FileLinks, handle_download, handle_upload
 from connectors.webchat.frames import (
     PROTOCOL_VERSION,
@@ -65,10 +65,6 @@ CLOSE_INVALID_TOKEN = 4401
 CLOSE_NO_HELLO = 4408
 CLOSE_RATE_LIMITED = 4429
 MAX_TOKEN_CHARS = 200
-PAGE_CSP = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +86,7 @@ class WebchatConnector(Connector):
     def __init__(self, config: WebchatConfig | None = None) -> None:
         self.config = config or WebchatConfig()
         self.hub = Hub()
+        self.demo = demo.DemoPage()  # the page at / says which channels the chat can move to
         self._context: ConnectorContext | None = None
         self._unwatch: Callable[[], None] | None = None
         self._signer: TokenSigner | None = None
@@ -120,9 +117,11 @@ class WebchatConnector(Connector):
         sub.router.add_get("/widget.css", self._static("widget.css", "text/css"))
         app.add_subapp("/webchat", sub)
         app.on_shutdown.append(self._on_shutdown)
+        app[demo.DEMO] = self.demo
 
     async def start(self, context: ConnectorContext) -> None:
         self._context = context
+        self.demo.channels = LINKABLE & context.channels
         self._unwatch = context.watch(self._on_change)
         try:
             await self.signer()  # read once now; if the store is down, at the first hello
@@ -201,18 +200,7 @@ class WebchatConnector(Connector):
 
         return handler
 
-    @staticmethod
-    async def demo_page(_request: web.Request) -> web.StreamResponse:
-        return web.Response(
-            body=(STATIC / "demo.html").read_bytes(),
-            content_type="text/html",
-            charset="utf-8",
-            headers={
-                "Content-Security-Policy": PAGE_CSP,
-                "X-Content-Type-Options": "nosniff",
-                "Referrer-Policy": "no-referrer",
-            },
-        )
+    demo_page = staticmethod(demo.demo_page)  # GET / (connectors/webchat/demo.py)
 
     # ------------------------------------------------------------- deep links
 
