@@ -277,11 +277,11 @@ async def second_gateway(settings: Settings) -> AsyncIterator[tuple[TestServer, 
 
 
 @pytest.mark.usefixtures("hasher")
-async def test_failed_sign_ins_lock_the_account_for_longer_each_time(
+async def test_failed_sign_ins_lock_the_account_from_that_address_for_longer_each_time(
     gateway: Gateway, settings: Settings
 ) -> None:
     agents = agents_of(gateway)
-    agents.guard.policy = LoginPolicy(account_failures=3, ip_failures=1000)
+    agents.guard.policy = LoginPolicy(pair_failures=3, ip_failures=1000)
     await person(gateway, "Alice")
     for _ in range(2):
         assert (await sign_in(gateway, "alice@example.com", "guess guess"))[0] == 401
@@ -304,18 +304,17 @@ async def test_failed_sign_ins_lock_the_account_for_longer_each_time(
     # the lock passes (time moved on in the store); three failures lock for twice as long
     attempts = gateway.store.db["login_attempts"]
     past = utcnow() - timedelta(seconds=1)
-    await attempts.update_one({"_id": "account:alice@example.com"},
-                              {"$set": {"locked_until": past}})
+    pair = "pair:127.0.0.1|alice@example.com"  # this address's record for the account
+    await attempts.update_one({"_id": pair}, {"$set": {"locked_until": past}})
     for _ in range(2):
         assert (await sign_in(gateway, "alice@example.com", "guess guess"))[0] == 401
     status, _, response = await sign_in(gateway, "alice@example.com", "guess guess")
     assert (status, response.headers["Retry-After"]) == (429, "60")
 
-    # after the lock: the right password works and the account's record is cleared
-    await attempts.update_one({"_id": "account:alice@example.com"},
-                              {"$set": {"locked_until": past}})
+    # after the lock: the right password works and the pair's record is cleared
+    await attempts.update_one({"_id": pair}, {"$set": {"locked_until": past}})
     assert (await sign_in(gateway, "alice@example.com"))[0] == 200
-    assert await attempts.find_one({"_id": "account:alice@example.com"}) is None
+    assert await attempts.find_one({"_id": pair}) is None
 
     # an unknown account is locked exactly the same way (nothing to enumerate)
     answers = [await sign_in(gateway, "ghost@example.com", "guess guess") for _ in range(3)]
@@ -326,7 +325,7 @@ async def test_failed_sign_ins_lock_the_account_for_longer_each_time(
 
 @pytest.mark.usefixtures("hasher")
 async def test_one_address_guessing_many_accounts_is_locked(gateway: Gateway) -> None:
-    agents_of(gateway).guard.policy = LoginPolicy(account_failures=100, ip_failures=4)
+    agents_of(gateway).guard.policy = LoginPolicy(pair_failures=100, ip_failures=4)
     await person(gateway, "Alice")
     statuses = [(await sign_in(gateway, f"user{n}@example.com", "guess guess"))[0]
                 for n in range(4)]

@@ -1,8 +1,10 @@
-"""Trusted proxies (OMNIGATE_TRUSTED_PROXIES).
+"""Trusted proxies (OMNIGATE_TRUSTED_PROXIES) and sign-in lockouts that cannot keep an agent
+out.
 
 The forwarded headers over real HTTP on a real gateway: the test client connects from
 127.0.0.1, which is the trusted proxy in one gateway and an untrusted peer in the other, and
-sends the same X-Forwarded-For/Proto to both.
+sends the same X-Forwarded-For/Proto to both. The lockout tests use the trusted gateway to
+sign in from many client addresses.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from ipaddress import ip_network
 from typing import Any
 
@@ -21,9 +24,10 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
-from gateway.desk.auth import LoginPolicy
+from gateway.desk.auth import LoginPolicy, address_key
 from gateway.keys import AGENTS
 from gateway.logs import AccessLogger, JsonFormatter
+from gateway.model import utcnow
 from gateway.proxies import Forwarded, parse_networks, resolve
 from gateway.settings import Settings, SettingsError, load_settings
 from gateway.store import Store
@@ -83,6 +87,14 @@ def test_the_setting_takes_addresses_and_networks(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("OMNIGATE_TRUSTED_PROXIES", "10.0.0.0/8, nginx")
     with pytest.raises(SettingsError, match=r"OMNIGATE_TRUSTED_PROXIES: .*'nginx' is not"):
         load_settings()
+
+
+def test_ipv6_clients_are_throttled_by_their_64() -> None:
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9")
+    assert address_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("203.0.113.5") == "203.0.113.5"
+    assert address_key(None) == "unknown"
 
 
 # -------------------------------------------------------------- a real gateway
@@ -223,3 +235,52 @@ async def test_forwarded_headers_from_an_untrusted_peer_change_nothing(
             "welcome", "rate_limited"]
         assert await origin_status(gateway, "https") == 403
     assert access_remotes(log, "/api/v1/session") == {"127.0.0.1"}
+
+
+# ------------------------------------------------------------------------ lockouts
+
+
+async def test_an_attacker_who_knows_the_email_cannot_lock_the_agent_out(
+    settings: Settings,
+) -> None:
+    async with gateway_with(settings, "127.0.0.1") as (gateway, _):
+        attacker = "203.0.113.66"
+        statuses = [(await sign_in(gateway, attacker, "guess guess"))[0] for _ in range(30)]
+        assert statuses[:5] == [401] * 4 + [429] and set(statuses[5:]) == {429}
+        # the pair is locked: even the right password from the attacker's address
+        status, response = await sign_in(gateway, attacker)
+        assert status == 429 and 1 <= int(response.headers["Retry-After"]) <= 30
+        # Alice, from her address, gets in
+        assert (await sign_in(gateway, CLIENT))[0] == 200
+        # IPv6: the attacker's whole /64 is one address; another /64 is not
+        for n in range(5):
+            await sign_in(gateway, f"2001:db8:1:2::{n + 1}", "guess guess")
+        assert (await sign_in(gateway, "2001:db8:1:2::99"))[0] == 429
+        assert (await sign_in(gateway, "2001:db8:1:3::1"))[0] == 200
+
+
+async def test_guessing_from_many_addresses_only_slows_down_those_addresses(
+    settings: Settings,
+) -> None:
+    async with gateway_with(settings, "127.0.0.1") as (gateway, _):
+        gateway.app[AGENTS].guard.policy = LoginPolicy(account_failures=6)
+        guessers = [f"192.0.2.{n}" for n in range(1, 7)]
+        statuses = [(await sign_in(gateway, g, "guess guess"))[0] for g in guessers]
+        assert statuses == [401] * 5 + [429]  # the sixth failure locks the account...
+        # ... for the addresses that failed for it (each once: their pairs are not locked)
+        status, response = await sign_in(gateway, guessers[0])
+        assert status == 429 and 1 <= int(response.headers["Retry-After"]) <= 30
+        assert (await sign_in(gateway, CLIENT))[0] == 200  # a clean address gets in
+
+        # the account-wide lock doubles, but never past a minute
+        attempts = gateway.store.db["login_attempts"]
+        await attempts.update_one({"_id": f"account:{ALICE}"},
+                                  {"$set": {"lockouts": 12}})
+        await attempts.update_one({"_id": f"account:{ALICE}"},
+                                  {"$set": {"locked_until": utcnow() - timedelta(seconds=1)}})
+        more = [f"192.0.2.{n}" for n in range(11, 17)]
+        statuses = [(await sign_in(gateway, g, "guess guess"))[0] for g in more]
+        assert statuses[-1] == 429
+        status, response = await sign_in(gateway, more[0])
+        assert status == 429 and 30 < int(response.headers["Retry-After"]) <= 60
+        assert (await sign_in(gateway, OTHER))[0] == 200

@@ -218,8 +218,9 @@ class AccessApi:
                 body=LoginIn,
                 errors=(401, 403, 429, 503),
                 description="Wrong email and unknown account get the same 401. Too many "
-                "failures for an account or a client address: 429 with Retry-After, "
-                "even for the right password. Cross-site requests: 403.",
+                "failures for the account from this client address, or from the address: "
+                "429 with Retry-After, even for the right password (an address that has "
+                "not failed is not held back by another's failures). Cross-site: 403.",
                 tag="session",
                 auth=False,
             ),

@@ -8,17 +8,22 @@
 - Requests authenticated by the cookie that change state must carry ``X-CSRF-Token`` (the
   session's synchronizer token); any cookie request from another site (``Origin`` or
   ``Sec-Fetch-Site``) is refused. Integrations use bearer API tokens: no cookie, no CSRF.
-- Failed logins are counted in the store per account and per client address (so every
-  process sees them): too many in a window locks the key, for longer each time (429 with
-  ``Retry-After``). A locked account is refused even with the right password. An unknown
-  email costs one argon2 verification too and gets the same answer.
+- Failed logins are counted in the store (so every process sees them) on three keys: the
+  account from this client address (the pair), the client address (IPv6: its /64), and
+  the account from everywhere. The pair and the address lock after too many failures in
+  a window, for longer each time (429 with ``Retry-After``), even for the right password.
+  The account-wide count only slows guessing spread over many addresses: past its limit
+  the account locks for at most a minute, and only for addresses that have failed for it
+  recently. So someone who knows an agent's email can lock out their own address, not
+  the agent: the right password from an address that has not failed always gets in
+  (unless that address shares the attacker's, e.g. one office NAT). An unknown email
+  costs one argon2 verification too and gets the same answer.
 - ``authorize(agent, roles)`` is the one role check: every API route calls it through the
   middleware, and the console socket will call it for every message.
 
-Behind a reverse proxy: ``Secure`` follows ``request.secure`` and the per-address limit
-uses ``request.remote``; forwarded headers are not trusted (there is no setting for them
-yet), so terminate TLS in a proxy that passes the real scheme and address, e.g. with
-aiohttp-remotes, or serve https directly.
+Behind a reverse proxy: ``Secure`` follows ``request.secure`` and the client address is
+``request.remote``; both are the client's when the proxy is in ``OMNIGATE_TRUSTED_PROXIES``
+(gateway/proxies.py), else the proxy's.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import secrets
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from ipaddress import IPv6Address, IPv6Network
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -38,6 +44,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from gateway.model import Agent, AgentRole, utcnow
+from gateway.proxies import parse_address
 from gateway.store import Store
 from gateway.store.access import AttemptStore, SessionRecord, SessionStore, digest
 
@@ -225,11 +232,34 @@ class Sessions:
 @dataclass(frozen=True)
 class LoginPolicy:
     window: timedelta = timedelta(minutes=15)
-    account_failures: int = 5  # per email address in a window
-    ip_failures: int = 20  # per client address in a window
+    pair_failures: int = 5  # per account from one client address in a window
+    ip_failures: int = 20  # per client address in a window, whatever the accounts
+    account_failures: int = 20  # per account from every address in a window: slows down
     first_lock: timedelta = timedelta(seconds=30)  # doubled at each further lock
     longest_lock: timedelta = timedelta(hours=1)
+    longest_account_lock: timedelta = timedelta(minutes=1)  # the account-wide one
     forget: timedelta = timedelta(days=1)  # a quiet key forgets its lockouts
+
+
+@dataclass(frozen=True)
+class LoginKeys:
+    account: str  # the account from every address: only slows down
+    address: str  # the client address, whatever the account
+    pair: str  # the account from this address
+
+    def all(self) -> tuple[str, str, str]:
+        return self.pair, self.address, self.account
+
+
+def address_key(ip: str | None) -> str:
+    """The throttled unit of a client address: itself, or for IPv6 its /64 (one host or
+    one customer's network usually has a whole /64 to pick addresses from)."""
+    address = parse_address(ip) if ip else None
+    if address is None:
+        return ip or "unknown"
+    if isinstance(address, IPv6Address):
+        return str(IPv6Network((int(address) >> 64 << 64, 64)))
+    return str(address)
 
 
 @dataclass
@@ -241,35 +271,46 @@ class LoginGuard:
         self.attempts = AttemptStore(self.store)
 
     @staticmethod
-    def keys(email: str, ip: str | None) -> tuple[str, str]:
-        return f"account:{email.strip().lower()[:320]}", f"ip:{ip or 'unknown'}"
+    def keys(email: str, ip: str | None) -> LoginKeys:
+        account, address = email.strip().lower()[:320], address_key(ip)
+        return LoginKeys(f"account:{account}", f"ip:{address}", f"pair:{address}|{account}")
 
-    async def locked_for(self, keys: Collection[str]) -> float:
-        """Seconds until every key is unlocked (0: none is locked)."""
+    async def locked_for(self, keys: LoginKeys) -> float:
+        """Seconds until this address may try this account (0: now)."""
         now, wait = utcnow(), 0.0
-        for key in keys:
-            doc = await self.attempts.get(key)
+        pair = await self.attempts.get(keys.pair)
+        docs = [pair, await self.attempts.get(keys.address)]
+        # the account-wide lock holds back only addresses that failed for it lately
+        if pair is not None and pair["last_failure_at"] > now - self.policy.window:
+            docs.append(await self.attempts.get(keys.account))
+        for doc in docs:
             if doc is not None and doc.get("locked_until") and doc["locked_until"] > now:
                 wait = max(wait, (doc["locked_until"] - now).total_seconds())
         return wait
 
     def _limit(self, key: str) -> int:
-        return self.policy.ip_failures if key.startswith("ip:") else self.policy.account_failures
+        if key.startswith("pair:"):
+            return self.policy.pair_failures
+        if key.startswith("ip:"):
+            return self.policy.ip_failures
+        return self.policy.account_failures
 
-    def _lock_length(self, lockouts: int) -> timedelta:
+    def _lock_length(self, key: str, lockouts: int) -> timedelta:
+        longest = (self.policy.longest_account_lock if key.startswith("account:")
+                   else self.policy.longest_lock)
         length: timedelta = self.policy.first_lock * (2 ** min(lockouts, 20))
-        return min(length, self.policy.longest_lock)
+        return min(length, longest)
 
-    async def failed(self, keys: Collection[str]) -> float:
-        """Count a failure on every key; seconds of lockout it caused (0: none)."""
+    async def failed(self, keys: LoginKeys) -> float:
+        """Count a failure on every key; seconds of lockout it caused here (0: none)."""
         policy, wait = self.policy, 0.0
-        for key in keys:
+        for key in keys.all():
             now = utcnow()
             doc = await self.attempts.count_failure(key, now, policy.window, policy.forget)
             for _ in range(8):
                 if doc["failures"] < self._limit(key):
                     break
-                until = now + self._lock_length(doc["lockouts"])
+                until = now + self._lock_length(key, doc["lockouts"])
                 if await self.attempts.lock(doc, now, until):
                     wait = max(wait, (until - now).total_seconds())
                     break
@@ -282,10 +323,11 @@ class LoginGuard:
                     break
         return wait
 
-    async def succeeded(self, account_key: str) -> None:
-        # Only the account forgets; the address keeps counting (one valid account must not
-        # reset the counter of an address that guesses at others).
-        await self.attempts.clear(account_key)
+    async def succeeded(self, keys: LoginKeys) -> None:
+        # Only the pair forgets. The address keeps counting (one valid account must not
+        # reset the counter of an address that guesses at others), and so does the
+        # account (a sign-in must not reset guessing spread over many addresses).
+        await self.attempts.clear(keys.pair)
 
 
 # -------------------------------------------------------------------------- requests
@@ -363,7 +405,7 @@ async def login(
         if wait > 0:
             raise TooManyAttempts(wait)
         raise NotAuthenticated(BAD_LOGIN)
-    await guard.succeeded(keys[0])
+    await guard.succeeded(keys)
     return agent, await agents.sessions.create(agent)
 
 

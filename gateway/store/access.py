@@ -9,8 +9,9 @@ docs/store-notes.md).
 - ``sessions``: ``_id`` = sha256(session id), ``agent_id``, ``csrf``, ``created_at``,
   ``expires_at`` (absolute), ``idle_until`` (slides while the session is used; never past
   ``expires_at``; a TTL index removes the document once it has passed).
-- ``login_attempts``: ``_id`` = ``"account:<email>"`` or ``"ip:<address>"``, ``failures``
-  in the window that began at ``window_start``, ``locked_until``, ``lockouts`` (how many
+- ``login_attempts``: ``_id`` = ``"pair:<address>|<email>"``, ``"ip:<address>"`` or
+  ``"account:<email>"`` (gateway/desk/auth.py), ``failures`` in the window that began at
+  ``window_start``, ``last_failure_at``, ``locked_until``, ``lockouts`` (how many
   times it was locked: the next lock is longer), ``forget_at`` (TTL: the record goes away
   after a quiet day).
 """
