@@ -36,6 +36,7 @@ from gateway.keys import (
     FEED,
     FETCHER,
     FILES,
+    INDEXER,
     METRICS,
     OUTBOX,
     PIPELINE,
@@ -52,6 +53,7 @@ from gateway.pipeline import Pipeline
 from gateway.proxies import forwarded_middleware
 from gateway.ratelimit import RateLimit, webhook_limit_middleware
 from gateway.routing import Routing
+from gateway.search import Indexer
 from gateway.settings import Settings
 from gateway.sla import ServiceLevels
 from gateway.store import Store
@@ -209,7 +211,9 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
     app[AGENTS] = Agents(store)
     assigner = Assigner(routing, grace=timedelta(seconds=settings.agent_offline_grace_seconds),
                         sweep_seconds=settings.routing_sweep_seconds)
+    app[INDEXER] = indexer = Indexer(store, feed, Leases(store))  # in one process: a lease
     feed.start()
+    indexer.start()
     outbox.start()
     pipeline.start()
     fetcher.start()
@@ -235,6 +239,7 @@ async def core_ctx(app: web.Application) -> AsyncIterator[None]:
         await assigner.stop()
         await routing.levels.stop()
         await outbox.stop()
+        await indexer.stop()
         await feed.stop()
         await parts.flows.stop()
         if parts.actions is not None:

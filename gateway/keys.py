@@ -16,6 +16,7 @@ from gateway.metrics import Metrics
 from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.routing import Routing
+from gateway.search import Indexer
 from gateway.settings import Settings
 from gateway.store import Store
 
@@ -31,3 +32,4 @@ CONNECTORS = web.AppKey("connectors", dict[str, Connector])
 METRICS = web.AppKey("metrics", Metrics)  # gateway/metrics.py, GET /metrics
 FILES = web.AppKey("files", Files)  # the attachment store (gateway/files.py)
 FETCHER = web.AppKey("fetcher", Fetcher)  # files fetched from channels (gateway/fetcher.py)
+INDEXER = web.AppKey("indexer", Indexer)  # message words for search (gateway/search.py)

@@ -35,6 +35,7 @@ from gateway.desk.openapi import (
     render_docs,
 )
 from gateway.desk.queue_api import QUEUE_MODELS, queue_endpoints
+from gateway.desk.search_api import SEARCH_MODELS, search_endpoints
 from gateway.desk.sla_api import SLA_MODELS, sla_endpoints
 from gateway.keys import AGENTS, FILES, ROUTING, STORE
 from gateway.model import (
@@ -359,6 +360,7 @@ class DeskApi:
             *live_endpoints(), *notes_endpoints(),  # socket; notes, canned (live, notes_api)
             *analytics_endpoints(),  # figures over a period (gateway/desk/analytics_api.py)
             *files_endpoints(),  # attachments (gateway/desk/files_api.py)
+            *search_endpoints(),  # conversations and contacts (gateway/desk/search_api.py)
             Endpoint(
                 "GET",
                 "/v1/contacts/{id}",
@@ -427,6 +429,7 @@ class DeskApi:
                 Activity,
                 *QUEUE_MODELS,
                 *SLA_MODELS,
+                *SEARCH_MODELS,
             ],
         )
         return app

@@ -568,7 +568,13 @@ class Store:
         if channel_data is not None:
             update["$set"]["channel_data.edited"] = dict(channel_data)
         await self.messages.update_one({"_id": key}, update)
-        return await self.get_message(key)
+        doc = await self.messages.find_one({"_id": key})
+        if doc is None:
+            return None
+        from gateway.store.search import SearchTerms  # noqa: PLC0415 (it imports this)
+
+        await SearchTerms(self).replace(doc)  # found by its words now
+        return from_doc(Activity, doc)
 
     async def set_parts_sent(self, message_id: str, parts: int) -> None:
         """Record that the first ``parts`` parts of an outbound item went out, so a retry
