@@ -183,7 +183,7 @@ class Routing:
             current = await self._get(conversation_id)
             if current.owner is OwnerState.AGENT and current.assignee_id == agent.id:
                 return current  # claiming twice is harmless
-            raise Conflict(f"conversation is {current.owner.value}, not queued", current)
+            raise Conflict(await self._why_not(current, agent, "claim"), current)
         log.info("conversation %s claimed by %s", conversation_id, who(agent))
         return conversation
 
@@ -202,11 +202,34 @@ class Routing:
         log.info("conversation %s assigned to %s", conversation_id, who(agent))
         return Assigned.ASSIGNED
 
-    async def require_assignee(self, conversation_id: str, agent: Agent) -> Conversation:
+    async def require_assignee(self, conversation_id: str, agent: Agent,
+                               action: str = "answer") -> Conversation:
         conversation = await self._get(conversation_id)
         if conversation.owner is not OwnerState.AGENT or conversation.assignee_id != agent.id:
-            raise Conflict("you do not own this conversation; claim it first", conversation)
+            raise Conflict(await self._why_not(conversation, agent, action), conversation)
         return conversation
+
+    async def _why_not(self, conversation: Conversation, agent: Agent, action: str) -> str:
+        """Why ``agent`` cannot ``action`` the conversation (a 409's message): what state it
+        is in, and what can be done, for people. ``action``: "answer", "hand back", ..."""
+        owner = conversation.owner
+        it = " it ".join(action.split(" ", 1)) if " " in action else f"{action} it"
+        if owner is OwnerState.QUEUED:
+            return (f"this conversation is waiting in the queue: claim it before you {it}"
+                    if action != "claim" else "this conversation changed just now; try again")
+        if owner is OwnerState.BOT:
+            return ("the bot is answering this conversation; it reaches the queue when the "
+                    "customer asks for a person")
+        if owner is OwnerState.RESOLVED:
+            return ("this conversation is resolved; it opens again when the customer writes "
+                    "(the bot answers first, then hands it to the queue)")
+        if conversation.assignee_id == agent.id:
+            return "this conversation is already yours"
+        other = (await self.queue.get_agent(conversation.assignee_id)
+                 if conversation.assignee_id else None)
+        who = other.name if other is not None else "another agent"
+        return (f"{who} has this conversation; only they can {it}"
+                if action != "claim" else f"{who} has this conversation already")
 
     async def reply(
         self, conversation_id: str, agent: Agent, text: str | None, *,
@@ -232,7 +255,7 @@ class Routing:
         )
         if conversation is None:
             current = await self._get(conversation_id)
-            raise Conflict("only the assigned agent can resolve this conversation", current)
+            raise Conflict(await self._why_not(current, agent, "resolve"), current)
         log.info("conversation %s resolved by %s", conversation_id, who(agent))
         conversation = await self.levels.resolved(conversation)  # SLA: resolved_at
         self.wake()
@@ -249,7 +272,7 @@ class Routing:
         )
         if conversation is None:
             current = await self._get(conversation_id)
-            raise Conflict("only the assigned agent can hand this conversation back", current)
+            raise Conflict(await self._why_not(current, agent, "hand back"), current)
         log.info("conversation %s handed back to the bot by %s", conversation_id, who(agent))
         self.wake()
         return conversation
@@ -263,7 +286,7 @@ class Routing:
         if target is None or not target.active:
             raise NotFound(f"agent {target_id} does not exist")
         if target.id == agent.id:
-            return await self.require_assignee(conversation_id, agent)
+            return await self.require_assignee(conversation_id, agent, "transfer")
         conversation = await self._change(
             conversation_id, {OwnerState.AGENT}, OwnerState.AGENT,
             ("transferred", f"{agent.name} transferred the conversation to {target.name}."),
@@ -272,7 +295,7 @@ class Routing:
         )
         if conversation is None:
             current = await self._get(conversation_id)
-            raise Conflict("only the assigned agent can transfer this conversation", current)
+            raise Conflict(await self._why_not(current, agent, "transfer"), current)
         log.info("conversation %s transferred by %s to %s", conversation_id, who(agent),
                  who(target))
         self.wake()
@@ -284,7 +307,7 @@ class Routing:
         (the team decides who answers)."""
         if not await self.queue.in_team(team):
             raise NotFound(f"no active agent is in team {team!r}")
-        current = await self.require_assignee(conversation_id, agent)
+        current = await self.require_assignee(conversation_id, agent, "transfer")
         handoff = (current.handoff or Handoff(reason="transferred", requested_at=utcnow()))
         handoff = handoff.model_copy(update={"team": team, "skill": None})
         conversation = await self._change(
@@ -297,7 +320,7 @@ class Routing:
         )
         if conversation is None:
             current = await self._get(conversation_id)
-            raise Conflict("only the assigned agent can transfer this conversation", current)
+            raise Conflict(await self._why_not(current, agent, "transfer"), current)
         log.info("conversation %s transferred by %s to the %s team", conversation_id,
                  who(agent), team)
         self.wake()

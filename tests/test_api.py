@@ -72,7 +72,8 @@ async def test_concurrent_claims_have_exactly_one_winner(gateway: Gateway) -> No
         assert (won_status, lost_status) == (200, 409)
         assert won["owner"] == "agent" and won["assignee_id"] in (alice_id, bob_id)
         assert lost["error"] == "conflict" and lost["owner"] == "agent"
-        assert "not queued" in lost["message"]
+        winner = "Alice" if won["assignee_id"] == alice_id else "Bob"
+        assert lost["message"] == f"{winner} has this conversation already"
         stored = await gateway.store.get_conversation(conversation_id)
         assert stored is not None
         assert (stored.owner, stored.assignee_id) == (OwnerState.AGENT, won["assignee_id"])
@@ -90,10 +91,16 @@ async def test_only_the_assignee_may_act_and_unknown_ids_are_404(gateway: Gatewa
     await gateway.settle()
     seq = (await call(gateway, "GET", path, alice))[1]["last_seq"]
 
-    for action, body in [("/messages", {"text": "let me"}), ("/resolve", None),
-                         ("/handback", None), ("/claim", None)]:
+    # a 409 says, for people, who has it and what can be done
+    for action, body, message in [
+            ("/messages", {"text": "let me"}, "Alice has this conversation; only they can "
+                                              "answer it"),
+            ("/resolve", None, "Alice has this conversation; only they can resolve it"),
+            ("/handback", None, "Alice has this conversation; only they can hand it back"),
+            ("/claim", None, "Alice has this conversation already")]:
         status, error = await call(gateway, "POST", path + action, bob, json=body)
         assert (status, error["error"], error["owner"]) == (409, "conflict", "agent"), action
+        assert error["message"] == message
     again = await call(gateway, "POST", path + "/claim", alice)  # idempotent for the owner
     assert again[0] == 200 and again[1]["assignee_id"] == alice_id
     await gateway.settle()
@@ -105,12 +112,30 @@ async def test_only_the_assignee_may_act_and_unknown_ids_are_404(gateway: Gatewa
                            ("POST", "/messages"), ("POST", "/resolve"), ("POST", "/handback")]:
         status, error = await call(gateway, method, unknown + action, alice, json={"text": "hi"})
         assert (status, error["error"]) == (404, "not_found"), (method, action)
+        assert set(error) == {"error", "message"}  # no "owner": null
 
     bots = f"/conversations/{await bot_conversation(gateway, 'v_bot')}"
     for action, body in [("/claim", None), ("/messages", {"text": "hi"}), ("/resolve", None),
                          ("/handback", None)]:
         status, error = await call(gateway, "POST", bots + action, alice, json=body)
         assert (status, error["owner"]) == (409, "bot"), action
+        assert error["message"].startswith("the bot is answering this conversation; it "
+                                           "reaches the queue when the customer asks"), action
+
+    # queued: claim first; resolved: it opens again when the customer writes
+    waiting = await bot_conversation(gateway, "v_waiting")
+    assert await gateway.app[ROUTING].handoff(waiting, "test: needs a human")
+    status, error = await call(gateway, "POST", f"/conversations/{waiting}/messages", bob,
+                               json={"text": "hi"})
+    assert (status, error["owner"]) == (409, "queued")
+    assert error["message"] == ("this conversation is waiting in the queue: claim it before "
+                                "you answer it")
+    assert (await call(gateway, "POST", path + "/resolve", alice))[0] == 200
+    for action in ("/claim", "/resolve", "/messages"):
+        status, error = await call(gateway, "POST", path + action, alice, json={"text": "hi"})
+        assert (status, error["owner"]) == (409, "resolved"), action
+        assert error["message"].startswith("this conversation is resolved; it opens again "
+                                           "when the customer writes"), action
 
 
 @pytest.mark.parametrize(

@@ -398,7 +398,8 @@ async def test_agent_api_refuses_without_a_valid_token(
                         ("POST", api + "/conversations/abc/messages")]:
         response = await gateway.http.request(method, url, headers=headers, json={"text": "hi"})
         assert response.status == 401, (method, url)
-        assert (await response.json())["error"] == "unauthorized"
+        body = await response.json()
+        assert body["error"] == "unauthorized" and set(body) == {"error", "message"}
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
     # the real token works, whatever the scheme's case; the docs need none
     ok = await gateway.http.get(api + "/me", headers={"Authorization": f"bearer {token}"})

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 from pymongo.errors import PyMongoError
 
 from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
@@ -62,10 +63,20 @@ MAX_INT = 2**53  # query integers above this are no seq (and overflow the store'
 MINE = {"true": True, "false": False, "1": True, "0": False}
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    """An optional field that is left out, never null: no ``default: null`` in the spec."""
+    schema.pop("default", None)
+
+
 class ErrorOut(BaseModel):
     error: str = Field(description="machine-readable code")
-    message: str
-    owner: OwnerState | None = Field(None, description="on 409: the conversation's state now")
+    message: str = Field(description="what went wrong, written for people")
+    # absent, not null, when there is nothing to say (every error but a conversation's 409)
+    owner: OwnerState | SkipJsonSchema[None] = Field(
+        None, description="only on a 409 about a conversation: the state it is in now",
+        json_schema_extra=_no_default)
+
+
 
 
 class IdentityOut(BaseModel):
@@ -78,7 +89,8 @@ class IdentityOut(BaseModel):
 class ContactOut(BaseModel):
     id: str
     name: str | None
-    profile: dict[str, Any]
+    profile: dict[str, Any] = Field(description="what the bot saved about the customer "
+                                    "(profile slots, e.g. email), by name")
     identities: list[IdentityOut]
 
     @classmethod
@@ -86,7 +98,9 @@ class ContactOut(BaseModel):
         return cls(
             id=contact.id,
             name=contact.name,
-            profile=contact.profile,
+            # keys starting with "_" are the gateway's own bookkeeping (flows/menu.py's
+            # _menu_counts), not the customer's data: never shown (flow slots cannot start so)
+            profile={k: v for k, v in contact.profile.items() if not k.startswith("_")},
             identities=[_identity(i) for i in contact.identities],
         )
 
@@ -485,7 +499,8 @@ def _error(
     owner: OwnerState | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
-    body = ErrorOut(error=code, message=message, owner=owner).model_dump(mode="json")
+    body = ErrorOut(error=code, message=message, owner=owner).model_dump(
+        mode="json", exclude_none=True)
     return web.json_response(body, status=status, headers=headers)
 
 
