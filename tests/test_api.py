@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from datetime import datetime
 from typing import Any
 
@@ -317,11 +318,23 @@ async def test_openapi_describes_exactly_the_routes(gateway: Gateway) -> None:
         for method, op in ops.items():
             if op.get("security") != []:
                 assert "401" in op["responses"], (method, path)
+    # the docs page: Swagger UI over that spec (rendered in tests/test_api_docs_browser.py),
+    # its files served here, from the swagger-ui-py package, nothing else
     async with gateway.http.get(gateway.url + "/api/docs") as response:
         assert response.status == 200 and response.content_type == "text/html"
+        assert "script-src 'self'" in response.headers["Content-Security-Policy"]
         page = await response.text()
-    for method, path in documented:
-        assert f"<code>{path}</code>" in page and f"<code>{method}</code>" in page
+    assets = re.findall(r'(?:src|href)="(docs/assets/[^"]+)"', page)
+    assert sorted(assets) == ["docs/assets/docs.js", "docs/assets/favicon-32x32.png",
+                              "docs/assets/swagger-ui-bundle.js", "docs/assets/swagger-ui.css"]
+    for asset in assets:
+        async with gateway.http.get(f"{gateway.url}/api/{asset}") as response:
+            assert response.status == 200, asset
+            kind = {"js": "text/javascript", "css": "text/css", "png": "image/png"}
+            assert response.content_type == kind[asset.rsplit(".", 1)[1]]
+            assert len(await response.read()) > 100
+    async with gateway.http.get(gateway.url + "/api/docs/assets/..%2Fcore.py") as response:
+        assert response.status == 404 and (await response.json())["error"] == "not_found"
 
 
 async def test_resolved_then_the_customer_writes_again_the_bot_answers(

@@ -2,7 +2,8 @@
 
 Agents list the queue, claim a conversation (one winner; the others get 409), read the
 whole history, reply (delivered on the customer's channel), resolve, and hand back to the
-bot. ``GET /api/openapi.json`` is the OpenAPI 3.1 description, ``GET /api/docs`` a page.
+bot. ``GET /api/openapi.json`` is the OpenAPI 3.1 description, ``GET /api/docs`` a page
+(Swagger UI: gateway/desk/apidocs.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pymongo.errors import PyMongoError
 
 from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
 from gateway.desk.analytics_api import analytics_endpoints
+from gateway.desk.apidocs import docs_endpoints
 from gateway.desk.auth import ALL_ROLES, AccessError, BadInput, authenticate, authorize
 from gateway.desk.contacts_api import contact_endpoints
 from gateway.desk.files_api import MULTIPART_REPLY, files_endpoints, read_multipart
@@ -33,7 +35,6 @@ from gateway.desk.openapi import (
     add_routes,
     build_spec,
     limit_query,
-    render_docs,
 )
 from gateway.desk.queue_api import QUEUE_MODELS, queue_endpoints
 from gateway.desk.search_api import SEARCH_MODELS, search_endpoints
@@ -75,8 +76,6 @@ class ErrorOut(BaseModel):
     owner: OwnerState | SkipJsonSchema[None] = Field(
         None, description="only on a 409 about a conversation: the state it is in now",
         json_schema_extra=_no_default)
-
-
 
 
 class IdentityOut(BaseModel):
@@ -275,9 +274,6 @@ class DeskApi:
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(request.app[SPEC])
 
-    async def docs(self, request: web.Request) -> web.Response:
-        return web.Response(text=render_docs(request.app[SPEC]), content_type="text/html")
-
     # ------------------------------------------------------------------ routing
 
     def endpoints(self) -> list[Endpoint]:
@@ -409,16 +405,7 @@ class DeskApi:
                 tag="meta",
                 auth=False,
             ),
-            Endpoint(
-                "GET",
-                "/docs",
-                self.docs,
-                "This API as a web page",
-                None,
-                errors=(),
-                tag="meta",
-                auth=False,
-            ),
+            *docs_endpoints(),  # GET /api/docs: Swagger UI (gateway/desk/apidocs.py)
         ]
 
     def app(self) -> web.Application:

@@ -7,7 +7,6 @@ drift from the API.
 
 from __future__ import annotations
 
-import html
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -219,34 +218,3 @@ def build_spec(
             },
         },
     }
-
-
-def render_docs(spec: dict[str, Any]) -> str:
-    """A plain, dependency-free HTML reference of the spec (no CDN, works offline)."""
-    esc = html.escape
-    rows = []
-    for path, operations in spec["paths"].items():
-        for method, op in operations.items():
-            statuses = ", ".join(op["responses"])
-            params = ", ".join(p["name"] for p in op["parameters"] if p["in"] == "query")
-            body = op.get("requestBody", {}).get("content", {}).get("application/json", {})
-            body_ref = body.get("schema", {}).get("$ref", "").rsplit("/", 1)[-1]
-            rows.append(
-                f"<tr><td><code>{esc(method.upper())}</code></td><td><code>{esc(path)}</code>"
-                f"</td><td>{esc(op['summary'])}<br><small>{esc(op.get('description', ''))}"
-                f"</small></td><td>{esc(params)}</td><td>{esc(body_ref)}</td>"
-                f"<td>{esc(statuses)}</td></tr>"
-            )
-    info = spec["info"]
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        f"<title>{esc(info['title'])}</title></head><body>"
-        f"<h1>{esc(info['title'])} {esc(info['version'])}</h1><p>{esc(info['description'])}"
-        '</p><p>Machine-readable: <a href="/api/openapi.json">/api/openapi.json</a>. '
-        "Authenticate with <code>Authorization: Bearer &lt;agent token&gt;</code>, or sign in "
-        "(POST /api/v1/session) and send the session cookie plus X-CSRF-Token.</p>"
-        "<table border=1 cellpadding=4><tr><th>Method</th><th>Path</th><th>What</th>"
-        "<th>Query</th><th>Body</th><th>Statuses</th></tr>"
-        + "".join(rows)
-        + "</table></body></html>"
-    )
