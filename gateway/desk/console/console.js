@@ -41,6 +41,7 @@
     ws: null, wsWanted: false, backoff: BACKOFF_MIN, reconnectTimer: null, pingTimer: null,
     refs: new Map(), refSeq: 0,
     queue: new Map(), mine: new Map(),   // id -> conversation summary (with _at: received ms)
+    listLoads: 0, framesDuringLoad: null, // conversation frames while the lists load: [conv, in_queue, mine, at]
     unread: new Map(),                   // conversation id -> count
     agents: new Map(),                   // id -> {id, name, presence}
     canned: [],
@@ -326,26 +327,42 @@
   }
 
   // ---------------------------------------------------------------- lists
+  // The lists by REST, with the socket's frames on top (docs/console-protocol.md): a frame
+  // that arrives while the lists load may be newer than what they answer (signing in with
+  // conversations waiting: assigned at once), so it is applied again after them.
   async function reloadLists() {
+    const load = ++S.listLoads;
+    S.framesDuringLoad = [];
     try {
       const [queue, mine] = await Promise.all([
         api("GET", "/conversations?owner=queued&limit=200"),
         api("GET", "/conversations?owner=agent&mine=true&limit=200"),
       ]);
+      if (load !== S.listLoads) return;  // a later load answers for both
       const now = Date.now();
       S.queue.clear(); S.mine.clear();
       for (const c of queue.items) S.queue.set(c.id, { ...c, _at: now });
       for (const c of mine.items) S.mine.set(c.id, { ...c, _at: now });
+      for (const [conv, inQueue, isMine, at] of S.framesDuringLoad) placeConversation(conv, inQueue, isMine, at);
+      S.framesDuringLoad = null;
       renderLists();
     } catch (e) {
+      if (load === S.listLoads) S.framesDuringLoad = null;
       if (e.status !== 401) toast("Could not load the lists: " + e.message, "error");
     }
   }
 
-  function onConversation(conv, inQueue, mine) {
-    const c = { ...conv, _at: Date.now() };
+  function placeConversation(conv, inQueue, mine, at) {
+    const c = { ...conv, _at: at };
     if (inQueue) S.queue.set(c.id, c); else S.queue.delete(c.id);
     if (mine) S.mine.set(c.id, c); else S.mine.delete(c.id);
+    return c;
+  }
+
+  function onConversation(conv, inQueue, mine) {
+    const at = Date.now();
+    if (S.framesDuringLoad) S.framesDuringLoad.push([conv, inQueue, mine, at]);
+    const c = placeConversation(conv, inQueue, mine, at);
     if (!mine) S.unread.delete(c.id);
     renderLists();
     if (S.open && S.open.id === c.id) setOpenConv(S.open, c);
