@@ -1,6 +1,7 @@
 """The console's rough edges (issue 11, item 10) in headless Chromium, against a real
 gateway: signing in with a conversation waiting shows it as yours at once (the lists by
-REST must not undo a frame that came while they loaded)."""
+REST must not undo a frame that came while they loaded), and the reply box of a
+conversation the agent cannot answer says why and offers what can be done."""
 
 from __future__ import annotations
 
@@ -88,4 +89,51 @@ def test_signing_in_with_a_conversation_waiting_shows_it_as_yours_at_once(
     expect(desk.row("queue")).to_have_count(0)
     expect(desk.c("queue-count")).to_have_text("0")
     assert len(held) == 2
+    watch.check()
+
+
+def test_the_reply_box_says_what_can_be_done(
+    console_gateway: ThreadedGateway, new_page: Callable[[], Page]
+) -> None:
+    gw = console_gateway
+    _, email = add_agent(gw, "Alice")
+    desk = Desk(new_page(), gw)
+    watch = Watch(desk.page)
+    desk.signed_in(email)
+    desk.presence("away")  # no automatic assignment
+    waiting_conversation(gw, "v_states")
+    state, action, reply = desk.c("composer-state"), desk.c("composer-action"), desk.c("reply")
+
+    # queued: claim it, from the reply box too
+    desk.row("queue").click()
+    expect(desk.c("conv-owner")).to_have_attribute("data-owner", "queued")
+    expect(state).to_have_attribute("data-state", "queued")
+    expect(state).to_contain_text("Waiting in the queue: claim it to reply")
+    expect(action).to_have_text("Claim")
+    expect(desk.c("send")).to_be_disabled()
+    action.click()
+    expect(desk.c("conv-owner")).to_have_text("assigned to you")
+    expect(state).to_be_hidden()
+    expect(reply).to_have_attribute("placeholder", "Reply to the customer…")
+    desk.write("Hi, Alice here.")
+
+    # resolved: no claim (the API has none for it); it opens again when the customer
+    # writes, and a note can still be added
+    desk.c("resolve").click()
+    expect(desk.c("conv-owner")).to_have_attribute("data-owner", "resolved")
+    expect(state).to_have_attribute("data-state", "resolved")
+    expect(state).to_contain_text("Resolved. It opens again when the customer writes")
+    expect(state).to_contain_text("A private note can still be added.")
+    expect(reply).to_have_attribute("placeholder",
+                                    "Resolved: it opens again when the customer writes")
+    expect(desk.c("claim")).to_be_hidden()
+    expect(desk.c("send")).to_be_disabled()
+    screenshot(desk.page, "console-resolved.png")
+    expect(action).to_have_text("Write a private note")
+    action.click()
+    expect(desk.c("note-toggle")).to_be_checked()
+    expect(reply).to_be_focused()
+    expect(state).to_be_hidden()
+    desk.write("Follow up on Monday", note=True)
+    expect(desk.items(private="true")).to_have_count(1)
     watch.check()

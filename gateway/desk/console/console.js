@@ -578,11 +578,35 @@
     const c = S.open && S.open.conv;
     return Boolean(c && S.me && c.owner === "agent" && c.assignee_id === S.me.id);
   }
+  // When the agent cannot reply: why, and what can be done instead (a claim, or a note).
+  function cannotReply(c) {
+    const note = " A private note can still be added.";
+    if (!c || isMine()) return null;
+    if (c.owner === "queued") return { state: "queued", action: "claim", placeholder: "Claim the conversation to reply",
+      text: "Waiting in the queue: claim it to reply to the customer." };
+    if (c.owner === "resolved") return { state: "resolved", action: "note", placeholder: "Resolved: it opens again when the customer writes",
+      text: "Resolved. It opens again when the customer writes (the bot answers first, and hands it to the queue if asked)." + note };
+    if (c.owner === "bot") return { state: "bot", action: "note", placeholder: "The bot is answering",
+      text: "The bot is answering. The conversation comes to the queue when the customer asks for a person." + note };
+    const who = agentName(c.assignee_id);
+    return { state: "other-agent", action: "note", placeholder: who + " is answering",
+      text: who + " has this conversation: only they can reply." + note };
+  }
   function updateComposer() {
     const note = $("note-toggle").checked;
     const reply = $("reply");
+    const why = cannotReply(S.open && S.open.conv);
     $("composer").classList.toggle("c-composer-note", note);
-    reply.placeholder = note ? "Private note (agents only)…" : isMine() ? "Reply to the customer…" : "Claim the conversation to reply";
+    reply.placeholder = note ? "Private note (agents only)…" : why ? why.placeholder : "Reply to the customer…";
+    const state = $("composer-state");
+    show(state, Boolean(why) && !note);
+    if (why) {
+      state.dataset.state = why.state;
+      $("composer-state-text").textContent = why.text;
+      const action = $("composer-action");
+      action.dataset.action = why.action;
+      action.textContent = why.action === "claim" ? "Claim" : "Write a private note";
+    }
     $("send").disabled = !note && !isMine();
     $("send").textContent = note ? "Add note" : "Send";
     $("attach").disabled = note;  // notes are text only
@@ -996,6 +1020,12 @@
       renderLists();
     });
     $("claim").addEventListener("click", () => act("/claim"));
+    $("composer-action").addEventListener("click", () => {
+      if ($("composer-action").dataset.action === "claim") { act("/claim"); return; }
+      $("note-toggle").checked = true;
+      updateComposer();
+      $("reply").focus();
+    });
     $("resolve").addEventListener("click", () => act("/resolve"));
     $("handback").addEventListener("click", () => act("/handback"));
     $("transfer-form").addEventListener("submit", transfer);
