@@ -9,8 +9,8 @@ and when the feed had to start afresh, it catches up by reading what was stored 
 mark (``search_state``), a minute early, with the inserts of what is known already
 refused by ``_id``. So search lags the messages by about a second and misses nothing.
 
-A database from before search is indexed on the first start, oldest first, in the
-background (``backfilled`` in the mark doc says when it was done).
+A database from before search is indexed on the first start, in the background (one
+pass over the messages; ``backfilled`` in the mark doc says it was done).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import contextlib
 import logging
 from datetime import datetime, timedelta
 
-from pymongo import ASCENDING
 from pymongo.errors import PyMongoError
 
 from gateway.aio import cancel_and_wait, raise_if_cancelled
@@ -146,21 +145,17 @@ class Indexer:
         return added
 
     async def _read_since(self, direction: str, since: datetime | None) -> int:
-        """Every item of ``direction`` stored since ``since``, oldest first, by the
-        messages' ``recent`` index (direction, created_at). Pages go on from the last
-        time seen (skipping the items of that instant already read)."""
-        added, last, skip = 0, since, 0
-        while True:
-            query: Doc = {"direction": direction}
-            if last is not None:
-                query["created_at"] = {"$gte": last}
-            page = await self.store.messages.find(query).sort(
-                "created_at", ASCENDING).skip(skip).limit(BATCH).to_list()
-            added += await self.terms.add(page)
-            if len(page) < BATCH:
-                return added
-            newest = page[-1]["created_at"]
-            same = sum(1 for d in page if d["created_at"] == newest)
-            skip = skip + same if newest == last else same
-            last = newest
-            await asyncio.sleep(0)  # others' turns between pages of a backfill
+        """Every item of ``direction`` stored since ``since`` (all of them without it), in
+        one pass of one cursor (the messages' ``recent`` index: direction, created_at;
+        unsorted: paging a sorted query is a scan per page on the embedded store)."""
+        query: Doc = {"direction": direction}
+        if since is not None:
+            query["created_at"] = {"$gte": since}
+        added = 0
+        batch: list[Doc] = []
+        async for doc in self.store.messages.find(query, batch_size=BATCH):
+            batch.append(doc)
+            if len(batch) >= BATCH:
+                added += await self.terms.add(batch)
+                batch = []
+        return added + await self.terms.add(batch)

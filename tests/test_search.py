@@ -13,6 +13,7 @@ from typing import Any
 
 from gateway.keys import AGENTS, INDEXER, PIPELINE, ROUTING
 from gateway.model import AgentRole, InboundMessage, Party, Role, utcnow
+from gateway.store import Store
 from gateway.store.search import SearchTerms, query_terms, terms
 from tests.conftest import Gateway, unprocessed
 from tests.test_identity import call
@@ -172,3 +173,38 @@ async def test_what_was_stored_while_no_indexer_ran_is_caught_up(gateway: Gatewa
     assert await indexer.catch_up() >= 1  # on the next start (or lease take-over)
     assert await found(gw, ada, q="umbrella") == [missed.conversation.id]
     assert await indexer.catch_up() == 0  # nothing twice
+
+
+async def test_newest_first_across_years_and_common_words(store: Store) -> None:
+    """The walk back in windows of hours: a common word returns its newest matches,
+    a rare one is found years back, every word must be in one message, a prefix is
+    checked on the words, and since/until bound the time."""
+    terms_store = SearchTerms(store)
+    await terms_store.ensure_indexes()
+    now = utcnow()
+    docs = []
+    for n in range(300):  # "order" in every one, an hour apart, newest n=0
+        docs.append({"_id": f"m{n}", "type": "message", "conversation_id": f"c{n}",
+                     "created_at": now - timedelta(hours=n), "text": f"order number {n}",
+                     "sender": {"role": "customer"}})
+    docs.append({"_id": "old", "type": "message", "conversation_id": "c_old",
+                 "created_at": now - timedelta(days=5 * 365), "text": "my zeppelin order",
+                 "sender": {"role": "customer"}})
+    assert await terms_store.add(docs) == 301
+    assert await terms_store.add(docs[:5]) == 0  # known: nothing twice
+
+    hits = await terms_store.find(["order"], None, limit=5)
+    assert hits.conversations == [(f"c{n}", f"m{n}") for n in range(5)]
+    hits = await terms_store.find(["zeppelin"], None, limit=5)
+    assert hits.conversations == [("c_old", "old")]
+    hits = await terms_store.find(["zeppelin", "order"], None, limit=5)
+    assert hits.conversations == [("c_old", "old")]
+    hits = await terms_store.find(["number", "zeppelin"], None, limit=5)
+    assert hits.conversations == []  # never in one message
+    hits = await terms_store.find(["order", "zep"], "zep", limit=5)
+    assert hits.conversations == [("c_old", "old")]
+    hits = await terms_store.find(["zepp"], "zepp", limit=5)  # no word: the words it begins
+    assert hits.conversations == [("c_old", "old")]
+    hits = await terms_store.find(["order"], None, limit=3, since=now - timedelta(hours=250),
+                                  until=now - timedelta(hours=100, minutes=30))
+    assert hits.conversations == [(f"c{n}", f"m{n}") for n in (101, 102, 103)]
