@@ -61,6 +61,8 @@ from gateway.store.access import ensure_indexes as ensure_access_indexes
 from gateway.store.email_link import ensure_indexes as ensure_link_indexes
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.files import FileStore
+from gateway.store.labels import Labels
+from gateway.store.search import SearchTerms
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,8 @@ async def _ensure_indexes(store: Store, ready: dict[str, bool]) -> None:
             await ensure_link_indexes(store)
             await FileStore(store).ensure_indexes()
             await ensure_fetch_indexes(store)
+            await Labels(store).ensure_indexes()
+            await SearchTerms(store).ensure_indexes()
         except PyMongoError as exc:
             raise_if_cancelled()
             log.error("store unreachable (%s); retrying in %.0f s", exc, delay)

@@ -13,8 +13,8 @@ What the stream carries (filtered in the server by one ``$match``):
 
 - ``conversation``: a conversation created, or its ``owner`` or ``assignee_id`` changed
   (queued, assigned, transferred, resolved, back to the bot), or where its replies go
-  (``reply_channel``: a channel switch) or whose it is (``contact_id``: a merge). Not the
-  many updates of its bot state, counters and leases.
+  (``reply_channel``: a channel switch), whose it is (``contact_id``: a merge) or its
+  ``labels``. Not the many updates of its bot state, counters and leases.
 - ``contact``: a contact's profile changed (``profile_at``).
 - ``item``: a new item of a conversation (message, event, private note): the whole
   document; or an item whose files changed (``files_at`` in ``fields``: a file the
@@ -97,7 +97,8 @@ _INSERTS = [c for c in _COLLECTIONS if c != "contacts"]
 PIPELINE: list[dict[str, Any]] = [{"$match": {"$or": [
     {"ns.coll": {"$in": _INSERTS}, "operationType": "insert"},
     {"operationType": "invalidate"},
-    *_changed("conversations", "owner", "assignee_id", "reply_channel", "contact_id"),
+    *_changed("conversations", "owner", "assignee_id", "reply_channel", "contact_id",
+              "labels"),
     *_changed("messages", "files_at"),
     *_changed("contacts", "profile_at"),
     *_changed("agents", "presence", "role", "active"),

@@ -365,6 +365,8 @@ class Conversation(_Model):
     # Only the customer and we are in its thread (a Slack DM, a mail to our address
     # alone, ...): another channel's message of theirs may continue it.
     one_to_one: bool = False
+    # Label ids (gateway/store/labels.py), set by agents.
+    labels: list[str] = Field(default_factory=list)
     # Service levels (gateway/sla.py) and the customer's rating after resolve (CSAT).
     sla: Sla | None = None
     csat: Csat | None = None

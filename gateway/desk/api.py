@@ -26,6 +26,7 @@ from gateway.desk.contacts_api import contact_endpoints
 from gateway.desk.files_api import MULTIPART_REPLY, files_endpoints, read_multipart
 from gateway.desk.http import AGENT, NOT_BLANK, json_response, read_body
 from gateway.desk.http import load_conversation as _load
+from gateway.desk.labels_api import LABEL_MODELS, ConversationLabels, label_endpoints, set_labels
 from gateway.desk.live import live_endpoints
 from gateway.desk.notes_api import notes_endpoints
 from gateway.desk.openapi import (
@@ -129,6 +130,8 @@ class ConversationOut(BaseModel):
                                    "this conversation (channel -> thread there)")
     sla: SlaOut | None = Field(None, description="SLA timers of the last handoff (null: "
                                "never handed off)")
+    labels: list[str] = Field(default_factory=list,
+                              description="label ids (GET /api/v1/labels: names, colours)")
 
 
 class ConversationList(BaseModel):
@@ -171,6 +174,7 @@ async def _conversation_out(request: web.Request, conversation: Conversation) ->
         reply_channel=conversation.reply_channel or conversation.channel,
         routes=conversation.routes,
         sla=timers(conversation, _routing(request).levels.clock()),
+        labels=conversation.labels,
     )
 
 
@@ -194,11 +198,12 @@ class DeskApi:
             raise BadInput("mine must be true or false (or 1 or 0)")
         assignee = request[AGENT].id if MINE[mine] else None
         limit = _int(request, "limit", 50, 1, 200)
-        if owners == [OwnerState.QUEUED] and assignee is None:  # priority, then waiting time
-            conversations = await _routing(request).queue.queue(limit)
+        label = request.query.get("label") or None
+        if owners == [OwnerState.QUEUED] and assignee is None and label is None:
+            conversations = await _routing(request).queue.queue(limit)  # priority, waiting
         else:
             conversations = await _store(request).list_conversations(
-                owners, assignee_id=assignee, limit=limit
+                owners, assignee_id=assignee, label=label, limit=limit
             )
         items = [await _conversation_out(request, c) for c in conversations]
         return json_response(ConversationList(items=items))
@@ -306,6 +311,8 @@ class DeskApi:
                     ),
                     Query("mine", "true (or 1): only conversations assigned to me",
                           enum=tuple(MINE)),
+                    Query("label", "only conversations with this label (id); the queue "
+                          "is then ordered by waiting time alone"),
                     limit_query("1-200 (default 50)"),
                 ),
             ),
@@ -371,6 +378,12 @@ class DeskApi:
             *analytics_endpoints(),  # figures over a period (gateway/desk/analytics_api.py)
             *files_endpoints(),  # attachments (gateway/desk/files_api.py)
             *search_endpoints(),  # conversations and contacts (gateway/desk/search_api.py)
+            *label_endpoints(),  # the labels admins define (gateway/desk/labels_api.py)
+            Endpoint(
+                "PUT", "/v1/conversations/{id}/labels", set_labels,
+                "Set the conversation's labels (all of them: send the whole list)",
+                ConversationOut, body=ConversationLabels, errors=(400, 401, 404, 503),
+            ),
             Endpoint(
                 "GET",
                 "/v1/contacts/{id}",
@@ -431,6 +444,7 @@ class DeskApi:
                 *QUEUE_MODELS,
                 *SLA_MODELS,
                 *SEARCH_MODELS,
+                *LABEL_MODELS,
             ],
         )
         return app

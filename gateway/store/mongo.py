@@ -459,11 +459,14 @@ class Store:
         return result.matched_count == 1
 
     async def list_conversations(
-        self, owners: list[OwnerState], *, assignee_id: str | None = None, limit: int = 100
+        self, owners: list[OwnerState], *, assignee_id: str | None = None,
+        label: str | None = None, limit: int = 100,
     ) -> list[Conversation]:
         query: Doc = {"owner": {"$in": [o.value for o in owners]}}
         if assignee_id is not None:
             query["assignee_id"] = assignee_id
+        if label is not None:
+            query["labels"] = label
         cursor = self.conversations.find(query).sort(
             [("handoff.requested_at", ASCENDING), ("_id", ASCENDING)]
         )
