@@ -13,6 +13,15 @@
  * before sending (images drawn on a canvas from the file itself) and sent as
  * multipart/form-data. Items show their files from /api/v1/attachments/{id} (same
  * origin, the session cookie): images inline, other files as downloads.
+ *
+ * Search: the box above the lists (GET /api/v1/search/conversations, as you type after
+ * 300 ms, Enter at once) with a filter row; the hits replace the lists until cleared.
+ * Snippets highlight the query's words with <mark> elements made here around text nodes.
+ *
+ * Labels (GET /api/v1/labels): coloured chips in the lists, the results and the
+ * conversation view (colours set through the CSSOM, which the CSP allows, not a style
+ * attribute); a picker sets a conversation's (PUT .../labels, the whole list); the queue
+ * filters by one.
  */
 (function () {
   "use strict";
@@ -48,7 +57,15 @@
     open: null,                          // { id, conv, contactId, cursor, hasMore, loading, loaded, seen:Set, pending:[] }
     typingSentAt: 0, typingOn: false, typingHide: null,
     files: [],                           // files for the next reply: { file, el }
+    labels: new Map(),                   // id -> {id, name, color}, by name
+    labelsLoad: null, labelsAt: 0, labelsRetry: null, labelsGone: new Set(),  // ids asked for and not there
+    queueLabel: "",                      // the queue shows only conversations with this label
+    search: { seq: 0, timer: null, active: false, hits: [], partial: false, words: [], prefix: null },
   };
+  const SEARCH_DEBOUNCE_MS = 300;
+  const SEARCH_LIMIT = 50;
+  const LABELS_EVERY_MS = 60000;  // labels are read again this often (renames, colours)
+  const OWNER_TEXT = { bot: "bot", queued: "queued", agent: "agent", resolved: "resolved" };
 
   // -------------------------------------------------------------------- DOM
   const $ = (name) => document.querySelector('[data-c="' + name + '"]');
@@ -182,6 +199,8 @@
     S.me = null; S.csrf = null; S.open = null;
     clearFiles();
     S.queue.clear(); S.mine.clear(); S.unread.clear();
+    S.labels = new Map(); S.labelsAt = 0; S.labelsGone.clear(); S.queueLabel = "";
+    resetSearch();
     clear($("queue")); clear($("mine")); clear($("items"));
     closeConversationView();
     showLogin(message);
@@ -194,8 +213,11 @@
     show($("app"), true);
     $("me").textContent = S.me.name + " (" + S.me.role + ")";
     if ("Notification" in window && Notification.permission === "default") show($("notify-perm"), true);
+    show($("search-form"), isStaff());
+    show($("label-picker"), isStaff());
     loadCanned();
     loadAgents();
+    loadLabels(true);
     S.wsWanted = true;
     connect();
   }
@@ -266,7 +288,9 @@
         clearInterval(S.pingTimer);
         S.pingTimer = setInterval(() => send({ type: "ping" }), PING_MS);
         reloadLists();
+        loadLabels(true);  // labels may have changed while away
         if (S.open) openConversation(S.open.id);
+        if (S.search.active) runSearch();
         break;
       case "conversation": onConversation(f.conversation, f.in_queue, f.mine); break;
       case "notification": onNotification(f); break;
@@ -334,14 +358,15 @@
     const load = ++S.listLoads;
     S.framesDuringLoad = [];
     try {
+      const label = S.queueLabel;
       const [queue, mine] = await Promise.all([
-        api("GET", "/conversations?owner=queued&limit=200"),
+        api("GET", "/conversations?owner=queued&limit=200" + (label ? "&label=" + encodeURIComponent(label) : "")),
         api("GET", "/conversations?owner=agent&mine=true&limit=200"),
       ]);
       if (load !== S.listLoads) return;  // a later load answers for both
       const now = Date.now();
       S.queue.clear(); S.mine.clear();
-      for (const c of queue.items) S.queue.set(c.id, { ...c, _at: now });
+      for (const c of queue.items) if (inQueueView(c)) S.queue.set(c.id, { ...c, _at: now });
       for (const c of mine.items) S.mine.set(c.id, { ...c, _at: now });
       for (const [conv, inQueue, isMine, at] of S.framesDuringLoad) placeConversation(conv, inQueue, isMine, at);
       S.framesDuringLoad = null;
@@ -352,9 +377,14 @@
     }
   }
 
+  // The queue shows the conversations waiting, with the label chosen if one is.
+  function inQueueView(conv) {
+    return !S.queueLabel || (conv.labels || []).includes(S.queueLabel);
+  }
+
   function placeConversation(conv, inQueue, mine, at) {
     const c = { ...conv, _at: at };
-    if (inQueue) S.queue.set(c.id, c); else S.queue.delete(c.id);
+    if (inQueue && inQueueView(c)) S.queue.set(c.id, c); else S.queue.delete(c.id);
     if (mine) S.mine.set(c.id, c); else S.mine.delete(c.id);
     return c;
   }
@@ -366,6 +396,7 @@
     if (!mine) S.unread.delete(c.id);
     renderLists();
     if (S.open && S.open.id === c.id) setOpenConv(S.open, c);
+    updateHit(c);
   }
 
   function serverOffset(conv) {
@@ -414,7 +445,8 @@
       h("span", { class: "c-prio c-prio-" + (PRIORITY[priority] === undefined ? "normal" : priority), "data-c": "priority", text: priority }),
       handoff && handoff.reason ? h("span", { class: "c-reason", text: handoff.reason }) : null,
       list === "queue" && waiting ? h("span", { class: "c-wait", "data-c": "waiting", text: waiting }) : null,
-      h("span", { class: "c-sla", "data-c": "sla", "data-state": sla.state, text: sla.text })));
+      h("span", { class: "c-sla", "data-c": "sla", "data-state": sla.state, text: sla.text })),
+    labelChips(conv.labels));
     return h("li", {}, button);
   }
 
@@ -427,14 +459,30 @@
     const mine = [...S.mine.values()].sort((a, b) =>
       Date.parse(b.last_activity_at || b.created_at) - Date.parse(a.last_activity_at || a.created_at));
     const q = $("queue"), m = $("mine");
+    const focused = focusedRow();
     clear(q); clear(m);
     for (const c of queue) q.append(row(c, "queue"));
     for (const c of mine) m.append(row(c, "mine"));
-    if (!queue.length) q.append(h("li", { class: "c-none", text: "Nobody is waiting." }));
+    const label = S.labels.get(S.queueLabel);
+    if (!queue.length) q.append(h("li", { class: "c-none", text: label ? "Nobody with the label " + label.name + " is waiting." : "Nobody is waiting." }));
     if (!mine.length) m.append(h("li", { class: "c-none", text: "None assigned to you." }));
     $("queue-count").textContent = String(queue.length);
     $("mine-count").textContent = String(mine.length);
+    refocus(focused);
     updateTitle();
+  }
+  // A list drawn again keeps the keyboard where it was (the same row, by list and id).
+  function focusedRow() {
+    const el = document.activeElement;
+    if (!el || !el.dataset || !el.dataset.id || !el.closest(".c-lists")) return null;
+    const list = el.closest("ul");
+    return list ? { list: list.dataset.c, id: el.dataset.id, c: el.dataset.c } : null;
+  }
+  function refocus(was) {
+    if (!was || (document.activeElement && document.activeElement !== document.body)) return;
+    const el = [...document.querySelectorAll('[data-c="' + was.list + '"] [data-c="' + was.c + '"]')]
+      .find((b) => b.dataset.id === was.id);
+    if (el) el.focus();
   }
 
   function tickLists() {
@@ -505,13 +553,14 @@
   async function openConversation(id) {
     const previous = S.open;
     if (previous && previous.id !== id) send({ type: "unsubscribe", conversation_id: previous.id });
-    if (!previous || previous.id !== id) clearFiles(); // never send them to another customer
+    if (!previous || previous.id !== id) { clearFiles(); $("label-picker").open = false; } // never send them to another customer
     stopTyping();
     const open = { id, conv: null, contactId: null, cursor: null, hasMore: false, loading: true,
       loaded: false, seen: new Set(), pending: [] };
     S.open = open;
     S.unread.delete(id);
     renderLists();
+    renderResults();
     convError(null);
     clear($("items"));
     show($("typing"), false);
@@ -562,6 +611,7 @@
     }
     const sla = slaText(c);
     meta.append(" · ", h("span", { class: "c-sla", "data-c": "conv-sla", "data-state": sla.state, text: sla.text }));
+    renderConvLabels();
     const mine = c.owner === "agent" && S.me && c.assignee_id === S.me.id;
     $("claim").hidden = c.owner !== "queued";
     $("resolve").hidden = !mine;
@@ -940,12 +990,17 @@
   async function refreshConversation(open) {
     try {
       const conv = await api("GET", "/conversations/" + encodeURIComponent(open.id));
-      const c = { ...conv, _at: Date.now() };
-      if (S.mine.has(c.id)) S.mine.set(c.id, c);
-      if (S.queue.has(c.id)) S.queue.set(c.id, c);
-      if (S.open === open) setOpenConv(open, c);
-      renderLists();
+      newerConversation(open, conv);
     } catch (e) { /* the next live frame brings it */ }
+  }
+  // A conversation the API just answered: in the lists, the view and the results.
+  function newerConversation(open, conv) {
+    const c = { ...conv, _at: Date.now() };
+    if (S.mine.has(c.id)) S.mine.set(c.id, c);
+    if (S.queue.has(c.id)) { if (inQueueView(c)) S.queue.set(c.id, c); else S.queue.delete(c.id); }
+    if (S.open === open && open.id === c.id) setOpenConv(open, c);
+    renderLists();
+    updateHit(c);
   }
   // The open conversation, newer. If where replies go (the channel the customer used
   // last, the contact's channels) changed, the picker and the profile follow: a picker
@@ -1003,6 +1058,362 @@
     }
   }
 
+  // --------------------------------------------------------------- labels
+  function isStaff() { return Boolean(S.me) && (S.me.role === "agent" || S.me.role === "admin"); }
+
+  // The labels (GET /api/v1/labels). Loaded at sign-in and on every (re)connect; again
+  // when a conversation names a label not known here (an admin added it meanwhile), at
+  // most every 2 s, and when a picker or filter is opened.
+  function loadLabels(force) {
+    if (!isStaff()) return Promise.resolve();
+    if (S.labelsLoad) return S.labelsLoad;
+    if (!force && Date.now() - S.labelsAt < 2000) return Promise.resolve();
+    S.labelsLoad = (async () => {
+      try {
+        const out = await api("GET", "/labels");
+        S.labels = new Map((out.items || []).map((l) => [l.id, l]));
+        S.labelsAt = Date.now();
+        labelsChanged();
+      } catch (e) {
+        S.labelsAt = Date.now();
+        if (e.status !== 401 && e.status !== 0) toast("Could not load the labels: " + e.message, "error");  // 0: offline, said already
+      } finally {
+        S.labelsLoad = null;
+      }
+    })();
+    return S.labelsLoad;
+  }
+  function unknownLabel(ids) {
+    const missing = ids.filter((id) => !S.labels.has(id) && !S.labelsGone.has(id));
+    if (!missing.length || S.labelsRetry) return;
+    const wait = Math.max(0, 2000 - (Date.now() - S.labelsAt));
+    S.labelsRetry = setTimeout(async () => {
+      if (S.labelsLoad) await S.labelsLoad;  // begun before the label was named: may not have it
+      if (missing.some((id) => !S.labels.has(id))) await loadLabels(true);
+      S.labelsRetry = null;
+      for (const id of missing) if (!S.labels.has(id)) S.labelsGone.add(id);  // deleted: not asked again
+    }, wait);
+  }
+  function labelsChanged() {
+    renderLabelSelect($("search-label"), "Any");
+    const queueSel = $("queue-label");
+    if (S.queueLabel && !S.labels.has(S.queueLabel)) {  // deleted: the whole queue again
+      S.queueLabel = "";
+      reloadLists();
+    }
+    renderLabelSelect(queueSel, "All labels");
+    queueSel.value = S.queueLabel;
+    show(queueSel, isStaff() && (S.labels.size > 0 || Boolean(S.queueLabel)));
+    renderLists();
+    renderResults();
+    renderConvLabels();
+  }
+  function renderLabelSelect(sel, none) {
+    const current = sel.value;
+    const key = [...S.labels.values()].map((l) => l.id + "\u0000" + l.name).join("\u0001");
+    if (sel.dataset.key === key) return;  // unchanged: an open drop-down stays as it is
+    sel.dataset.key = key;
+    clear(sel);
+    sel.append(h("option", { value: "", text: none }));
+    for (const l of S.labels.values()) sel.append(h("option", { value: l.id, text: l.name }));
+    sel.value = S.labels.has(current) ? current : "";
+  }
+
+  // Black or white, whichever contrasts more with the colour (WCAG relative luminance).
+  function textOn(color) {
+    const m = /^#([0-9a-f]{6})$/i.exec(String(color));
+    if (!m) return "#fff";
+    const n = parseInt(m[1], 16);
+    const lin = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); };
+    const lum = 0.2126 * lin((n >> 16) & 255) + 0.7152 * lin((n >> 8) & 255) + 0.0722 * lin(n & 255);
+    return (lum + 0.05) / 0.05 >= 1.05 / (lum + 0.05) ? "#000" : "#fff";
+  }
+  function labelChip(label) {
+    const chip = h("span", { class: "c-label", "data-c": "label-chip", "data-label": label.id,
+      title: label.name, text: label.name });
+    if (/^#[0-9a-f]{6}$/i.test(label.color)) {  // the CSSOM, not a style attribute (CSP)
+      chip.style.backgroundColor = label.color;
+      chip.style.color = textOn(label.color);
+    }
+    return chip;
+  }
+  // The chips of a conversation's labels, in the labels' order (by name); null for none.
+  function labelChips(ids) {
+    ids = ids || [];
+    if (!ids.length) return null;
+    unknownLabel(ids);
+    const known = [...S.labels.values()].filter((l) => ids.includes(l.id));
+    if (!known.length) return null;
+    return h("span", { class: "c-row-labels", "data-c": "labels" }, ...known.map((l) => labelChip(l)));
+  }
+
+  // The open conversation's chips, and the picker's boxes (ticked in place, so the
+  // keyboard stays where it is when a live frame changes them).
+  function renderConvLabels() {
+    const open = S.open;
+    const list = $("conv-labels");
+    clear(list);
+    if (!open || !open.conv) return;
+    const ids = open.conv.labels || [];
+    unknownLabel(ids);
+    const ticked = open.labelsBusy ? open.labelsNext : ids;  // while saving: as the agent ticked them
+    for (const l of S.labels.values()) if (ids.includes(l.id)) list.append(h("li", {}, labelChip(l)));
+    const picker = $("label-picker");
+    picker.dataset.busy = String(Boolean(open.labelsBusy));
+    const choices = $("label-choices");
+    const key = [...S.labels.values()].map((l) => l.id + "\u0000" + l.name + "\u0000" + l.color).join("\u0001");
+    if (choices.dataset.key !== key || !choices.firstChild) {
+      choices.dataset.key = key;
+      clear(choices);
+      if (!S.labels.size) {
+        choices.append(h("p", { class: "c-muted", "data-c": "no-labels",
+          text: "No labels yet: an admin adds them." }));
+      }
+      for (const l of S.labels.values()) {
+        choices.append(h("label", { class: "c-label-choice" },
+          h("input", { type: "checkbox", value: l.id, "data-c": "label-option", "data-label": l.id,
+            onchange: (e) => setLabel(l.id, e.target.checked) }),
+          labelChip(l)));
+      }
+    }
+    for (const box of choices.querySelectorAll('[data-c="label-option"]')) {
+      box.checked = ticked.includes(box.value);
+      box.disabled = Boolean(open.labelsBusy);
+    }
+  }
+
+  // Add or take off one label: the whole list is sent (PUT), the answer is the
+  // conversation. Two agents at once: the last one's list holds, and both see it live.
+  async function setLabel(id, on) {
+    const open = S.open;
+    if (!open || !open.conv || open.labelsBusy) return;
+    const current = (open.conv.labels || []).filter((x) => S.labels.has(x));  // none deleted meanwhile
+    const next = on ? [...current.filter((x) => x !== id), id] : current.filter((x) => x !== id);
+    open.labelsBusy = true;
+    open.labelsNext = next;
+    convError(null);
+    renderConvLabels();
+    try {
+      const conv = await api("PUT", "/conversations/" + encodeURIComponent(open.id) + "/labels", { labels: next });
+      if (conv && conv.id) newerConversation(open, conv);
+    } catch (e) {
+      if (S.open === open) convError(e);
+      if (e.status === 400) loadLabels(true);  // one was deleted
+    } finally {
+      open.labelsBusy = false;
+      if (S.open === open) renderConvLabels();
+      const box = [...$("label-choices").querySelectorAll('[data-c="label-option"]')].find((b) => b.value === id);
+      if (box && S.open === open && document.activeElement === document.body) box.focus();
+    }
+  }
+
+  // --------------------------------------------------------------- search
+  // Folded as the server folds (gateway/store/search.py: NFKD, marks dropped, lower case),
+  // so the words it matched can be found and marked in the text.
+  const WORD = /[\p{L}\p{N}_]+/gu;
+  function fold(text) {
+    return String(text).normalize("NFKD").replace(/\p{M}/gu, "").toLowerCase()
+      .replace(/\u00df/g, "ss").replace(/\u03c2/g, "\u03c3").replace(/\p{M}/gu, "");
+  }
+  // The query's words (2 to 40 characters), and the prefix its last word also matches
+  // as (3 characters or more, not a number): the server's rule for search as you type.
+  function queryWords(q) {
+    const words = [...new Set((fold(q).match(WORD) || []).filter((w) => w.length >= 2 && w.length <= 40))].slice(0, 8);
+    const last = words[words.length - 1];
+    const prefix = last && last.length >= 3 && !/^\d+$/.test(last) ? last : null;
+    return { words, prefix };
+  }
+  // The ranges [start, end) of `text` (UTF-16 offsets) that are one of the words, or
+  // begin with the prefix. The text is folded a character at a time, each folded
+  // character remembering where it came from.
+  function matches(text, words, prefix) {
+    if (!text || (!words.length && !prefix)) return [];
+    let folded = "";
+    const from = [], to = [];
+    let at = 0;
+    for (const ch of text) {
+      const f = fold(ch);
+      const end = at + ch.length;
+      if (!f.length && to.length) to[to.length - 1] = end;  // a combining mark: with the letter before
+      for (let k = 0; k < f.length; k++) { from.push(at); to.push(end); }
+      folded += f;
+      at = end;
+    }
+    const set = new Set(words), found = [];
+    for (const m of folded.matchAll(WORD)) {
+      const w = m[0];
+      if (set.has(w) || (prefix && w.startsWith(prefix))) found.push([from[m.index], to[m.index + w.length - 1]]);
+    }
+    return found;
+  }
+  // A snippet of `text` around its first match, the matches in <mark> elements (text
+  // nodes inside, never markup from the text).
+  const SNIPPET = 180, BEFORE = 50;
+  function snippet(text, words, prefix) {
+    text = String(text || "").slice(0, 20000);
+    const found = matches(text, words, prefix);
+    let start = 0;
+    if (found.length && found[0][0] > BEFORE) {
+      start = found[0][0] - BEFORE;
+      const space = text.slice(start, found[0][0]).search(/\s/);
+      if (space >= 0 && space < 20) start += space + 1;
+    }
+    let end = Math.min(text.length, start + SNIPPET);
+    if (/[\udc00-\udfff]/.test(text.charAt(start))) start -= 1;  // never half a character
+    if (/[\ud800-\udbff]/.test(text.charAt(end - 1))) end += 1;
+    const el = h("span", { class: "c-snippet", "data-c": "snippet" });
+    if (start > 0) el.append("…");
+    let at = start;
+    for (const [s, e] of found) {
+      if (e <= start || s >= end) continue;
+      const a = Math.max(s, start), b = Math.min(e, end);
+      if (a > at) el.append(document.createTextNode(text.slice(at, a)));
+      el.append(h("mark", { text: text.slice(a, b) }));
+      at = b;
+    }
+    if (at < end) el.append(document.createTextNode(text.slice(at, end)));
+    if (end < text.length) el.append("…");
+    return { el, found: found.length > 0 };
+  }
+  // What of the message matched: its text, else an email's subject, a file's name or the
+  // customer's name (the server finds messages by those too).
+  function hitSnippet(msg, words, prefix) {
+    const data = msg.channel_data || {};
+    const texts = [msg.text, typeof data.subject === "string" ? data.subject : null,
+      ...(msg.attachments || []).map((a) => a && a.name), msg.sender && msg.sender.name]
+      .filter((t) => typeof t === "string" && t);
+    for (const t of texts) {
+      const s = snippet(t, words, prefix);
+      if (s.found) return s.el;
+    }
+    return snippet(texts[0] || (msg.attachments && msg.attachments.length ? "(attachment)" : ""), words, prefix).el;
+  }
+
+  function searchParams() {
+    const q = $("search-q").value.trim();
+    const params = new URLSearchParams();
+    if (q) params.set("q", q);
+    const channel = $("search-channel").value, owner = $("search-owner").value, label = $("search-label").value;
+    if (channel) params.set("channel", channel);
+    if (owner) params.set("owner", owner);
+    if (label) params.set("label", label);
+    const since = $("search-since").value, until = $("search-until").value;
+    // the agent's own days: from the first day's midnight to the last day's end, here
+    if (since) params.set("since", localMidnight(since, 0));
+    if (until) params.set("until", localMidnight(until, 1));
+    const filters = [channel, owner, label, since, until].filter(Boolean).length;
+    const count = $("search-filter-count");
+    count.textContent = String(filters);
+    show(count, filters > 0);
+    if (!q && !filters) return null;
+    if (since && until && until < since) return { error: "The To date is before the From date." };
+    params.set("limit", String(SEARCH_LIMIT));
+    return { params, q };
+  }
+  function localMidnight(date, plusDays) {
+    const [y, m, d] = date.split("-").map(Number);
+    return new Date(y, m - 1, d + plusDays).toISOString();
+  }
+
+  function scheduleSearch() {
+    clearTimeout(S.search.timer);
+    S.search.timer = setTimeout(runSearch, SEARCH_DEBOUNCE_MS);
+  }
+  async function runSearch() {
+    clearTimeout(S.search.timer);
+    const seq = ++S.search.seq;
+    const want = searchParams();
+    if (!want) { showSearch(false); return; }
+    showSearch(true);
+    const status = $("search-status");
+    if (want.error) {
+      S.search.hits = []; S.search.partial = false;
+      renderResults();
+      status.textContent = want.error;
+      status.dataset.state = "error";
+      return;
+    }
+    status.textContent = "Searching…";
+    status.dataset.state = "loading";
+    $("search-box").setAttribute("aria-busy", "true");
+    try {
+      const out = await api("GET", "/search/conversations?" + want.params.toString());
+      if (seq !== S.search.seq) return;  // a newer search answers
+      const { words, prefix } = queryWords(want.q || "");
+      S.search.hits = (out.items || []).map((hit) => ({ ...hit, conversation: { ...hit.conversation, _at: Date.now() } }));
+      S.search.partial = Boolean(out.partial);
+      S.search.words = words; S.search.prefix = prefix;
+      renderResults();
+      const n = S.search.hits.length;
+      status.textContent = n ? n + (n === 1 ? " conversation" : " conversations") + (n >= SEARCH_LIMIT ? " (the newest " + SEARCH_LIMIT + ")" : "")
+        : "No conversations found.";
+      status.dataset.state = n ? "done" : "empty";
+    } catch (e) {
+      if (seq !== S.search.seq) return;
+      S.search.hits = []; S.search.partial = false;
+      renderResults();
+      status.textContent = "Search failed: " + e.message;
+      status.dataset.state = "error";
+    } finally {
+      if (seq === S.search.seq) $("search-box").removeAttribute("aria-busy");
+    }
+  }
+  function showSearch(on) {
+    S.search.active = on;
+    show($("search-box"), on);
+    show($("lists"), !on);
+    if (!on) { S.search.hits = []; S.search.partial = false; clear($("search-results")); $("search-status").textContent = ""; }
+  }
+  function resetSearch() {
+    clearTimeout(S.search.timer);
+    S.search.seq++;
+    $("search-q").value = "";
+    resetFilters();
+    showSearch(false);
+  }
+  function resetFilters() {
+    for (const name of ["search-channel", "search-owner", "search-label", "search-since", "search-until"]) $(name).value = "";
+    searchParams();  // the filter count
+  }
+
+  function hitRow(hit) {
+    const conv = hit.conversation, msg = hit.message;
+    const owner = conv.owner === "agent" ? (S.me && conv.assignee_id === S.me.id ? "yours" : agentName(conv.assignee_id))
+      : OWNER_TEXT[conv.owner] || String(conv.owner);
+    const at = msg ? msg.created_at : conv.last_activity_at || conv.created_at;
+    const button = h("button", {
+      type: "button", class: "c-row c-hit" + (S.open && S.open.id === conv.id ? " c-row-open" : ""),
+      "data-c": "search-hit", "data-id": conv.id, "data-owner": conv.owner,
+      onclick: () => openConversation(conv.id),
+    },
+    h("span", { class: "c-row-top" },
+      channelBadge(msg ? msg.channel : conv.reply_channel || conv.channel),
+      h("span", { class: "c-row-name", "data-c": "hit-name", text: contactName(conv) }),
+      h("time", { class: "c-hit-time", datetime: at, text: when(at) })),
+    h("span", { class: "c-row-meta" },
+      h("span", { class: "c-hit-state", "data-c": "hit-state", "data-owner": conv.owner, text: owner })),
+    labelChips(conv.labels),
+    msg ? hitSnippet(msg, S.search.words, S.search.prefix) : null);
+    return h("li", {}, button);
+  }
+  function renderResults() {
+    if (!S.search.active) return;
+    const list = $("search-results");
+    const focused = focusedRow();
+    clear(list);
+    for (const hit of S.search.hits) list.append(hitRow(hit));
+    $("search-count").textContent = String(S.search.hits.length);
+    show($("search-partial"), S.search.partial);
+    refocus(focused);
+  }
+  // A conversation changed (live or by our hand): its hit shows it.
+  function updateHit(conv) {
+    if (!S.search.active) return;
+    let changed = false;
+    for (const hit of S.search.hits) if (hit.conversation.id === conv.id) { hit.conversation = conv; changed = true; }
+    if (changed) renderResults();
+  }
+
   // ---------------------------------------------------------------- wiring
   function wire() {
     $("login-form").addEventListener("submit", signIn);
@@ -1018,6 +1429,30 @@
       S.open = null;
       closeConversationView();
       renderLists();
+      renderResults();
+    });
+    $("search-form").addEventListener("submit", (e) => { e.preventDefault(); runSearch(); });
+    $("search-q").addEventListener("input", scheduleSearch);
+    $("search-q").addEventListener("keydown", (e) => {
+      if (e.key === "Escape" && ($("search-q").value || S.search.active)) { e.preventDefault(); resetSearch(); }
+    });
+    for (const name of ["search-channel", "search-owner", "search-label", "search-since", "search-until"]) {
+      $(name).addEventListener("change", runSearch);
+    }
+    $("search-label").addEventListener("focus", () => loadLabels(false));
+    $("search-reset").addEventListener("click", () => { resetFilters(); runSearch(); });
+    $("search-clear").addEventListener("click", () => { resetSearch(); $("search-q").focus(); });
+    $("queue-label").addEventListener("focus", () => loadLabels(false));
+    $("queue-label").addEventListener("change", () => {
+      S.queueLabel = $("queue-label").value;
+      S.queue.clear();
+      renderLists();
+      reloadLists();
+    });
+    const picker = $("label-picker");
+    picker.addEventListener("toggle", () => { if (picker.open) loadLabels(false); });
+    picker.addEventListener("keydown", (e) => {
+      if (e.key === "Escape" && picker.open) { e.preventDefault(); picker.open = false; $("label-picker-toggle").focus(); }
     });
     $("claim").addEventListener("click", () => act("/claim"));
     $("composer-action").addEventListener("click", () => {
@@ -1073,6 +1508,7 @@
     setInterval(() => {  // waiting times and SLA timers move on (in place: no re-render)
       if (!S.me) return;
       tickLists();
+      if (Date.now() - S.labelsAt > LABELS_EVERY_MS) loadLabels(true);  // renamed or recoloured meanwhile
       if (S.open && S.open.conv) {
         const el = $("conv-sla");
         if (el) { const s = slaText(S.open.conv); el.textContent = s.text; el.dataset.state = s.state; }
