@@ -2,7 +2,7 @@
 against a real gateway: an agent finds a past message by its words (as they type) and
 opens its conversation; filters narrow the hits; labels show as coloured chips, are set
 from the conversation view and reach a second agent's console live; the queue filters by
-a label. Messages go in through the pipeline, as a
+a label; an admin manages the labels. Messages go in through the pipeline, as a
 connector's do, and the indexer writes their words about a second later."""
 
 from __future__ import annotations
@@ -368,3 +368,64 @@ def test_the_queue_filters_by_a_label(
     expect(desk.row("queue")).to_have_count(3)
     expect(desk.c("queue-count")).to_have_text("3")
     watch.check()
+
+
+def test_an_admin_manages_the_labels(
+    console_gateway: ThreadedGateway, new_page: Callable[[], Page]
+) -> None:
+    gw = console_gateway
+    assert gw.app is not None
+    admin_email = agent(gw, "Ada", AgentRole.ADMIN)
+    agent_email = agent(gw, "Alice")
+    conversation = seed(gw, "v_jo", "hello", name="Jo")
+
+    # an agent has no such section
+    alice = Desk(new_page(), gw)
+    alice_watch = Watch(alice.page)
+    alice.signed_in(agent_email)
+    expect(alice.c("manage-labels")).to_be_hidden()
+
+    ada = Desk(new_page(), gw)
+    watch = Watch(ada.page)
+    ada.signed_in(admin_email)
+    ada.c("manage-labels").locator("summary").click()
+    ada.c("label-new-name").fill("Urgent")
+    ada.c("label-new-color").fill("#dc2626")
+    ada.c("label-new-name").press("Enter")
+    rows = ada.page.locator('[data-c="manage-label"]')
+    expect(rows).to_have_count(1)
+    expect(rows.first.locator('[data-c="label-chip"]')).to_have_text("Urgent")
+    expect(rows.first.locator('[data-c="label-chip"]')).to_have_css(
+        "background-color", "rgb(220, 38, 38)")
+    labels = gw.call(Labels(gw.app[STORE]).all())
+    assert [(la.name, la.color) for la in labels] == [("Urgent", "#dc2626")]
+
+    ada.c("label-new-name").fill("urgent")  # a taken name, whatever the case
+    ada.c("label-add").click()
+    expect(ada.c("manage-error")).to_contain_text("exists already")
+    expect(rows).to_have_count(1)
+
+    # renamed and recoloured; an agent's console picks it up
+    set_labels(gw, conversation, labels[0])
+    expect(alice.row("queue").locator('[data-c="label-chip"]')).to_have_text("Urgent")
+    rows.first.locator('[data-c="label-name"]').fill("Callback")
+    rows.first.locator('[data-c="label-color"]').fill("#16a34a")
+    rows.first.locator('[data-c="label-save"]').click()
+    expect(rows.first.locator('[data-c="label-chip"]')).to_have_text("Callback")
+    assert [(la.name, la.color) for la in gw.call(Labels(gw.app[STORE]).all())] == [
+        ("Callback", "#16a34a")]
+
+    # deleted (a second click confirms): off the conversation, in Alice's queue too
+    delete = rows.first.locator('[data-c="label-delete"]')
+    delete.click()
+    expect(delete).to_have_text("Delete: sure?")
+    assert len(gw.call(Labels(gw.app[STORE]).all())) == 1
+    delete.click()
+    expect(rows).to_have_count(0)
+    assert gw.call(Labels(gw.app[STORE]).all()) == []
+    expect(alice.row("queue").locator('[data-c="label-chip"]')).to_have_count(0)
+    # the 409 of the taken name, logged by Chromium as every failed request is
+    assert len(watch.errors) == 1 and "status of 409" in watch.errors[0], watch.errors
+    watch.errors.clear()
+    watch.check()
+    alice_watch.check()

@@ -21,7 +21,7 @@
  * Labels (GET /api/v1/labels): coloured chips in the lists, the results and the
  * conversation view (colours set through the CSSOM, which the CSP allows, not a style
  * attribute); a picker sets a conversation's (PUT .../labels, the whole list); the queue
- * filters by one.
+ * filters by one; admins add, rename, recolour and delete them under "Manage labels".
  */
 (function () {
   "use strict";
@@ -214,6 +214,7 @@
     $("me").textContent = S.me.name + " (" + S.me.role + ")";
     if ("Notification" in window && Notification.permission === "default") show($("notify-perm"), true);
     show($("search-form"), isStaff());
+    show($("manage-labels"), isAdmin());
     show($("label-picker"), isStaff());
     loadCanned();
     loadAgents();
@@ -1060,6 +1061,7 @@
 
   // --------------------------------------------------------------- labels
   function isStaff() { return Boolean(S.me) && (S.me.role === "agent" || S.me.role === "admin"); }
+  function isAdmin() { return Boolean(S.me) && S.me.role === "admin"; }
 
   // The labels (GET /api/v1/labels). Loaded at sign-in and on every (re)connect; again
   // when a conversation names a label not known here (an admin added it meanwhile), at
@@ -1107,6 +1109,7 @@
     renderLists();
     renderResults();
     renderConvLabels();
+    renderManage();
   }
   function renderLabelSelect(sel, none) {
     const current = sel.value;
@@ -1167,7 +1170,7 @@
       clear(choices);
       if (!S.labels.size) {
         choices.append(h("p", { class: "c-muted", "data-c": "no-labels",
-          text: "No labels yet: an admin adds them." }));
+          text: isAdmin() ? "No labels yet: add them under Manage labels." : "No labels yet: an admin adds them." }));
       }
       for (const l of S.labels.values()) {
         choices.append(h("label", { class: "c-label-choice" },
@@ -1205,6 +1208,79 @@
       const box = [...$("label-choices").querySelectorAll('[data-c="label-option"]')].find((b) => b.value === id);
       if (box && S.open === open && document.activeElement === document.body) box.focus();
     }
+  }
+
+  // ------------------------------------------------------- label management
+  // Admins: add, rename, recolour, delete (POST/PATCH/DELETE /api/v1/labels).
+  function manageError(err) {
+    const el = $("manage-error");
+    el.textContent = err ? err.message || String(err) : "";
+    show(el, Boolean(err));
+  }
+  function renderManage() {
+    if (!isAdmin()) return;
+    const list = $("manage-list");
+    const key = [...S.labels.values()].map((l) => l.id + "\u0000" + l.name + "\u0000" + l.color).join("\u0001");
+    if (list.dataset.key === key) return;  // unchanged: leave what is being typed alone
+    list.dataset.key = key;
+    clear(list);
+    for (const l of S.labels.values()) {
+      const name = h("input", { type: "text", value: l.name, maxlength: 60, "data-c": "label-name",
+        "aria-label": "Name of the label " + l.name });
+      const color = h("input", { type: "color", value: l.color, "data-c": "label-color",
+        "aria-label": "Colour of the label " + l.name });
+      const save = async () => {
+        const changes = {};
+        if (name.value.trim() !== l.name) changes.name = name.value.trim();
+        if (color.value.toLowerCase() !== l.color.toLowerCase()) changes.color = color.value;
+        if (!Object.keys(changes).length) return;
+        manageError(null);
+        try {
+          await api("PATCH", "/labels/" + encodeURIComponent(l.id), changes);
+          toast("Label saved", "info");
+        } catch (e) { manageError(e); }
+        loadLabels(true);
+      };
+      list.append(h("li", { class: "c-manage-row", "data-c": "manage-label", "data-label": l.id },
+        labelChip(l), name, color,
+        h("button", { type: "button", "data-c": "label-save", text: "Save", onclick: save }),
+        deleteButton(l)));
+      name.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); save(); } });
+    }
+    if (!S.labels.size) list.append(h("li", { class: "c-muted", text: "None yet." }));
+  }
+  // Delete asks once more, in place: a second click within 5 s deletes.
+  function deleteButton(l) {
+    let armed = null;
+    const button = h("button", { type: "button", "data-c": "label-delete", "aria-label": "Delete the label " + l.name, text: "Delete" });
+    const disarm = () => { clearTimeout(armed); armed = null; button.textContent = "Delete"; delete button.dataset.armed; };
+    button.addEventListener("blur", disarm);
+    button.addEventListener("click", async () => {
+      if (!armed) {
+        button.textContent = "Delete: sure?";
+        button.dataset.armed = "true";
+        armed = setTimeout(disarm, 5000);
+        manageError(new Error("Deleting " + l.name + " takes it off every conversation. Click again to delete it."));
+        return;
+      }
+      disarm();
+      manageError(null);
+      try { await api("DELETE", "/labels/" + encodeURIComponent(l.id)); toast("Label deleted", "info"); } catch (e) { manageError(e); }
+      loadLabels(true);
+    });
+    return button;
+  }
+  async function addLabel(e) {
+    e.preventDefault();
+    const name = $("label-new-name");
+    if (!name.value.trim()) { manageError(new Error("Give the label a name.")); name.focus(); return; }
+    manageError(null);
+    try {
+      await api("POST", "/labels", { name: name.value.trim(), color: $("label-new-color").value });
+      name.value = "";
+    } catch (err) { manageError(err); }
+    await loadLabels(true);
+    name.focus();
   }
 
   // --------------------------------------------------------------- search
@@ -1454,6 +1530,7 @@
     picker.addEventListener("keydown", (e) => {
       if (e.key === "Escape" && picker.open) { e.preventDefault(); picker.open = false; $("label-picker-toggle").focus(); }
     });
+    $("label-new").addEventListener("submit", addLabel);
     $("claim").addEventListener("click", () => act("/claim"));
     $("composer-action").addEventListener("click", () => {
       if ($("composer-action").dataset.action === "claim") { act("/claim"); return; }
