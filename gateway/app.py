@@ -58,6 +58,7 @@ from gateway.settings import Settings
 from gateway.sla import ServiceLevels
 from gateway.store import Store
 from gateway.store.access import ensure_indexes as ensure_access_indexes
+from gateway.store.audit import AuditLog
 from gateway.store.email_link import ensure_indexes as ensure_link_indexes
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.files import FileStore
@@ -139,6 +140,7 @@ async def _ensure_indexes(store: Store, ready: dict[str, bool]) -> None:
             await FileStore(store).ensure_indexes()
             await ensure_fetch_indexes(store)
             await Labels(store).ensure_indexes()
+            await AuditLog(store).ensure_indexes()
             await SearchTerms(store).ensure_indexes()
         except PyMongoError as exc:
             raise_if_cancelled()

@@ -21,6 +21,7 @@ from pymongo.errors import PyMongoError
 from gateway.desk.admin_api import PRINCIPAL, AccessApi, AgentOut
 from gateway.desk.analytics_api import analytics_endpoints
 from gateway.desk.apidocs import docs_endpoints
+from gateway.desk.audit import AUDIT_MODELS, audit_endpoints, audit_middleware
 from gateway.desk.auth import ALL_ROLES, AccessError, BadInput, authenticate, authorize
 from gateway.desk.contacts_api import contact_endpoints
 from gateway.desk.files_api import MULTIPART_REPLY, files_endpoints, read_multipart
@@ -379,6 +380,7 @@ class DeskApi:
             *files_endpoints(),  # attachments (gateway/desk/files_api.py)
             *search_endpoints(),  # conversations and contacts (gateway/desk/search_api.py)
             *label_endpoints(),  # the labels admins define (gateway/desk/labels_api.py)
+            *audit_endpoints(),  # who changed what (gateway/desk/audit.py)
             Endpoint(
                 "PUT", "/v1/conversations/{id}/labels", set_labels,
                 "Set the conversation's labels (all of them: send the whole list)",
@@ -422,7 +424,7 @@ class DeskApi:
         ]
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth])
+        app = web.Application(middlewares=[self._errors, audit_middleware, self._auth])
         endpoints = self.endpoints()
         add_routes(app, endpoints)
         app[SPEC] = build_spec(
@@ -445,6 +447,7 @@ class DeskApi:
                 *SLA_MODELS,
                 *SEARCH_MODELS,
                 *LABEL_MODELS,
+                *AUDIT_MODELS,
             ],
         )
         return app
