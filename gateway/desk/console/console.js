@@ -1242,7 +1242,7 @@
         loadLabels(true);
       };
       list.append(h("li", { class: "c-manage-row", "data-c": "manage-label", "data-label": l.id },
-        labelChip(l), name, color,
+        h("span", { class: "c-manage-chip" }, labelChip(l)), name, color,
         h("button", { type: "button", "data-c": "label-save", text: "Save", onclick: save }),
         deleteButton(l)));
       name.addEventListener("keydown", (e) => { if (e.key === "Enter") { e.preventDefault(); save(); } });
