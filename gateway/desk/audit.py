@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel, Field
 from pymongo.errors import PyMongoError
 
-from gateway.desk.auth import ADMIN_ONLY
+from gateway.desk.auth import ADMIN_ONLY, BadInput
 from gateway.desk.http import AGENT, json_response, query_time
 from gateway.desk.openapi import ENDPOINTS, Endpoint, Query, time_query
 from gateway.keys import STORE
@@ -34,6 +34,7 @@ NOT_AUDITED = frozenset({"reply", "add_note", "set_presence"})
 SECRET = ("password", "token", "secret", "code")
 TEXT = frozenset({"text"})  # content, not an action's parameters
 SIGN_IN = "sign_in"
+MAX_LIMIT = 200
 
 
 class AuditPage(BaseModel):
@@ -90,7 +91,9 @@ async def audit_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 async def list_audit(request: web.Request) -> web.Response:
     raw = request.query.get("limit", "50")
-    limit = int(raw) if raw.isdigit() and 1 <= int(raw) <= 200 else 50
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise BadInput(f"limit must be a whole number from 1 to {MAX_LIMIT}")
+    limit = int(raw)
     since = query_time(request, "since", datetime.min) if "since" in request.query else None
     before = query_time(request, "before", datetime.max) if "before" in request.query \
         else None
