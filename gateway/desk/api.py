@@ -23,7 +23,7 @@ from gateway.desk.analytics_api import analytics_endpoints
 from gateway.desk.apidocs import docs_endpoints
 from gateway.desk.audit import AUDIT_MODELS, audit_endpoints, audit_middleware
 from gateway.desk.auth import ALL_ROLES, AccessError, BadInput, authenticate, authorize
-from gateway.desk.contacts_api import contact_endpoints
+from gateway.desk.contacts_api import ContactPatch, contact_endpoints, update_contact
 from gateway.desk.files_api import MULTIPART_REPLY, files_endpoints, read_multipart
 from gateway.desk.http import AGENT, NOT_BLANK, json_response, read_body
 from gateway.desk.http import load_conversation as _load
@@ -394,6 +394,12 @@ class DeskApi:
                 ContactOut,
                 errors=(401, 404, 503),
                 tag="contacts",
+            ),
+            Endpoint(
+                "PATCH", "/v1/contacts/{id}", update_contact,
+                "Change a contact's name, and the email, phone and notes in its profile "
+                "(the fields sent; null clears one)", ContactOut, body=ContactPatch,
+                errors=(401, 403, 404, 503), tag="contacts",
             ),
             Endpoint(
                 "GET",
