@@ -215,6 +215,7 @@
     if ("Notification" in window && Notification.permission === "default") show($("notify-perm"), true);
     show($("search-form"), isStaff());
     show($("manage-labels"), isAdmin());
+    show($("nav-contacts"), isStaff());
     show($("label-picker"), isStaff());
     loadCanned();
     loadAgents();
@@ -664,7 +665,12 @@
   }
 
   function renderProfile(contact) {
-    $("contact-name").textContent = contact ? (contact.name || "(no name)") : "Unknown contact";
+    const name = $("contact-name");
+    clear(name);
+    if (contact) {  // the contacts page: edit, merge, the whole timeline
+      name.append(h("a", { href: "contacts.html#" + encodeURIComponent(contact.id), "data-c": "contact-link",
+        title: "Open the contact", text: contact.name || "(no name)" }));
+    } else name.textContent = "Unknown contact";
     const ids = $("identities");
     clear(ids);
     for (const i of (contact && contact.identities) || []) {

@@ -1,0 +1,215 @@
+"""The contacts page of the agent console (issue 11, item 4, the console side), in headless
+Chromium against a real gateway: an agent opens a customer from a conversation, edits
+their name, email, phone and notes (a 400 says why in words), sees their timeline on
+every channel, merges another contact into them and undoes it, each with a second click
+instead of a dialog. Messages go in through the pipeline, as a connector's do."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from gateway.identity import Identity
+from gateway.keys import OUTBOX, PIPELINE, ROUTING, STORE
+from gateway.model import AgentRole
+from tests.console_rig import (  # noqa: F401 - fixtures, collected from this module
+    Desk,
+    Watch,
+    add_agent,
+    browser,
+    browser_type,
+    browser_type_launch_args,
+    console_gateway_fixture,
+    launch_browser,
+    new_page_fixture,
+    playwright,
+    screenshot,
+)
+from tests.test_browser import ThreadedGateway
+from tests.test_search import message
+
+pytestmark = pytest.mark.browser
+
+
+def customer(gw: ThreadedGateway, who: str, text: str, *, channel: str = "webchat",
+             name: str | None = None, queued: bool = True) -> tuple[str, str]:
+    """A customer's message through the pipeline (the conversation handed to the queue
+    first, so the bot stays out of it); returns (conversation id, contact id)."""
+    assert gw.app is not None
+    pipeline = gw.app[PIPELINE]
+    conversation = gw.call(pipeline.open_conversation(channel, who, who, name))
+    if queued:
+        assert gw.call(gw.app[ROUTING].handoff(conversation.id, "test: needs a human"))
+    result = gw.call(pipeline.ingest(message(who, text, channel=channel, name=name)))
+    assert result.conversation.id == conversation.id
+    return conversation.id, result.conversation.contact_id
+
+
+def contact(gw: ThreadedGateway, contact_id: str) -> Any:
+    assert gw.app is not None
+    found = gw.call(gw.app[STORE].get_contact(contact_id))
+    assert found is not None
+    return found
+
+
+def merged_into(gw: ThreadedGateway, contact_id: str) -> str | None:
+    assert gw.app is not None
+    doc = gw.call(gw.app[STORE].contacts.find_one({"_id": contact_id}))
+    assert doc is not None
+    return doc.get("merged_into")
+
+
+def agent(gw: ThreadedGateway, name: str, role: AgentRole = AgentRole.AGENT) -> str:
+    assert gw.app is not None
+    agent_id, email = add_agent(gw, name, role=role)
+    gw.call(gw.app[ROUTING].set_capacity(agent_id, 0))
+    return email
+
+
+def allow(watch: Watch, status: int) -> None:
+    """The refused request Chromium logs (the page shows why): the only error allowed."""
+    assert watch.errors, "the refused request was not made"
+    assert all(f"status of {status}" in e for e in watch.errors), watch.errors
+    watch.errors.clear()
+
+
+def test_an_agent_edits_a_contact_sees_every_channel_and_merges_and_undoes(
+    console_gateway: ThreadedGateway, new_page: Callable[[], Page]
+) -> None:
+    gw = console_gateway
+    assert gw.app is not None
+    email = agent(gw, "Alice")
+    conv, jo = customer(gw, "v_jo", "My parcel is late", name="Jo")
+    _, jo_tg = customer(gw, "77001", "Any news on the parcel?", channel="telegram",
+                        name="Jo T", queued=False)
+    _, kim = customer(gw, "v_kim", "Hello from Kim", name="Kim")
+    # Jo wrote on Telegram too: one contact with two channels
+    identity = Identity(gw.app[STORE], gw.app[OUTBOX])
+    gw.call(identity.merge(jo, jo_tg, None))
+
+    desk = Desk(new_page(), gw)
+    watch = Watch(desk.page)
+    desk.signed_in(email)
+    desk.page.locator(f'[data-c="queue"] [data-c="conv-item"][data-id="{conv}"]').click()
+    expect(desk.c("conversation")).to_be_visible()
+    expect(desk.c("contact-link")).to_have_text("Jo")
+
+    # the contact's name in the conversation view opens the contacts page
+    desk.c("contact-link").click()
+    expect(desk.page).to_have_url(gw.url + "/console/contacts.html#" + jo)
+    expect(desk.c("contact-title")).to_have_text("Jo")
+    expect(desk.c("identities").locator('[data-c="identity"]')).to_have_count(2)
+    timeline = desk.page.locator('[data-c="contact-timeline"] [data-c="timeline-item"]')
+    customer_items = timeline.and_(desk.page.locator('[data-role="customer"]'))
+    expect(customer_items.locator('[data-c="timeline-text"]')).to_have_text(
+        ["Any news on the parcel?", "My parcel is late"])  # newest first, both channels
+    expect(customer_items.nth(0).locator('[data-channel="telegram"]')).to_be_visible()
+    expect(customer_items.nth(1).locator('[data-channel="webchat"]')).to_be_visible()
+    assert conv in {customer_items.nth(1).get_attribute("data-conversation")}
+
+    # edit: a wrong phone is refused in words, nothing is saved
+    desk.c("f-phone").fill("call me maybe")
+    desk.c("save").click()
+    expect(desk.c("save-error")).to_be_visible()
+    expect(desk.c("save-error")).to_contain_text("phone")
+    assert contact(gw, jo).name == "Jo"
+
+    desk.c("f-name").fill("Jo Müller")
+    desk.c("f-email").fill("JO@Example.com")
+    desk.c("f-phone").fill("+49 30 1234567")
+    desk.c("f-notes").fill("Prefers email.\nVIP since 2024.")
+    desk.c("save").click()
+    expect(desk.c("save-status")).to_have_text("Saved.")
+    expect(desk.c("save-error")).to_be_hidden()
+    expect(desk.c("contact-title")).to_have_text("Jo Müller")
+    expect(desk.c("f-email")).to_have_value("jo@example.com")  # as the server keeps it
+    saved = contact(gw, jo)
+    assert saved.name == "Jo Müller"
+    assert saved.profile["email"]["value"] == "jo@example.com"
+    assert saved.profile["phone"]["value"] == "+49 30 1234567"
+    assert saved.profile["notes"]["value"] == "Prefers email.\nVIP since 2024."
+
+    # an emptied field clears it
+    desk.c("f-phone").fill("")
+    desk.c("save").click()
+    expect(desk.c("save-status")).to_have_text("Saved.")
+    assert "phone" not in contact(gw, jo).profile
+    assert contact(gw, jo).profile["notes"]["value"] == "Prefers email.\nVIP since 2024."
+
+    # the search box finds contacts by what was saved
+    desk.c("contact-q").fill("jo@example")
+    desk.c("contact-q").press("Enter")
+    rows = desk.page.locator('[data-c="contact-results"] [data-c="contact-row"]')
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-id", jo)
+
+    # merge Kim into Jo: the first click only asks
+    desk.c("merge-q").fill("Kim")
+    desk.c("merge-q").press("Enter")
+    candidate = desk.page.locator(f'[data-c="merge-candidate"][data-id="{kim}"]')
+    expect(candidate).to_have_count(1)
+    go = candidate.locator('[data-c="merge-go"]')
+    go.click()
+    expect(go).to_have_attribute("data-armed", "true")
+    expect(go).to_contain_text("sure")
+    assert merged_into(gw, kim) is None
+    go.click()
+    merges = desk.page.locator('[data-c="merges"] [data-c="merge"]')
+    expect(merges).to_have_count(2)  # Kim's now, and the Telegram one from before
+    expect(merges.first.locator('[data-c="merge-name"]')).to_have_text("Kim")
+    expect(desk.c("identities").locator('[data-c="identity"]')).to_have_count(3)
+    expect(customer_items.locator('[data-c="timeline-text"]')).to_have_text(
+        ["Hello from Kim", "Any news on the parcel?", "My parcel is late"])
+    assert merged_into(gw, kim) == jo
+    screenshot(desk.page, "console-contact.png")
+
+    # undo it (a second click again)
+    undo = merges.first.locator('[data-c="merge-undo"]')
+    undo.click()
+    expect(undo).to_have_attribute("data-armed", "true")
+    undo.click()
+    expect(merges.first).to_have_attribute("data-undone", "true")
+    expect(merges.first.locator('[data-c="merge-undone"]')).to_be_visible()
+    expect(desk.c("identities").locator('[data-c="identity"]')).to_have_count(2)
+    expect(customer_items.locator('[data-c="timeline-text"]')).to_have_text(
+        ["Any news on the parcel?", "My parcel is late"])
+    assert merged_into(gw, kim) is None
+    expect(desk.c("merge-error")).to_be_hidden()
+    allow(watch, 400)
+    watch.check()
+
+
+def test_an_undo_that_can_no_longer_be_exact_says_why(
+    console_gateway: ThreadedGateway, new_page: Callable[[], Page]
+) -> None:
+    gw = console_gateway
+    assert gw.app is not None
+    email = agent(gw, "Alice")
+    _, jo = customer(gw, "v_jo", "My parcel is late", name="Jo")
+    _, kim = customer(gw, "v_kim", "Hello from Kim", name="Kim")
+
+    desk = Desk(new_page(), gw)
+    watch = Watch(desk.page)
+    desk.signed_in(email)
+    desk.page.goto(gw.url + "/console/contacts.html#" + jo)
+    desk.c("merge-q").fill("Kim")
+    desk.c("merge-q").press("Enter")
+    go = desk.page.locator(f'[data-c="merge-candidate"][data-id="{kim}"] [data-c="merge-go"]')
+    go.click()
+    go.click()
+    merges = desk.page.locator('[data-c="merges"] [data-c="merge"]')
+    expect(merges).to_have_count(1)
+    # Kim writes again after the merge: undo could no longer put things back exactly
+    gw.call(gw.app[PIPELINE].ingest(message("v_kim", "Still there?", n=2, name="Kim")))
+    undo = merges.first.locator('[data-c="merge-undo"]')
+    undo.click()
+    undo.click()
+    expect(desk.c("merge-error")).to_be_visible()
+    expect(desk.c("merge-error")).to_contain_text("since the merge")
+    expect(merges.first).to_have_attribute("data-undone", "false")
+    assert merged_into(gw, kim) == jo
+    allow(watch, 409)
+    watch.check()
