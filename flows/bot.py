@@ -55,6 +55,9 @@ class BotTurn:
     # the pipeline with the turn, handed to later turns as TurnContext.history. Not in
     # ``state``, so the memory rewritten every turn stays small.
     events: list[dict[str, Any]] = field(default_factory=list)
+    # The intent the NLU recognised in the customer's message, if any (None: a button
+    # press, an answer to a question, nothing recognised): kept for analytics.
+    intent: str | None = None
 
 
 class Bot(Protocol):

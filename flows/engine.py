@@ -240,6 +240,7 @@ class _Turn:
         self.state.greeted = True
         self.out.state = self.state.dump()
         self.out.events = self.state.events[-EVENT_LOG_CAP:]
+        self.out.intent = self.understanding.intent
         return self.out
 
     async def _event_log(self) -> list[dict[str, Any]]:

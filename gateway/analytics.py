@@ -1,42 +1,57 @@
-"""Analytics: what happened to conversations, over a period, per channel, team and topic.
+"""Analytics: what happened to conversations, over a period, per channel, team, topic,
+intent, label and agent.
 
 The unit is an *ended conversation* (an outcome, gateway/store/analytics.py): each time
-a conversation is resolved, by an agent or by the bot, one outcome is recorded. A
-conversation reopened and resolved again counts once per resolution. The period
-``[from, to)`` selects outcomes by when they ended; only ``started`` (conversations per
-channel created in the period) is read from the conversations themselves.
+a conversation is resolved, by an agent, by the bot, or by the idle resolver (gateway/
+idle.py: *abandoned*), one outcome is recorded. A conversation reopened and resolved
+again counts once per resolution. The period ``[from, to)`` selects outcomes by when
+they ended; only ``started`` (conversations per channel created in the period) is read
+from the conversations themselves. docs/analytics.md says it for readers.
 
 Definitions (the API documents them too):
 
 - **bot containment**: outcomes resolved by the bot with no handoff to a human since the
-  conversation (re)opened, divided by all outcomes.
+  conversation (re)opened, divided by all outcomes (abandoned ones included).
+- **abandoned**: resolved after ``OMNIGATE_IDLE_RESOLVE_HOURS`` without activity;
+  ``abandoned_in`` says who had it then (bot, queued, agent).
 - **handoff reasons**: the handoff's reason, counted over outcomes that were handed off.
-- **topic**: the bot flow that was running when the bot handed off (or resolved), also
-  one started and handed off in the same turn (the menu's "Talk to a human" runs the
-  flow ``human``); if no flow was running (a global intent such as "talk to a human"
-  typed outside a flow, or the fallback), the handoff reason.
+- **topic**: the bot flow that was running when the bot handed off (or resolved, or the
+  customer went quiet), also one started and handed off in the same turn (the menu's
+  "Talk to a human" runs the flow ``human``); if no flow was running (a global intent
+  such as "talk to a human" typed outside a flow, or the fallback), the handoff reason.
+- **intent**: each intent the bot's NLU recognised in the customer's messages since the
+  conversation (re)opened (``Conversation.intents``); an outcome counts under each.
+- **label**: each label the conversation had when it ended; an outcome counts under each.
+- **agent**: who had the conversation when it ended (resolved it, or held it when it was
+  abandoned); their *handled* conversations are the outcomes in their group.
 - **team**: the handoff's team; if the handoff named none, the first team (by name) of the
-  agent who resolved it; else none.
+  agent who had it; else none.
 - **first response**: from the handoff to the first agent reply (``Conversation.sla.
   first_response_at`` when the SLA timer recorded it, else the first agent message in the
   history); **resolution**: from the handoff to the resolve (``sla.resolved_at`` when
-  set). Median and p90 by nearest rank, in seconds, over outcomes that have them.
+  set; none for an abandoned one). Median and p90 by nearest rank, in seconds, over
+  outcomes that have them.
 - **SLA breaches**: outcomes whose ``sla.*_breached`` flag was set when they ended.
 - **CSAT**: questions asked, answered, the average score and its distribution (1-5).
 """
-
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, Field
 
 from gateway.model import Agent, Conversation, utcnow
 from gateway.store import Store
-from gateway.store.analytics import DIMENSIONS, NONE_KEY, AnalyticsStore, Dimension
+from gateway.store.analytics import (
+    ABANDONED_IN,
+    DIMENSIONS,
+    NONE_KEY,
+    AnalyticsStore,
+    Dimension,
+)
 from gateway.store.mongo import Doc, new_id
 
 __all__ = ["NONE_KEY", "AnalyticsReport", "Outcomes", "Period", "nearest_rank"]
@@ -51,11 +66,23 @@ class Durations(BaseModel):
     p90_seconds: float | None
 
 
+class AbandonedIn(BaseModel):
+    bot: int = Field(description="the bot had it (the customer left mid-conversation)")
+    queued: int = Field(description="it was waiting in the queue (no agent took it)")
+    agent: int = Field(description="an agent had it")
+
+
 class Volume(BaseModel):
-    ended: int = Field(description="conversations that ended (were resolved) in the period")
+    ended: int = Field(description="conversations that ended (were resolved) in the period; "
+                       "per agent: the conversations they handled")
     bot_contained: int = Field(description="resolved by the bot, never handed to a human")
     handed_off: int = Field(description="handed to a human before they ended")
     containment_rate: float | None = Field(description="bot_contained / ended (None: none)")
+    resolved_by_agent: int = Field(description="resolved by an agent")
+    resolved_by_bot: int = Field(description="resolved by the bot (handed off or not)")
+    abandoned: int = Field(description="resolved by the idle resolver: no activity for "
+                           "OMNIGATE_IDLE_RESOLVE_HOURS")
+    abandoned_in: AbandonedIn = Field(description="abandoned, by who had it then")
 
 
 class ResponseTimes(BaseModel):
@@ -93,16 +120,26 @@ class Filters(BaseModel):
     channel: str | None = None
     team: str | None = None
     topic: str | None = None
+    intent: str | None = None
+    label: str | None = Field(None, description="a label id")
+    agent: str | None = Field(None, description="an agent id (an agent in no team: "
+                              "always their own)")
     teams: list[str] | None = Field(None, description="only these teams (an agent's own "
                                     "teams, when an agent asks without team=)")
 
     def match(self) -> dict[str, Any]:
         """The filters as store conditions."""
-        match: dict[str, Any] = {k: v for k, v in (("channel", self.channel),
-                                 ("team", self.team), ("topic", self.topic)) if v is not None}
+        match: dict[str, Any] = {
+            field: value for field, value in (
+                ("channel", self.channel), ("team", self.team), ("topic", self.topic),
+                ("intents", self.intent), ("labels", self.label), ("agent_id", self.agent))
+            if value is not None}
         if self.team is None and self.teams is not None:
             match["team"] = {"$in": self.teams}
         return match
+
+
+Scope = Literal["all", "teams", "own"]
 
 
 F = TypeVar("F")
@@ -112,17 +149,32 @@ G = TypeVar("G")
 class Report(BaseModel, Generic[F]):
     period: Period
     filters: Filters
+    scope: Scope = Field(description="whose conversations: all (admins), teams (an agent: "
+                         "their teams'), own (an agent in no team: the ones they had)")
+    note: str | None = Field(description="said to the reader when the scope needs "
+                             "explaining (an agent in no team); else null")
     total: F
     by_channel: dict[str, F]
     by_team: dict[str, F] = Field(description=f"'{NONE_KEY}': no team")
     by_topic: dict[str, F] = Field(description=f"'{NONE_KEY}': no topic")
+    by_intent: dict[str, F] = Field(description="per intent the bot recognised (an outcome "
+                                    f"counts under each of its intents); '{NONE_KEY}': none")
+    by_label: dict[str, F] = Field(description="per label id (an outcome counts under each "
+                                   f"of its labels; names in label_names); '{NONE_KEY}': none")
+    by_agent: dict[str, F] = Field(description="per agent id: who had the conversation when "
+                                   "it ended (names in agent_names); agents see their own "
+                                   f"row only; '{NONE_KEY}': no agent")
+    agent_names: dict[str, str] = Field(description="the names of the agents in by_agent")
+    label_names: dict[str, str] = Field(description="the names of the labels in by_label "
+                                        "(a label deleted since is missing)")
 
     def parts(self, pick: Callable[[F], G]) -> dict[str, Any]:
         return {
-            "period": self.period, "filters": self.filters, "total": pick(self.total),
-            "by_channel": {k: pick(v) for k, v in self.by_channel.items()},
-            "by_team": {k: pick(v) for k, v in self.by_team.items()},
-            "by_topic": {k: pick(v) for k, v in self.by_topic.items()},
+            "period": self.period, "filters": self.filters, "scope": self.scope,
+            "note": self.note, "total": pick(self.total),
+            **{f"by_{d}": {k: pick(v) for k, v in getattr(self, f"by_{d}").items()}
+               for d in DIMENSIONS},
+            "agent_names": self.agent_names, "label_names": self.label_names,
         }
 
 
@@ -180,7 +232,13 @@ def _figures(doc: Doc | None, reasons: dict[str, int]) -> Figures:
     return Figures(
         volume=Volume(ended=ended, bot_contained=contained,
                       handed_off=int(doc.get("handed_off", 0)),
-                      containment_rate=contained / ended if ended else None),
+                      containment_rate=contained / ended if ended else None,
+                      resolved_by_agent=int(doc.get("resolved_by_agent", 0)),
+                      resolved_by_bot=int(doc.get("resolved_by_bot", 0)),
+                      abandoned=int(doc.get("abandoned", 0)),
+                      abandoned_in=AbandonedIn(**{
+                          owner: int(doc.get(f"abandoned_{owner}", 0))
+                          for owner in ABANDONED_IN})),
         handoff_reasons=dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
         times=ResponseTimes(first_response=_durations(doc.get("first_response", [])),
                             resolution=_durations(doc.get("resolution", []))),
@@ -208,9 +266,11 @@ class Outcomes:
     async def record(
         self, conversation: Conversation, *, resolved_by: str, agent: Agent | None = None,
         topic: str | None = None, ended_at: datetime | None = None,
+        abandoned_in: str | None = None,
     ) -> Doc:
         """The outcome of ``conversation``, just resolved (read again from the store, so
-        the SLA fields set around the resolve are in it). Returns the stored document."""
+        the SLA fields set around the resolve are in it) by ``resolved_by`` (agent, bot,
+        idle: then ``abandoned_in`` says who had it). Returns the stored document."""
         ended = ended_at or self.clock()
         current = await self.store.get_conversation(conversation.id) or conversation
         handoff, sla = current.handoff, current.sla
@@ -226,7 +286,9 @@ class Outcomes:
         first_at = sla.first_response_at if sla is not None else None
         if first_at is None and handoff_at is not None:
             first_at = await self.db.first_agent_reply(current.id, handoff_at)
-        resolved_at = (sla.resolved_at if sla is not None else None) or ended
+        resolved_at: datetime | None = (sla.resolved_at if sla is not None else None) or ended
+        if resolved_by == "idle":
+            resolved_at = None  # nobody resolved it: no resolution time
         doc: Doc = {
             "_id": new_id(),
             "conversation_id": current.id,
@@ -236,6 +298,9 @@ class Outcomes:
             "ended_at": ended,
             "resolved_by": resolved_by,
             "agent_id": agent.id if agent is not None else None,
+            "abandoned_in": abandoned_in if resolved_by == "idle" else None,
+            "intents": list(current.intents),
+            "labels": list(current.labels),
             "handed_off": handed_off,
             "reason": reason,
             "team": team,
@@ -259,8 +324,10 @@ class Outcomes:
     async def mark_asked(self, doc: Doc) -> None:
         await self.db.outcomes.update_one({"_id": doc["_id"]}, {"$set": {"csat_asked": True}})
 
-    async def report(self, period: Period, filters: Filters) -> AnalyticsReport:
-        """Every figure, in total and per channel, team and topic."""
+    async def report(self, period: Period, filters: Filters, scope: Scope = "all",
+                     note: str | None = None) -> AnalyticsReport:
+        """Every figure, in total and per channel, team, topic, intent, label and agent
+        (``scope`` and ``note``: as the API restricted the filters, see Report)."""
         args = (period.start, period.end, filters.match())
         totals = await self.db.groups(*args, None)
         reasons = _reasons(await self.db.reasons(*args, None))
@@ -270,13 +337,16 @@ class Outcomes:
             split = _reasons(await self.db.reasons(*args, dimension))
             by[dimension] = {str(g["_id"]): _figures(g, split.get(str(g["_id"]), {}))
                              for g in sorted(groups, key=lambda g: str(g["_id"]))}
-        # Conversations have no team before a handoff: a team-restricted report has none.
-        started = [] if filters.teams is not None else await self.db.started(
+        # Conversations have no team or agent before a handoff: a restricted report has none.
+        started = [] if scope != "all" else await self.db.started(
             period.start, period.end, filters.channel)
         return AnalyticsReport(
-            period=period, filters=filters,
+            period=period, filters=filters, scope=scope, note=note,
             total=_figures(totals[0] if totals else None, reasons.get("", {})),
             by_channel=by["channel"], by_team=by["team"], by_topic=by["topic"],
+            by_intent=by["intent"], by_label=by["label"], by_agent=by["agent"],
+            agent_names=await self.db.names("agents", [k for k in by["agent"] if k != NONE_KEY]),
+            label_names=await self.db.names("labels", [k for k in by["label"] if k != NONE_KEY]),
             started={str(d["_id"]): int(d["n"]) for d in sorted(started, key=lambda d: d["_id"])},
         )
 

@@ -57,6 +57,7 @@ class _Commit:
     until: datetime | None = None  # the lease's new end, if the commit renews it
     seen: int | None = None  # a delivered mark it carries
     touch: bool = False  # it brings the conversation's last activity forward
+    intent: str | None = None  # it adds this intent to the conversation's
 
 
 class BotTurns:
@@ -172,8 +173,11 @@ class BotTurns:
             held.dirty = True
         else:
             held.until, held.dirty = commit.until, False
-        if commit.touch and held.conversation is not None:
-            held.conversation = conversation.model_copy(update={"last_activity_at": now})
+        if held.conversation is not None and (commit.touch or commit.intent):
+            update: dict[str, Any] = {"last_activity_at": now} if commit.touch else {}
+            if commit.intent:
+                update["intents"] = [*conversation.intents, commit.intent]
+            held.conversation = conversation.model_copy(update=update)
         if turn.profile and contact is not None:
             merged = {**contact.profile, **turn.profile}
             held.contact = contact.model_copy(update={
@@ -188,7 +192,8 @@ class BotTurns:
         """What a bot turn writes besides its replies. A turn that answers records itself
         on its first reply and writes no turn state (``until`` None: the lease is not
         renewed by it); a silent one writes the turn state (memory, processed mark,
-        lease) and keeps its event-log entries apart."""
+        lease) and keeps its event-log entries apart. The intent the turn recognised
+        goes on the conversation the first time it is seen there (analytics)."""
         commit = _Commit()
         if docs:
             keep_record(docs, seq=item.seq, epoch=held.epoch, state=dict(turn.state),
@@ -206,6 +211,10 @@ class BotTurns:
             commit.ops.append(Op(
                 "conversations", {"_id": conversation.id},
                 {"$set": {"updated_at": now}, "$max": {"last_activity_at": now}}))
+        if turn.intent and turn.intent not in conversation.intents:  # analytics' intents
+            commit.intent = turn.intent
+            commit.ops.append(Op("conversations", {"_id": conversation.id},
+                                 {"$addToSet": {"intents": turn.intent}}))
         if turn.profile and (profile := profile_update(turn.profile)):
             commit.ops.append(Op("contacts", {"_id": conversation.contact_id}, profile))
         return commit

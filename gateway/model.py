@@ -367,6 +367,9 @@ class Conversation(_Model):
     one_to_one: bool = False
     # Label ids (gateway/store/labels.py), set by agents.
     labels: list[str] = Field(default_factory=list)
+    # The intents the bot's NLU recognised in the customer's messages since the
+    # conversation (re)opened, each once (gateway/bot_turn.py; analytics' intent).
+    intents: list[str] = Field(default_factory=list)
     # Service levels (gateway/sla.py) and the customer's rating after resolve (CSAT).
     sla: Sla | None = None
     csat: Csat | None = None

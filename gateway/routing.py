@@ -8,6 +8,10 @@ its event are one writer unit (``_change``), written together or not at all, so 
 events are in the order of the changes even when the next change is made by another
 process the moment the first is visible (assigned, then resolved at once elsewhere).
 
+A conversation with no activity for ``OMNIGATE_IDLE_RESOLVE_HOURS`` is resolved by the
+idle resolver (gateway/idle.py, ``resolve_idle``) the same way: one conditional change
+with its event, counted as abandoned.
+
 Agents' load changes in the same store transaction as the owner (gateway/store/queue.py):
 a claim or a transfer adds one, resolve, hand back, transfer away and re-queue take one
 off; automatic assignment (``assign``) takes a slot only below capacity. Whenever a
@@ -41,7 +45,9 @@ from gateway.model import (
 from gateway.outbox import Outbox
 from gateway.sla import ServiceLevels
 from gateway.store import NotFound, Store
+from gateway.store.items import private_doc
 from gateway.store.queue import Assigned, QueueStore
+from gateway.store.turn_records import current as current_turn_state
 from gateway.store.writer import Duplicate, Op, Precondition
 
 __all__ = ["SYSTEM", "Assigned", "Conflict", "Routing", "who"]
@@ -389,14 +395,68 @@ class Routing:
         if self.csat.wants(resolved_by):
             await self.csat.ask(conversation, outcome)
 
+    async def resolve_idle(self, conversation: Conversation, idle_for: str,
+                           notice: str | None) -> Conversation | None:
+        """Bot, queue or agent → resolved: nothing happened in ``conversation`` since its
+        ``last_activity_at`` as the caller read it (``idle_for``: how long that is, for
+        the timeline). Only if that is still so (last activity, owner and assignee
+        unchanged): of concurrent callers (sweeps in several processes) one wins, and a
+        message, reply or owner change since the read keeps it open. The change, a
+        private event for the agents' timeline and, with ``notice``, that text to the
+        customer on their channel are one unit (a second call finds the event stored).
+        Recorded as abandoned (analytics, with the owner it had); no CSAT question, no
+        SLA resolution. None: not resolved by this call."""
+        owner = conversation.owner
+        if owner not in (OwnerState.BOT, OwnerState.QUEUED, OwnerState.AGENT):
+            return None
+        where: dict[str, Any] = {"last_activity_at": conversation.last_activity_at}
+        leaves = conversation.assignee_id if owner is OwnerState.AGENT else None
+        if owner is OwnerState.AGENT:
+            where["assignee_id"] = leaves
+        since = conversation.last_activity_at or conversation.created_at
+        key = f"{conversation.id}:idle:{int(since.timestamp() * 1000)}"
+        topic = await self._bot_flow(conversation.id) if owner is OwnerState.BOT else None
+        now = utcnow()
+        ops = self.queue.move_ops(conversation.id, {owner}, OwnerState.RESOLVED, now,
+                                  where=where, leaves=leaves, reset_bot=True)
+        docs = [private_doc(conversation, ActivityType.EVENT, SYSTEM,
+                            f"Resolved automatically: no activity for {idle_for}.", now,
+                            key=key, name="resolved")]
+        if notice:
+            docs += await self.outbox.prepare(conversation, [OutboundDraft(
+                sender=SYSTEM, name="idle", text=notice, dedupe_key=f"{key}:notice")])
+        try:
+            items = await self.store.append(conversation.id, docs, ops)
+        except (Precondition, Duplicate, NotFound):  # changed, done already, or erased
+            return None
+        self.outbox.deliver(conversation, [i for i in items if i.delivery is not None])
+        agent = await self.queue.get_agent(leaves) if leaves is not None else None
+        log.info("conversation %s resolved: no activity for %s (it was %s%s)",
+                 conversation.id, idle_for, owner.value,
+                 f", {who(agent)}" if agent is not None else "")
+        if leaves is not None:
+            self.wake()  # a slot of the agent's capacity is free
+        resolved = await self.store.get_conversation(conversation.id) or conversation
+        await self.outcomes.record(resolved, resolved_by="idle", agent=agent, topic=topic,
+                                   abandoned_in=owner.value)
+        return resolved
+
+    async def _bot_flow(self, conversation_id: str) -> str | None:
+        """The bot flow the conversation is in (its turn state brought forward by the
+        turn records), for analytics' topic."""
+        state = await current_turn_state(self.store, conversation_id)
+        flow = state.bot_state.get("flow") if state is not None else None
+        return flow if isinstance(flow, str) and flow else None
+
     def configure_csat(self, config: CsatConfig) -> None:
         self.csat.config = config
 
     async def reopen(self, conversation_id: str, dedupe_key: str) -> Conversation | None:
-        """Resolved → bot, when the customer writes again."""
+        """Resolved → bot, when the customer writes again (the intents the bot recognised
+        start afresh: analytics counts them per resolve)."""
         return await self._change(
             conversation_id, {OwnerState.RESOLVED}, OwnerState.BOT,
             ("reopened", "Conversation reopened."),
-            also={"assignee_id": None, "handoff": None}, reset_bot=True,
+            also={"assignee_id": None, "handoff": None, "intents": []}, reset_bot=True,
             dedupe_key=dedupe_key,
         )

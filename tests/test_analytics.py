@@ -138,8 +138,11 @@ def durations(count: int, median: float | None, p90: float | None) -> dict[str, 
 
 
 def volume(ended: int, contained: int) -> dict[str, Any]:
+    """The volume of the day's outcomes: the contained ones the bot's, the others agents'."""
     return {"ended": ended, "bot_contained": contained, "handed_off": ended - contained,
-            "containment_rate": contained / ended if ended else None}
+            "containment_rate": contained / ended if ended else None,
+            "resolved_by_agent": ended - contained, "resolved_by_bot": contained,
+            "abandoned": 0, "abandoned_in": {"bot": 0, "queued": 0, "agent": 0}}
 
 
 async def test_every_figure_exact(day: Day) -> None:
@@ -226,6 +229,13 @@ async def test_roles(day: Day) -> None:
     assert status == 200
     assert alice["total"]["volume"] == volume(1, 0)
     assert list(alice["by_team"]) == ["support"] and alice["started"] == {}
+    assert (alice["scope"], alice["note"]) == ("teams", None)
+    alice_id = next(k for k, v in alice["agent_names"].items() if v == "Alice")
+    assert list(alice["by_agent"]) == [alice_id]  # her own row only
+    status, root = await day.get("", who="Root")
+    assert (root["scope"], root["note"]) == ("all", None)
+    assert sorted(root["agent_names"].values()) == ["Alice", "Bob"]
+    assert sorted(root["by_agent"]) == sorted([*root["agent_names"], "(none)"])
     status, same = await day.get("", who="Alice", team="support")
     assert status == 200 and same["total"] == alice["total"]
 

@@ -107,10 +107,17 @@ def built(mongo_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         gw.start()
         day = Day(cast(Gateway, _Rig(gw)))
         gw.call(day.build(), timeout=90)
+        gw.call(_teamless(gw))
         gw.call(_passwords(gw))
         yield Built(gw, day)
     finally:
         gw.stop()
+
+
+async def _teamless(gw: ThreadedGateway) -> None:
+    """Nia, an agent in no team (and with no conversation in the day)."""
+    assert gw.app is not None
+    await gw.app[AGENTS].add("Nia", teams=[])
 
 
 async def _passwords(gw: ThreadedGateway) -> None:
@@ -169,6 +176,12 @@ def reason(page: Page, group: str, text: str) -> Locator:
                         'td[data-fig="count"]')
 
 
+def agent_cell(page: Page, name: str, fig: str) -> Locator:
+    row = page.locator('[data-an="agents"] tbody tr').filter(
+        has=page.get_by_role("rowheader", name=name, exact=True))
+    return row.locator(f'td[data-fig="{fig}"]')
+
+
 def groups(page: Page, section: str) -> list[str]:
     rows = page.locator(f'[data-an="{section}"] tbody tr')
     return [str(g) for g in rows.evaluate_all("rs => rs.map(r => r.dataset.group)")]
@@ -201,6 +214,22 @@ def test_an_admin_sees_the_exact_figures_and_changes_period_and_filters(
     expect(card(page, "resolution")).to_have_text("20 min")
     expect(card(page, "sla_breaches")).to_have_text("1")
     expect(card(page, "csat")).to_have_text("4.0")
+
+    expect(card(page, "abandoned")).to_have_text("0")
+    # per agent, whatever the breakdown: handled, first response, resolution, CSAT
+    agents = '[data-an="agents"] tbody tr'
+    assert [row.split("\t")[0] for row in page.locator(agents).all_inner_texts()] == [
+        "Alice", "Bob", "No agent"]
+    expect(agent_cell(page, "Alice", "handled")).to_have_text("1")
+    expect(agent_cell(page, "Alice", "first_response")).to_have_text("1 min")
+    expect(agent_cell(page, "Alice", "resolution")).to_have_text("10 min")
+    expect(agent_cell(page, "Alice", "csat")).to_have_text("5.0")
+    expect(agent_cell(page, "Bob", "handled")).to_have_text("2")
+    expect(agent_cell(page, "Bob", "first_response")).to_have_text("3 min")
+    expect(agent_cell(page, "Bob", "resolution")).to_have_text("20 min")
+    expect(agent_cell(page, "Bob", "csat")).to_have_text("3.0")
+    expect(agent_cell(page, "No agent", "handled")).to_have_text("2")
+    expect(page.locator('[data-an="note"]')).to_be_hidden()
 
     # conversations per channel, containment
     assert groups(page, "volume") == [TOTAL, "telegram", "webchat"]
@@ -298,6 +327,25 @@ def test_an_admin_sees_the_exact_figures_and_changes_period_and_filters(
     page.locator('[data-an="from"]').fill(built.day.t.strftime("%Y-%m-%dT%H:%M"))
     expect(page.locator('[data-an="problem"]')).to_contain_text("must be before")
     expect(page.locator('[data-an="report"]')).to_be_hidden()
+    problems.check()
+
+
+def test_an_agent_in_no_team_is_told_why(built: Built, new_page: Callable[[], Page]) -> None:
+    page = new_page()
+    problems = Problems(page)
+    sign_in(page, built.gw, "Nia")
+    page.goto(built.url())
+    expect(page.locator('[data-an="who"]')).to_have_text("Nia (agent)")
+    note = page.locator('[data-an="note"]')
+    expect(note).to_be_visible()
+    expect(note).to_have_text("You are in no team, so these are only the conversations you "
+                              "had when they ended: team figures show once an admin adds you "
+                              "to a team.")
+    expect(card(page, "ended")).to_have_text("0")
+    expect(page.locator('[data-an="agents"] tbody td')).to_have_text(
+        "No conversation ended with an agent in the period")
+    # the agent filter offers herself only
+    assert page.locator('[data-an="agent"] option').all_inner_texts() == ["All", "Nia"]
     problems.check()
 
 

@@ -4,11 +4,14 @@ gateway/analytics.py).
 ``GET /api/v1/analytics`` returns every figure; ``/api/v1/analytics/{conversations,
 handoff-reasons, response-times, sla, csat}`` one figure each. All take ``from`` / ``to``
 (ISO 8601; default: the 7 days up to now; a time without a zone is UTC) and the filters
-``channel``, ``team``, ``topic``, and break each figure down per channel, team and topic.
+``channel``, ``team``, ``topic``, ``intent``, ``label``, ``agent``, and break each figure
+down per channel, team, topic, intent, label and agent.
 
 Roles: admins see everything. Agents see only conversations handed to their own teams
-(``team=`` another team is 403; ``started``, which has no team, is empty for them).
-Bot designers are refused.
+(``team=`` another team is 403; ``started``, which has no team, is empty for them) and,
+per agent, only their own row (``agent=`` another agent is 403). An agent in no team sees
+the conversations they had when they ended (``scope: own``), with a ``note`` saying so:
+before, such an agent got zeros with no word why. Bot designers are refused.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from gateway.analytics import (
     HandoffReasonsReport,
     Period,
     ResponseTimesReport,
+    Scope,
     SlaReport,
 )
 from gateway.desk.auth import BadInput, Forbidden
@@ -40,6 +44,10 @@ from gateway.model import AgentRole
 DEFAULT_DAYS = 7
 MAX_DAYS = 366
 MAX_FILTER = 200
+FILTERS = ("channel", "team", "topic", "intent", "label", "agent")
+NO_TEAM = (
+    "You are in no team, so these are only the conversations you had when they ended: "
+    "team figures show once an admin adds you to a team.")
 
 
 def _text(request: web.Request, name: str) -> str | None:
@@ -59,16 +67,26 @@ async def _report(request: web.Request) -> AnalyticsReport:
         raise BadInput("from must be before to")
     if end - start > timedelta(days=MAX_DAYS):
         raise BadInput(f"the period may be at most {MAX_DAYS} days")
-    filters = Filters(channel=_text(request, "channel"), team=_text(request, "team"),
-                      topic=_text(request, "topic"))
+    filters = Filters(**{name: _text(request, name) for name in FILTERS})
     agent = request[AGENT]
+    scope: Scope = "all"
+    note: str | None = None
     if agent.role is not AgentRole.ADMIN:
         if filters.team is not None and filters.team not in agent.teams:
             raise Forbidden(f"agents see the analytics of their own teams only "
                             f"({', '.join(sorted(agent.teams)) or 'you have none'})")
-        filters.teams = sorted(agent.teams)
+        if filters.agent is not None and filters.agent != agent.id:
+            raise Forbidden("agents see their own figures only, not another agent's")
+        if agent.teams:
+            scope, filters.teams = "teams", sorted(agent.teams)
+        else:  # no team to see: their own conversations, said so (not silent zeros)
+            scope, filters.agent, note = "own", agent.id, NO_TEAM
     outcomes = request.config_dict[ROUTING].outcomes
-    return await outcomes.report(Period(start=start, end=end), filters)
+    report = await outcomes.report(Period(start=start, end=end), filters, scope, note)
+    if agent.role is not AgentRole.ADMIN:  # colleagues' figures are for admins
+        report.by_agent = {k: v for k, v in report.by_agent.items() if k == agent.id}
+        report.agent_names = {k: v for k, v in report.agent_names.items() if k == agent.id}
+    return report
 
 
 def _handler(
@@ -96,12 +114,21 @@ QUERY = (
           schema={"maxLength": MAX_FILTER}),
     Query("topic", "only this topic (the bot flow that handed off or resolved, else the "
           "handoff reason; empty: all)", schema={"maxLength": MAX_FILTER}),
+    Query("intent", "only conversations in which the bot recognised this intent (empty: "
+          "all)", schema={"maxLength": MAX_FILTER}),
+    Query("label", "only conversations with this label id when they ended (empty: all)",
+          schema={"maxLength": MAX_FILTER}),
+    Query("agent", "only conversations this agent id had when they ended (agents: their "
+          "own id only; empty: all)", schema={"maxLength": MAX_FILTER}),
 )
 DESCRIPTION = (
-    "Counted over conversations that ended (were resolved) in the period, once per "
-    "resolve. Containment: resolved by the bot without a handoff / all ended. Times: "
-    "median and p90 (nearest rank) in seconds from the handoff. Admins see all; agents "
-    "only their own teams."
+    "Counted over conversations that ended in the period, once per resolve: by an agent, "
+    "by the bot, or abandoned (no activity for OMNIGATE_IDLE_RESOLVE_HOURS). "
+    "Containment: resolved by the bot without a handoff / all ended. Times: median and "
+    "p90 (nearest rank) in seconds from the handoff. Broken down per channel, team, "
+    "topic, intent, label and agent (who had it when it ended). Admins see all; agents "
+    "their own teams and, per agent, their own row; an agent in no team their own "
+    "conversations, with a note saying so. docs/analytics.md has the definitions."
 )
 FIGURES: list[tuple[str, type[BaseModel], Callable[[Figures], Any] | None, str, str]] = [
     ("", AnalyticsReport, None, "analytics_report",

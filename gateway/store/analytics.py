@@ -1,18 +1,19 @@
 """Store side of analytics: one ``outcomes`` document per ended conversation, and the
 aggregation pipelines over them.
 
-An *outcome* is written when a conversation is resolved (by an agent or by the bot):
-who resolved it, whether a human was involved since it last (re)opened, the handoff's
-reason, team and topic, first-response and resolution times, SLA breaches, and later the
-customer's CSAT answer. Conversations change afterwards (a reopen clears the handoff, a
-second resolve asks CSAT again), so the figures are read from these snapshots, never
-from the conversations' current state.
+An *outcome* is written when a conversation is resolved (by an agent, by the bot, or
+by the idle resolver: abandoned): who resolved it, whether a human was involved since it
+last (re)opened, the handoff's reason, team and topic, the intents the bot recognised,
+the conversation's labels, the agent who had it, first-response and resolution times,
+SLA breaches, and later the customer's CSAT answer. Conversations change afterwards (a
+reopen clears the handoff, a second resolve asks CSAT again), so the figures are read
+from these snapshots, never from the conversations' current state.
 
 Every query selects a period on an indexed field (``outcomes.ended_at``,
-``conversations.created_at``; with a channel, team or topic filter the compound index
-``(field, ended_at)``), then ``$match`` / ``$group`` in the store. Durations are pushed
-per group and their median / p90 computed exactly in Python: ``$percentile`` exists
-only on MongoDB 7+ and is approximate there.
+``conversations.created_at``; with a filter the compound index ``(field, ended_at)``),
+then ``$match`` / ``$group`` in the store (``$unwind`` first for intents and labels).
+Durations are pushed per group and their median / p90 computed exactly in Python:
+``$percentile`` exists only on MongoDB 7+ and is approximate there.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ from pymongo.errors import DuplicateKeyError
 from gateway.model import Direction, Role
 from gateway.store.mongo import Doc, Store
 
-Dimension = Literal["channel", "team", "topic"]
-DIMENSIONS: tuple[Dimension, ...] = ("channel", "team", "topic")
-NONE_KEY = "(none)"  # the group of outcomes without a team / topic
+Dimension = Literal["channel", "team", "topic", "intent", "label", "agent"]
+DIMENSIONS: tuple[Dimension, ...] = ("channel", "team", "topic", "intent", "label", "agent")
+# The outcome's field per dimension; intents and labels are lists: an outcome counts
+# under each of its values (``$unwind``), or under NONE_KEY without any.
+FIELD: dict[Dimension, str] = {"channel": "channel", "team": "team", "topic": "topic",
+                               "intent": "intents", "label": "labels", "agent": "agent_id"}
+LISTS: frozenset[Dimension] = frozenset({"intent", "label"})
+NONE_KEY = "(none)"  # the group of outcomes without a team / topic / intent / ...
+ABANDONED_IN = ("bot", "queued", "agent")  # who had an idle-resolved conversation
 
 
 def _flag(field: str) -> Doc:
@@ -41,11 +48,29 @@ def _score_is(score: int) -> Doc:
     return {"$sum": {"$cond": [{"$eq": ["$csat_score", score]}, 1, 0]}}
 
 
+def _count_if(*conditions: Doc) -> Doc:
+    return {"$sum": {"$cond": [{"$and": list(conditions)}, 1, 0]}}
+
+
+def _key(dimension: Dimension | None) -> Any:
+    return None if dimension is None else {"$ifNull": [f"${FIELD[dimension]}", NONE_KEY]}
+
+
+def _unwind(dimension: Dimension | None) -> list[Doc]:
+    """A list dimension's values one per document (none: one document with none)."""
+    if dimension not in LISTS:
+        return []
+    return [{"$unwind": {"path": f"${FIELD[dimension]}", "preserveNullAndEmptyArrays": True}}]
+
+
 def _group_stage(dimension: Dimension | None) -> Doc:
-    key: Any = None if dimension is None else {"$ifNull": [f"${dimension}", NONE_KEY]}
+    idle = {"$eq": ["$resolved_by", "idle"]}
     stage: Doc = {
-        "_id": key,
+        "_id": _key(dimension),
         "ended": {"$sum": 1},
+        "resolved_by_agent": _count_if({"$eq": ["$resolved_by", "agent"]}),
+        "resolved_by_bot": _count_if({"$eq": ["$resolved_by", "bot"]}),
+        "abandoned": _count_if(idle),
         "handed_off": _flag("handed_off"),
         "contained": {"$sum": {"$cond": [
             {"$and": [{"$eq": ["$resolved_by", "bot"]}, {"$ne": ["$handed_off", True]}]},
@@ -62,6 +87,8 @@ def _group_stage(dimension: Dimension | None) -> Doc:
     }
     for score in range(1, 6):
         stage[f"csat_{score}"] = _score_is(score)
+    for owner in ABANDONED_IN:
+        stage[f"abandoned_{owner}"] = _count_if(idle, {"$eq": ["$abandoned_in", owner]})
     return stage
 
 
@@ -90,6 +117,12 @@ class AnalyticsStore:
                            name="topic_period"),
                 IndexModel([("conversation_id", ASCENDING), ("ended_at", ASCENDING)],
                            name="conversation_outcomes"),
+                IndexModel([("intents", ASCENDING), ("ended_at", ASCENDING)],
+                           name="intent_period"),
+                IndexModel([("labels", ASCENDING), ("ended_at", ASCENDING)],
+                           name="label_period"),
+                IndexModel([("agent_id", ASCENDING), ("ended_at", ASCENDING)],
+                           name="agent_period"),
             ])
             await self.store.conversations.create_indexes(
                 [IndexModel([("created_at", ASCENDING)], name="created_period")])
@@ -156,7 +189,7 @@ class AnalyticsStore:
         (``_id``: the channel / team / topic, or None for all)."""
         await self.ensure_indexes()
         cursor = await self.outcomes.aggregate([
-            {"$match": self._match(start, end, filters)},
+            {"$match": self._match(start, end, filters)}, *_unwind(dimension),
             {"$group": _group_stage(dimension)},
         ])
         return await cursor.to_list()
@@ -167,13 +200,22 @@ class AnalyticsStore:
     ) -> list[Doc]:
         """Handoff reasons counted per group: ``{_id: {key, reason}, n}``."""
         await self.ensure_indexes()
-        key: Any = None if dimension is None else {"$ifNull": [f"${dimension}", NONE_KEY]}
         cursor = await self.outcomes.aggregate([
             {"$match": {**self._match(start, end, filters), "handed_off": True}},
-            {"$group": {"_id": {"key": key, "reason": {"$ifNull": ["$reason", NONE_KEY]}},
+            *_unwind(dimension),
+            {"$group": {"_id": {"key": _key(dimension),
+                                "reason": {"$ifNull": ["$reason", NONE_KEY]}},
                         "n": {"$sum": 1}}},
         ])
         return await cursor.to_list()
+
+    async def names(self, collection: str, ids: list[str]) -> dict[str, str]:
+        """The ``name`` of each of these documents of ``agents`` or ``labels`` (ids of
+        ones deleted since are left out)."""
+        if not ids:
+            return {}
+        cursor = self.store.db[collection].find({"_id": {"$in": ids}}, {"name": 1})
+        return {str(d["_id"]): str(d.get("name") or d["_id"]) async for d in cursor}
 
     async def started(self, start: datetime, end: datetime, channel: str | None) -> list[Doc]:
         """Conversations created in [start, end), counted per channel: ``{_id, n}``."""

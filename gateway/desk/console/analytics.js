@@ -2,12 +2,15 @@
  * Omnigate console: the analytics page (/console/analytics.html).
  *
  * Reads GET /api/v1/analytics (gateway/desk/analytics_api.py, OpenAPI at
- * /api/openapi.json) with the console's session cookie and shows every figure in
- * total and per channel, team or topic: tables, plus bars drawn as inline SVG.
+ * /api/openapi.json; docs/analytics.md) with the console's session cookie and shows every
+ * figure in total and per channel, team, topic, intent, label or agent: tables, plus bars
+ * drawn as inline SVG, and a table per agent. An agent in no team is told what they see
+ * (the report's note) instead of figures that would silently be zeros.
  * Vanilla ES2020, no dependencies, strict-CSP-safe: no inline script or style, data
  * only ever goes into the page through textContent and attribute values.
  *
- * The period and filters live in the address (?from=…&to=…&channel=…&team=…&topic=…&by=…)
+ * The period and filters live in the address (?from=…&to=…&channel=…&team=…&topic=…
+ * &intent=…&label=…&agent=…&by=…)
  * so a view can be bookmarked or shared.
  */
 (function () {
@@ -15,24 +18,34 @@
 
   const API = "/api/v1";
   const SIGN_IN = "/console/";
-  const NONE = "(none)";      // the API's group of outcomes without a team / topic
+  const NONE = "(none)";      // the API's group of outcomes without a team / topic / ...
   const TOTAL = "(total)";    // our row key for the totals
   const CHANNELS = ["webchat", "telegram", "slack", "email"];
-  const DIMENSIONS = ["channel", "team", "topic"];
+  const DIMENSIONS = ["channel", "team", "topic", "intent", "label", "agent"];
+  const NAMED = ["agent", "label"];  // dimensions keyed by id: shown by name
+  const NO_GROUP = { team: "No team", topic: "No topic", intent: "No intent recognised",
+    label: "No label", agent: "No agent" };
+  const HEAD = { channel: "Channel", team: "Team", topic: "Topic", intent: "Intent",
+    label: "Label", agent: "Agent" };
   const SVG_NS = "http://www.w3.org/2000/svg";
   const DAY = 86400000;
 
   const el = (name) => document.querySelector('[data-an="' + name + '"]');
   const ui = {
     who: el("who"), form: el("controls"), from: el("from"), to: el("to"),
-    channel: el("channel"), team: el("team"), topic: el("topic"), by: el("by"),
+    channel: el("channel"), team: el("team"), topic: el("topic"), intent: el("intent"),
+    label: el("label"), agent: el("agent"), by: el("by"),
     status: el("status"), problem: el("problem"), report: el("report"), period: el("period"),
-    cards: el("cards"), volume: el("volume"), reasons: el("reasons"), times: el("times"),
-    sla: el("sla"), csat: el("csat"), csatChart: el("csat-chart"),
+    note: el("note"), cards: el("cards"), volume: el("volume"), agents: el("agents"),
+    reasons: el("reasons"), times: el("times"), sla: el("sla"), csat: el("csat"),
+    csatChart: el("csat-chart"),
   };
 
-  const state = { from: null, to: null, channel: "", team: "", topic: "", by: "channel", preset: "7" };
-  const seen = { channel: new Set(CHANNELS), team: new Set(), topic: new Set() };
+  const state = { from: null, to: null, channel: "", team: "", topic: "", intent: "", label: "",
+    agent: "", by: "channel", preset: "7" };
+  const seen = { channel: new Set(CHANNELS), team: new Set(), topic: new Set(), intent: new Set(),
+    label: new Set(), agent: new Set() };
+  const names = { agent: {}, label: {} };  // id -> name, from the report and the lists
   let me = null;
   let loadSeq = 0;
   let controller = null;
@@ -83,7 +96,8 @@
   function fmtCount(n) { return typeof n === "number" ? String(n) : "—"; }
   function groupLabel(dim, key) {
     if (key === TOTAL) return "Total";
-    if (key === NONE) return dim === "team" ? "No team" : dim === "topic" ? "No topic" : "Unknown";
+    if (key === NONE) return NO_GROUP[dim] || "Unknown";
+    if (NAMED.includes(dim)) return names[dim][key] || (dim === "label" ? "Deleted label" : "Agent " + key);
     return key;
   }
   function pad(n) { return String(n).padStart(2, "0"); }
@@ -136,15 +150,17 @@
     for (const b of document.querySelectorAll("[data-preset]")) {
       b.setAttribute("aria-pressed", String(b.dataset.preset === state.preset));
     }
-    for (const dim of DIMENSIONS) fillSelect(ui[dim], seen[dim], state[dim]);
+    for (const dim of DIMENSIONS) fillSelect(ui[dim], seen[dim], state[dim], dim);
     ui.by.value = state.by;
   }
 
-  function fillSelect(select, values, current) {
-    const sorted = [...values].filter((v) => v && v !== NONE).sort();
+  function fillSelect(select, values, current, dim) {
+    const shown = (v) => NAMED.includes(dim) ? groupLabel(dim, v) : v;
+    const sorted = [...values].filter((v) => v && v !== NONE)
+      .sort((a, b) => shown(a).localeCompare(shown(b)));
     if (current && !sorted.includes(current)) sorted.push(current);
     const options = [h("option", { value: "", text: "All" })];
-    for (const v of sorted) options.push(h("option", { value: v, text: v }));
+    for (const v of sorted) options.push(h("option", { value: v, text: shown(v) }));
     select.replaceChildren(...options);
     select.value = current || "";
   }
@@ -210,12 +226,24 @@
     me = (await response.json()).agent;
     ui.who.textContent = me.name + " (" + me.role + ")";
     for (const t of me.teams || []) seen.team.add(t);
+    names.agent[me.id] = me.name;
     if (me.role === "admin") {
-      try { // every team an agent belongs to, for the team filter
+      try { // every agent and their teams, for the agent and team filters
         const r = await fetch(API + "/agents", { headers: { Accept: "application/json" } });
-        if (r.ok) for (const a of (await r.json()).items || []) for (const t of a.teams || []) seen.team.add(t);
-      } catch (e) { /* the filter still offers the teams seen in reports */ }
+        if (r.ok) {
+          for (const a of (await r.json()).items || []) {
+            for (const t of a.teams || []) seen.team.add(t);
+            if (a.role !== "designer") { seen.agent.add(a.id); names.agent[a.id] = a.name; }
+          }
+        }
+      } catch (e) { /* the filters still offer what reports show */ }
+    } else {
+      seen.agent.add(me.id); // agents see their own figures only
     }
+    try { // the labels, by name, for the label filter
+      const r = await fetch(API + "/labels", { headers: { Accept: "application/json" } });
+      if (r.ok) for (const l of (await r.json()).items || []) { seen.label.add(l.id); names.label[l.id] = l.name; }
+    } catch (e) { /* the filter still offers the labels seen in reports */ }
     return true;
   }
 
@@ -276,7 +304,7 @@
       })));
     return h("table", null, h("caption", { class: "an-sr", text: caption }), h("thead", null, head), h("tbody", null, ...body));
   }
-  function headLabel() { return state.by === "channel" ? "Channel" : state.by === "team" ? "Team" : "Topic"; }
+  function headLabel() { return HEAD[state.by] || "Group"; }
   const maxOf = (rows, get) => Math.max(0, ...rows.filter((r) => r.key !== TOTAL).map(get).filter((x) => typeof x === "number"));
 
   function renderCards(report) {
@@ -287,6 +315,7 @@
       ["ended", "Ended", String(t.volume.ended), t.volume.ended],
       ["containment", "Bot containment", fmtPct(t.volume.containment_rate), t.volume.containment_rate],
       ["handed_off", "Handed to agents", String(t.volume.handed_off), t.volume.handed_off],
+      ["abandoned", "Abandoned", String(t.volume.abandoned), t.volume.abandoned],
       ["first_response", "First response (median)", fmtSeconds(t.times.first_response.median_seconds), t.times.first_response.median_seconds],
       ["resolution", "Resolution (median)", fmtSeconds(t.times.resolution.median_seconds), t.times.resolution.median_seconds],
       ["sla_breaches", "SLA breaches", String(breaches), breaches],
@@ -312,11 +341,49 @@
       { key: "bot_contained", label: "Bot contained", num: true, value: (r) => ({ text: String(r.fig.bot_contained), raw: r.fig.bot_contained }) },
       { key: "handed_off", label: "Handed off", num: true, value: (r) => ({ text: String(r.fig.handed_off), raw: r.fig.handed_off }) },
       { key: "containment", label: "Containment", num: true, value: (r) => ({ text: fmtPct(r.fig.containment_rate), raw: r.fig.containment_rate }) },
+      { key: "abandoned", label: "Abandoned", num: true, value: (r) => ({ text: String(r.fig.abandoned), raw: r.fig.abandoned }) },
+      { key: "abandoned_in", label: "Abandoned with", value: (r) => ({ text: abandonedIn(r.fig) }) },
       { key: "containment_bar", label: "Contained / ended", value: (r) => ({
         node: bar(r.fig.containment_rate, "containment " + fmtPct(r.fig.containment_rate), "good") }) },
       { key: "ended_bar", label: "Share of ended", value: (r) => ({
         node: r.key === TOTAL ? document.createTextNode("") : bar(most ? r.fig.ended / most : 0, r.fig.ended + " ended") }) },
     ], rows));
+  }
+
+  function abandonedIn(volume) {
+    const a = volume.abandoned_in || {};
+    const parts = [["bot", "the bot"], ["queued", "the queue"], ["agent", "an agent"]]
+      .filter(([k]) => a[k]).map(([k, label]) => label + " " + a[k]);
+    return parts.length ? parts.join(", ") : "—";
+  }
+
+  // One row per agent, whatever the breakdown: handled, abandoned, times, CSAT.
+  function renderAgents(report) {
+    const groups = report.by_agent || {};
+    const keys = Object.keys(groups).sort((a, b) => (a === NONE) - (b === NONE) ||
+      groupLabel("agent", a).localeCompare(groupLabel("agent", b)));
+    const head = h("tr", null, h("th", { scope: "col", text: "Agent" }),
+      ...[["Handled", true], ["Abandoned", true], ["First response, median", true],
+        ["Resolution, median", true], ["CSAT", true], ["Answers", true]]
+        .map(([label, num]) => h("th", { scope: "col", class: num ? "an-num" : null, text: label })));
+    const cell = (key, text, raw) => h("td", { "data-fig": key, class: "an-num",
+      "data-raw": raw === null || raw === undefined ? "" : String(raw), text });
+    const rows = keys.map((key) => {
+      const f = groups[key];
+      return h("tr", { "data-group": key },
+        h("th", { scope: "row", text: groupLabel("agent", key) }),
+        cell("handled", String(f.volume.ended), f.volume.ended),
+        cell("abandoned", String(f.volume.abandoned), f.volume.abandoned),
+        cell("first_response", fmtSeconds(f.times.first_response.median_seconds), f.times.first_response.median_seconds),
+        cell("resolution", fmtSeconds(f.times.resolution.median_seconds), f.times.resolution.median_seconds),
+        cell("csat", fmtAvg(f.csat.average), f.csat.average),
+        cell("csat_answered", String(f.csat.answered), f.csat.answered));
+    });
+    if (!rows.length) {
+      rows.push(h("tr", null, h("td", { class: "an-empty", colspan: "7", text: "No conversation ended with an agent in the period" })));
+    }
+    ui.agents.replaceChildren(h("table", null, h("caption", { class: "an-sr", text: "Figures per agent" }),
+      h("thead", null, head), h("tbody", null, ...rows)));
   }
 
   function renderReasons(report) {
@@ -413,12 +480,17 @@
   }
 
   function render(report) {
+    Object.assign(names.agent, report.agent_names || {});
+    Object.assign(names.label, report.label_names || {});
     for (const dim of DIMENSIONS) for (const key of Object.keys(report["by_" + dim] || {})) seen[dim].add(key);
     showControls();
+    ui.note.hidden = !report.note;
+    ui.note.textContent = report.note || "";
     ui.period.textContent = "From " + fmtWhen(new Date(report.period.start)) + " to " + fmtWhen(new Date(report.period.end)) +
-      (state.channel || state.team || state.topic ? " · filtered" : "");
+      (DIMENSIONS.some((dim) => state[dim]) ? " · filtered" : "");
     renderCards(report);
     renderVolume(report);
+    renderAgents(report);
     renderReasons(report);
     renderTimes(report);
     renderSla(report);
