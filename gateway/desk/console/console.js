@@ -216,6 +216,7 @@
     show($("search-form"), isStaff());
     show($("manage-labels"), isAdmin());
     show($("nav-contacts"), isStaff());
+    show($("nav-audit"), isAdmin());
     show($("label-picker"), isStaff());
     loadCanned();
     loadAgents();

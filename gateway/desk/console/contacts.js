@@ -349,6 +349,7 @@
     S.me = session.agent;
     S.csrf = session.csrf_token;
     $("me").textContent = S.me.name + " (" + S.me.role + ")";
+    show($("nav-audit"), S.me.role === "admin");
     if (S.me.role !== "agent" && S.me.role !== "admin") { problem("Contacts are for agents and admins."); return; }
     show($("page"), true);
     search();
