@@ -116,7 +116,8 @@ def test_an_agent_edits_a_contact_sees_every_channel_and_merges_and_undoes(
     desk.c("f-phone").fill("call me maybe")
     desk.c("save").click()
     expect(desk.c("save-error")).to_be_visible()
-    expect(desk.c("save-error")).to_contain_text("phone")
+    expect(desk.c("save-error")).to_have_text(
+        "The phone number does not look right: 4 to 30 digits, spaces and + ( ) - . / only.")
     assert contact(gw, jo).name == "Jo"
 
     desk.c("f-name").fill("Jo Müller")
@@ -180,6 +181,15 @@ def test_an_agent_edits_a_contact_sees_every_channel_and_merges_and_undoes(
         ["Any news on the parcel?", "My parcel is late"])
     assert merged_into(gw, kim) is None
     expect(desk.c("merge-error")).to_be_hidden()
+
+    # an item's conversation opens in the console
+    customer_items.nth(1).locator('[data-c="timeline-conversation"]').click()
+    expect(desk.c("conversation")).to_be_visible()
+    expect(desk.c("conv-title")).to_have_text("Jo Müller")
+    expect(desk.c("items")).to_have_attribute("data-loaded", "true")
+    expect(desk.items(role="customer", conversation=conv).locator('[data-c="text"]')).to_have_text(
+        ["My parcel is late"])
+    assert desk.page.url == gw.url + "/console/"  # a reload shows the lists
     allow(watch, 400)
     watch.check()
 

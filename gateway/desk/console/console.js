@@ -223,6 +223,18 @@
     loadLabels(true);
     S.wsWanted = true;
     connect();
+    openFromAddress();
+  }
+  // /console/#conversation=<id> (the contacts page's links) opens that conversation; the
+  // address is cleaned so a reload shows the lists. Subscribed when the socket is ready
+  // (the "ready" frame opens S.open again).
+  function openFromAddress() {
+    const m = /^#conversation=([^&]+)$/.exec(location.hash);
+    if (!m || !S.me) return;
+    history.replaceState(null, "", location.pathname + location.search);
+    let id = "";
+    try { id = decodeURIComponent(m[1]); } catch (e) { return; }
+    if (id) openConversation(id);
   }
 
   // -------------------------------------------------------------- socket
@@ -1514,6 +1526,7 @@
       renderLists();
       renderResults();
     });
+    window.addEventListener("hashchange", openFromAddress);
     $("search-form").addEventListener("submit", (e) => { e.preventDefault(); runSearch(); });
     $("search-q").addEventListener("input", scheduleSearch);
     $("search-q").addEventListener("keydown", (e) => {

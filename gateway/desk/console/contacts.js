@@ -199,6 +199,21 @@
     if (!(contact.identities || []).length) ids.append(h("li", { class: "c-muted", text: "None." }));
   }
 
+  // The server's 400 says which field and why; a pattern it did not match is said in
+  // words here (other messages are shown as they are).
+  const PATTERN_HINT = {
+    email: "The email address does not look right (like name@example.com).",
+    phone: "The phone number does not look right: 4 to 30 digits, spaces and + ( ) - . / only.",
+  };
+  function readable(err) {
+    if (err.status !== 400) return err;
+    const parts = String(err.message).split("; ").map((part) => {
+      const m = /^(email|phone): String should match pattern/.exec(part);
+      return m ? PATTERN_HINT[m[1]] : part;
+    });
+    return new Error(parts.join(" "));
+  }
+
   async function save(e) {
     e.preventDefault();
     const contact = S.contact;
@@ -218,7 +233,7 @@
       $("save-status").textContent = "Saved.";
     } catch (err) {
       $("save-status").textContent = "";
-      say("save-error", err);
+      say("save-error", readable(err));
     } finally {
       $("save").disabled = false;
     }
@@ -247,7 +262,9 @@
       "data-channel": item.channel, "data-conversation": item.conversation_id },
       h("div", { class: "k-head" }, badge(item.channel), h("span", { text: sender }),
         item.private ? h("span", { text: "· private note" }) : null,
-        h("time", { datetime: item.created_at, text: when(item.created_at) })),
+        h("time", { datetime: item.created_at, text: when(item.created_at) }),
+        item.conversation_id ? h("a", { href: "./#conversation=" + encodeURIComponent(item.conversation_id),
+          "data-c": "timeline-conversation", title: "Open this conversation in the console", text: "conversation" }) : null),
       h("div", { class: "k-text", "data-c": "timeline-text", text }));
   }
 
