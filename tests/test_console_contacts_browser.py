@@ -303,3 +303,36 @@ def test_an_admin_reads_the_audit_log_filtered_and_paged(
     expect(other.c("problem")).to_have_text("The audit log is for admins.")
     expect(other.c("page")).to_be_hidden()
     other_watch.check()
+
+
+def test_the_timeline_pages_back_and_the_newest_contacts_are_listed(
+    console_gateway: ThreadedGateway, new_page: Callable[[], Page]
+) -> None:
+    gw = console_gateway
+    assert gw.app is not None
+    email = agent(gw, "Alice")
+    _, jo = customer(gw, "v_jo", "message 00", name="Jo")
+    for n in range(1, 60):
+        gw.call(gw.app[PIPELINE].ingest(message("v_jo", f"message {n:02}", n=n + 1, name="Jo")))
+    customer(gw, "v_kim", "Hello", name="Kim")
+
+    desk = Desk(new_page(), gw)
+    watch = Watch(desk.page)
+    desk.signed_in(email)
+    desk.page.goto(gw.url + "/console/contacts.html")
+    rows = desk.page.locator('[data-c="contact-results"] [data-c="contact-row"]')
+    expect(rows.locator('[data-c="contact-row-name"]')).to_have_text(["Jo", "Kim"])
+    expect(desk.c("contact-empty")).to_be_visible()
+    rows.first.click()
+    expect(desk.page).to_have_url(gw.url + "/console/contacts.html#" + jo)
+    texts = desk.page.locator(
+        '[data-c="contact-timeline"] [data-role="customer"] [data-c="timeline-text"]')
+    items = desk.page.locator('[data-c="contact-timeline"] [data-c="timeline-item"]')
+    expect(items).to_have_count(50)  # one page
+    expect(texts.first).to_have_text("message 59")
+    expect(desk.c("timeline-more")).to_be_visible()
+    desk.c("timeline-more").click()
+    expect(texts.last).to_have_text("message 00")
+    expect(desk.c("timeline-more")).to_be_hidden()
+    expect(texts).to_have_text([f"message {n:02}" for n in range(59, -1, -1)])  # once each
+    watch.check()
