@@ -149,7 +149,8 @@ def test_an_agent_edits_a_contact_sees_every_channel_and_merges_and_undoes(
     expect(rows).to_have_count(1)
     expect(rows.first).to_have_attribute("data-id", jo)
 
-    # merge Kim into Jo: the first click only asks
+    # merge Kim into Jo: the first click only asks; notes being typed stay
+    desk.c("f-notes").fill("Typing, not saved")
     desk.c("merge-q").fill("Kim")
     desk.c("merge-q").press("Enter")
     candidate = desk.page.locator(f'[data-c="merge-candidate"][data-id="{kim}"]')
@@ -167,6 +168,9 @@ def test_an_agent_edits_a_contact_sees_every_channel_and_merges_and_undoes(
     expect(customer_items.locator('[data-c="timeline-text"]')).to_have_text(
         ["Hello from Kim", "Any news on the parcel?", "My parcel is late"])
     assert merged_into(gw, kim) == jo
+    expect(desk.c("f-notes")).to_have_value("Typing, not saved")
+    expect(desk.c("f-name")).to_have_value("Jo Müller")
+    desk.c("f-notes").fill("Prefers email.\nVIP since 2024.")
     screenshot(desk.page, "console-contact.png")
 
     # undo it (a second click again)

@@ -181,13 +181,18 @@
       if (seq === S.seq) say("contact-error", e.status === 404 ? new Error("No such contact.") : e);
     }
   }
-  function renderContact(contact) {
+  function renderContact(contact, saved) {
+    // The same contact again (after a merge or an undo): what is being typed stays;
+    // `saved`: the answer to a save, shown as the server keeps it.
+    const before = !saved && S.contact && S.contact.id === contact.id ? S.contact : null;
+    const typing = new Map(before ? FIELDS.filter((key) => $("f-" + key).value.trim() !== fieldValue(before, key))
+      .map((key) => [key, $("f-" + key).value]) : []);
     S.contact = contact;
     S.names.set(contact.id, displayName(contact));
     $("contact-title").textContent = displayName(contact);
     const form = $("contact");
     form.dataset.id = contact.id;
-    for (const key of FIELDS) $("f-" + key).value = fieldValue(contact, key);
+    for (const key of FIELDS) $("f-" + key).value = typing.has(key) ? typing.get(key) : fieldValue(contact, key);
     const ids = $("identities");
     clear(ids);
     for (const i of contact.identities || []) {
@@ -229,7 +234,7 @@
     $("save-status").textContent = "Saving…";
     try {
       const out = await api("PATCH", "/contacts/" + encodeURIComponent(contact.id), changes);
-      if (S.contact && S.contact.id === out.id) renderContact(out);
+      if (S.contact && S.contact.id === out.id) renderContact(out, true);
       $("save-status").textContent = "Saved.";
     } catch (err) {
       $("save-status").textContent = "";
