@@ -322,7 +322,13 @@ def test_the_timeline_pages_back_and_the_newest_contacts_are_listed(
 
     desk = Desk(new_page(), gw)
     watch = Watch(desk.page)
-    desk.signed_in(email)
+    desk.page.goto(gw.url + "/console/contacts.html")  # not signed in: says where to
+    expect(desk.c("problem")).to_have_text("Not signed in. Open the console")
+    expect(desk.c("page")).to_be_hidden()
+    desk.c("problem").locator("a").click()
+    expect(desk.c("login")).to_be_visible()
+    desk.sign_in(email)
+    expect(desk.c("app")).to_be_visible()
     desk.page.goto(gw.url + "/console/contacts.html")
     rows = desk.page.locator('[data-c="contact-results"] [data-c="contact-row"]')
     expect(rows.locator('[data-c="contact-row-name"]')).to_have_text(["Jo", "Kim"])

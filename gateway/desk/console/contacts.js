@@ -113,7 +113,7 @@
     let data = null;
     try { data = await res.json(); } catch (e) { data = null; }
     if (!res.ok) {
-      if (res.status === 401) problem("Your session ended: sign in again in the console.");
+      if (res.status === 401 && path !== "/session") problem("Your session ended: sign in again in the console.");
       throw new ApiError(res.status, (data && data.message) || ("HTTP " + res.status));
     }
     return data;
@@ -365,7 +365,7 @@
     wire();
     let session;
     try { session = await api("GET", "/session"); } catch (e) {
-      if (e.status !== 401) problem(e.message);
+      problem(e.status === 401 ? "Not signed in." : e.message);
       return;
     }
     S.me = session.agent;
