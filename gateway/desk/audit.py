@@ -39,7 +39,8 @@ MAX_LIMIT = 200
 
 class AuditPage(BaseModel):
     items: list[AuditEntry] = Field(description="newest first")
-    next_before: datetime | None = Field(description="pass as ?before= for the next page")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next, older page "
+                                    "(null: no more)")
 
 
 AUDIT_MODELS: list[type[BaseModel]] = [AuditEntry, AuditPage]
@@ -99,8 +100,9 @@ async def list_audit(request: web.Request) -> web.Response:
         else None
     items = await AuditLog(request.config_dict[STORE]).entries(
         action=request.query.get("action") or None, target=request.query.get("target") or None,
-        who=request.query.get("who") or None, since=since, before=before, limit=limit)
-    return json_response(AuditPage(items=items, next_before=items[-1].at
+        who=request.query.get("who") or None, since=since, before=before,
+        cursor=request.query.get("cursor") or None, limit=limit)
+    return json_response(AuditPage(items=items, next_cursor=items[-1].id
                                    if len(items) == limit else None))
 
 
@@ -112,7 +114,8 @@ def audit_endpoints() -> list[Endpoint]:
                Query("target", "only about this object (an id, or a sign-in's email)"),
                Query("who", "only by this agent (id)"),
                time_query("since", "from this time on"),
-               time_query("before", "older than this (the next page)"),
+               time_query("before", "older than this time"),
+               Query("cursor", "the next page: next_cursor of the page before"),
                Query("limit", "1-200 (default 50)", type="integer",
                      schema={"minimum": 1, "maximum": 200})),
         errors=(401, 403, 503), tag="admin", roles=ADMIN_ONLY)]

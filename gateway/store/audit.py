@@ -71,9 +71,14 @@ class AuditLog:
 
     async def entries(self, *, action: str | None = None, target: str | None = None,
                       who: str | None = None, since: datetime | None = None,
-                      before: datetime | None = None, limit: int = 50) -> list[AuditEntry]:
-        """Newest first; ``before``: the page after one ending there."""
+                      before: datetime | None = None, cursor: str | None = None,
+                      limit: int = 50) -> list[AuditEntry]:
+        """Newest first (by id: a time-ordered ObjectId, unique, so pages neither skip
+        nor repeat entries of one millisecond); ``cursor``: the last id of the page
+        before."""
         query: Doc = {}
+        if cursor:
+            query["_id"] = {"$lt": cursor}
         if action:
             query["action"] = action
         if target:
@@ -83,5 +88,5 @@ class AuditLog:
         if since is not None or before is not None:
             query["at"] = {**({"$gte": since} if since else {}),
                            **({"$lt": before} if before else {})}
-        cursor = self.coll.find(query).sort("at", DESCENDING).limit(limit)
-        return [_entry(d) async for d in cursor]
+        found = self.coll.find(query).sort("_id", DESCENDING).limit(limit)
+        return [_entry(d) async for d in found]

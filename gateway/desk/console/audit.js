@@ -3,7 +3,7 @@
  *
  * Reads GET /api/v1/audit (gateway/desk/audit.py, docs/audit.md) with the console's
  * session: filtered by action, agent (GET /api/v1/agents for the names) and object,
- * newest first, paged back by the answer's next_before (sent as ?before=). The filters
+ * newest first, paged back by the answer's next_cursor (sent as ?cursor=). The filters
  * live in the address (?action=…&who=…&target=…) so a view can be bookmarked.
  *
  * Vanilla ES2020, CSP-safe: no inline script or style; text only through textContent.
@@ -91,7 +91,7 @@
       history.replaceState(null, "", location.pathname + (q.toString() ? "?" + q.toString() : ""));
     }
     q.set("limit", String(LIMIT));
-    if (more && S.before) q.set("before", S.before);
+    if (more && S.before) q.set("cursor", S.before);
     $("audit-status").textContent = "Loading…";
     show($("audit-error"), false);
     try {
@@ -100,7 +100,7 @@
       const rows = $("audit-rows");
       if (!more) clear(rows);
       for (const e of page.items) rows.append(row(e));
-      S.before = page.next_before;
+      S.before = page.next_cursor;
       show($("audit-more"), Boolean(S.before));
       const n = rows.querySelectorAll('[data-c="audit-row"]').length;
       $("audit-status").textContent = n ? n + " entr" + (n === 1 ? "y" : "ies") + (S.before ? " (older ones below)" : "")
