@@ -39,6 +39,7 @@ from gateway.desk.openapi import (
     limit_query,
 )
 from gateway.desk.queue_api import QUEUE_MODELS, queue_endpoints
+from gateway.desk.rights_api import RIGHTS_MODELS, rights_endpoints
 from gateway.desk.search_api import SEARCH_MODELS, search_endpoints
 from gateway.desk.sla_api import SLA_MODELS, sla_endpoints
 from gateway.keys import AGENTS, FILES, ROUTING, STORE
@@ -375,6 +376,7 @@ class DeskApi:
             *queue_endpoints(),  # presence, transfer (gateway/desk/queue_api.py)
             *sla_endpoints(),  # SLA timers, breach counts, hours (gateway/desk/sla_api.py)
             *contact_endpoints(),  # merge, undo merge (gateway/desk/contacts_api.py)
+            *rights_endpoints(),  # export, erase a contact (gateway/desk/rights_api.py)
             *live_endpoints(), *notes_endpoints(),  # socket; notes, canned (live, notes_api)
             *analytics_endpoints(),  # figures over a period (gateway/desk/analytics_api.py)
             *files_endpoints(),  # attachments (gateway/desk/files_api.py)
@@ -452,6 +454,7 @@ class DeskApi:
                 *QUEUE_MODELS,
                 *SLA_MODELS,
                 *SEARCH_MODELS,
+                *RIGHTS_MODELS,
                 *LABEL_MODELS,
                 *AUDIT_MODELS,
             ],
