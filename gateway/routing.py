@@ -422,9 +422,11 @@ class Routing:
         docs = [private_doc(conversation, ActivityType.EVENT, SYSTEM,
                             f"Resolved automatically: no activity for {idle_for}.", now,
                             key=key, name="resolved")]
-        if notice:
+        if notice:  # from the bot, as CSAT's question: email sends no such mail to an
+            # automatic sender (an out-of-office reply would reopen it, daily)
             docs += await self.outbox.prepare(conversation, [OutboundDraft(
-                sender=SYSTEM, name="idle", text=notice, dedupe_key=f"{key}:notice")])
+                sender=Party(role=Role.BOT, name=None), name="idle", text=notice,
+                dedupe_key=f"{key}:notice")])
         try:
             items = await self.store.append(conversation.id, docs, ops)
         except (Precondition, Duplicate, NotFound):  # changed, done already, or erased
