@@ -1,4 +1,4 @@
-"""The ``omnigate`` command: ``serve``, ``agents add|list``, ``openapi``,
+"""The ``omnigate`` command: ``serve``, ``agents add|list``, ``retention``, ``openapi``,
 ``flows validate|test|schema`` (flows/cli.py)."""
 
 from __future__ import annotations
@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
                      "standard input; asked for without echo on a terminal); needs --email")
     agent_commands.add_parser("list", parents=[store_options], help="list agents")
 
+    retention = commands.add_parser(
+        "retention", parents=[store_options],
+        help="delete the conversations resolved more than OMNIGATE_RETENTION_DAYS days ago "
+        "(analytics keep anonymised figures)")
+    retention.add_argument("--dry-run", action="store_true",
+                           help="count what would be deleted; change nothing")
     commands.add_parser("openapi", help="print the agent API's OpenAPI document")
     from flows.cli import add_commands as add_flows_commands
 
@@ -171,6 +177,22 @@ def _agents(args: argparse.Namespace, settings: Settings) -> int:
               f"{'' if agent.active else '  (inactive)'}")
     if not agents:
         print("no agents yet: omnigate agents add 'Your Name' --role admin")
+    return 0
+
+
+def _retention(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.retention import Retention
+    from gateway.store.audit import Actor
+
+    days = settings.retention_days
+    if days is None:
+        print("omnigate: set OMNIGATE_RETENTION_DAYS to the number of days resolved "
+              "conversations are kept", file=sys.stderr)
+        return 2
+    who = Actor(id=None, name="omnigate retention")
+    report = asyncio.run(_with_store(settings, lambda store: Retention(store, days).run(
+        dry_run=args.dry_run, who=who)))
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -287,6 +309,8 @@ def _main(argv: list[str] | None) -> int:
             return _serve(settings, worker=args.worker)
         if args.command == "agents":
             return _agents(args, settings)
+        if args.command == "retention":
+            return _retention(args, settings)
         from gateway.desk.api import SPEC, DeskApi
 
         print(json.dumps(DeskApi().app()[SPEC], indent=2))
