@@ -30,6 +30,7 @@ from gateway.feed import Feed
 from gateway.fetcher import Fetcher
 from gateway.fetcher import ensure_indexes as ensure_fetch_indexes
 from gateway.files import Files
+from gateway.idle import idle_ctx
 from gateway.keys import (
     AGENTS,
     CONNECTORS,
@@ -52,6 +53,7 @@ from gateway.outbox import Outbox
 from gateway.pipeline import Pipeline
 from gateway.proxies import forwarded_middleware
 from gateway.ratelimit import RateLimit, webhook_limit_middleware
+from gateway.retention import retention_ctx
 from gateway.routing import Routing
 from gateway.search import Indexer
 from gateway.settings import Settings
@@ -309,7 +311,7 @@ def create_app(settings: Settings) -> web.Application:
     for connector in connectors.values():
         connector.setup(app)
     app.add_subapp("/api", DeskApi().app())
-    app.cleanup_ctx.extend([metrics_ctx, store_ctx, core_ctx])
+    app.cleanup_ctx.extend([metrics_ctx, store_ctx, core_ctx, idle_ctx, retention_ctx])
     setup_live(app)  # the console socket and the change feed (gateway/desk/live.py)
     setup_console(app)  # the agent console's pages at /console/ (gateway/desk/console)
     return app

@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     # customer is told); 20 MB is what Telegram lets bots download.
     max_attachment_bytes: int = Field(20 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
 
+    # Retention (gateway/retention.py, docs/data-rights.md): conversations resolved longer
+    # ago than this many days are deleted, their analytics kept anonymised (unset: kept
+    # for ever); checked every hour by one gateway process, or `omnigate retention`.
+    retention_days: int | None = Field(None, ge=1, le=36500)
+
     # Outbox
     outbox_max_attempts: int = Field(8, ge=1, le=100)
     outbox_sweep_seconds: float = Field(2.0, gt=0, le=300)
@@ -114,6 +119,15 @@ class Settings(BaseSettings):
         min_length=1, max_length=1000)
     csat_thanks: str = Field("Thank you for your feedback!", min_length=1, max_length=1000)
     csat_window_hours: float = Field(24.0, gt=0, le=24 * 30)
+
+    # Idle conversations (gateway/idle.py): one with no activity for this many hours
+    # (bot, queued or with an agent) is resolved, counted as abandoned (0: never); the
+    # customer is told (idle_resolve_notice) with idle_resolve_text.
+    idle_resolve_hours: float = Field(24.0, ge=0, le=24 * 365)
+    idle_resolve_notice: bool = True
+    idle_resolve_text: str = Field(
+        "We closed this conversation as there was no activity for a while. "
+        "Write to us any time to continue.", min_length=1, max_length=1000)
 
     # Telegram (on when the token is set)
     telegram_token: str | None = Field(None, pattern=r"^\d+:[A-Za-z0-9_-]+$")
