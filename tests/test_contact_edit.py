@@ -57,3 +57,22 @@ async def test_an_agent_edits_a_contact(gateway: Gateway) -> None:
     status, _ = await call(gw, "PATCH", path, {"Authorization": f"Bearer {designer_token}"},
                            json={"name": "X"})
     assert status == 403
+
+
+async def test_a_merged_contact_says_where_it_lives_and_is_not_edited(gateway: Gateway) -> None:
+    gw = gateway
+    _, token = await gw.app[AGENTS].add("Ann", role=AgentRole.AGENT)
+    ann = {"Authorization": f"Bearer {token}"}
+    kept = await gw.app[PIPELINE].ingest(message("v_keep", "hi", name="Kim"))
+    gone = await gw.app[PIPELINE].ingest(message("v_gone", "hi again", name="Kim 2"))
+    await processed(gw)
+    survivor, merged = kept.conversation.contact_id, gone.conversation.contact_id
+    status, _ = await call(gw, "POST", f"/contacts/{survivor}/merge", ann,
+                           json={"contact_id": merged})
+    assert status == 201
+    status, out = await call(gw, "GET", f"/contacts/{merged}", ann)
+    assert status == 200 and out["merged_into"] == survivor
+    status, refused = await call(gw, "PATCH", f"/contacts/{merged}", ann, json={"name": "X"})
+    assert status == 409 and survivor in refused["message"]
+    status, out = await call(gw, "GET", f"/contacts/{survivor}", ann)
+    assert out["merged_into"] is None and out["name"] == "Kim"

@@ -94,6 +94,8 @@ class ContactOut(BaseModel):
     profile: dict[str, Any] = Field(description="what the bot saved about the customer "
                                     "(profile slots, e.g. email), by name")
     identities: list[IdentityOut]
+    merged_into: str | None = Field(None, description="merged into that contact (it lives "
+                                    "on there: read and change that one)")
 
     @classmethod
     def of(cls, contact: Contact) -> ContactOut:
@@ -104,6 +106,7 @@ class ContactOut(BaseModel):
             # _menu_counts), not the customer's data: never shown (flow slots cannot start so)
             profile={k: v for k, v in contact.profile.items() if not k.startswith("_")},
             identities=[_identity(i) for i in contact.identities],
+            merged_into=contact.merged_into,
         )
 
 
@@ -401,7 +404,7 @@ class DeskApi:
                 "PATCH", "/v1/contacts/{id}", update_contact,
                 "Change a contact's name, and the email, phone and notes in its profile "
                 "(the fields sent; null clears one)", ContactOut, body=ContactPatch,
-                errors=(401, 403, 404, 503), tag="contacts",
+                errors=(401, 403, 404, 409, 503), tag="contacts",
             ),
             Endpoint(
                 "GET",

@@ -73,8 +73,12 @@ async def update_contact(request: web.Request) -> web.Response:
     body = await read_body(request, ContactPatch)
     store = request.config_dict[STORE]
     contact_id = request.match_info["id"]
-    if await store.get_contact(contact_id, with_identities=False) is None:
+    found = await store.get_contact(contact_id, with_identities=False)
+    if found is None:
         raise NotFound("no such contact")
+    if found.merged_into:  # a change here would go to a record nobody reads any more
+        raise _conflict(MergeConflict(
+            f"this contact was merged into {found.merged_into}: change that one"))
     sent = body.model_dump(exclude_unset=True)
     now = utcnow()
     if "name" in sent:
