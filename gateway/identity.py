@@ -214,16 +214,23 @@ class Identity:
         """An inbound deep-link payload: link its sender if the token is good (once).
         Returns the open conversation it continues (the one it was asked for in), if any."""
         assert message.deep_link is not None
-        identity_id = f"{message.channel}:{message.sender_external_id}"
-        state, contact_id = await self.contacts.consume_token(
-            message.deep_link, message.channel, identity_id)
+        _, continued = await self.redeem_token(
+            message.deep_link, message.channel, message.sender_external_id,
+            message.sender.name)
+        return continued
+
+    async def redeem_token(self, token: str, channel: str, external_id: str,
+                           name: str | None = None) -> tuple[LinkState, str | None]:
+        """Redeem ``token`` for (channel, external id): (its state, the open conversation
+        it continues, if it linked). The web chat's hello uses it too."""
+        identity_id = f"{channel}:{external_id}"
+        state, contact_id = await self.contacts.consume_token(token, channel, identity_id)
         if contact_id is None:
             log.info("identity: link token refused for %s: %s", identity_id, state.value)
-            return None
-        if not await self.link(message.channel, message.sender_external_id, contact_id,
-                               message.sender.name):
-            return None
-        return await self.continued(message.deep_link, contact_id)
+            return state, None
+        if not await self.link(channel, external_id, contact_id, name):
+            return LinkState.TAKEN, None
+        return state, await self.continued(token, contact_id)
 
     async def link(self, channel: str, external_id: str, contact_id: str,
                    name: str | None = None) -> bool:

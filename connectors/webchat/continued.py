@@ -39,20 +39,14 @@ async def keeps_visitor(store: Store, identity: Identity, visitor_id: str | None
 async def redeem(store: Store, outbox: Outbox, visitor_id: str, token: str) -> LinkState:
     """Redeem ``token`` for the visitor: link them, and bind their chat to its
     conversation (while it is open)."""
-    identity = Identity(store, outbox)
     if not is_link_payload(token):
         return LinkState.UNKNOWN
-    state, contact_id = await identity.contacts.consume_token(
-        token, CHANNEL, f"{CHANNEL}:{visitor_id}")
-    if contact_id is None:
-        log.info("webchat: link refused for visitor %s: %s", visitor_id, state.value)
-        return state
-    await identity.link(CHANNEL, visitor_id, contact_id)
-    continued = await identity.continued(token, contact_id)
+    state, continued = await Identity(store, outbox).redeem_token(token, CHANNEL, visitor_id)
     if continued is not None and continued != await conversation_of(store, visitor_id):
         await store.identities.update_one({"_id": f"{CHANNEL}:{visitor_id}"},
                                           {"$set": {"conversation_id": continued}})
-    log.info("webchat: visitor %s continues %s", visitor_id, continued)
+    if state is LinkState.LINKED:
+        log.info("webchat: visitor %s continues %s", visitor_id, continued)
     return state
 
 

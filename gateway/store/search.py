@@ -217,10 +217,7 @@ class SearchTerms:
             docs, matches = await self._window(whole, prefix, start, end, key=key,
                                                seen=seen)
             scanned += matches
-            docs = [d for d in docs if (since is None or d["at"] >= since)
-                    and (until is None or d["at"] < until)]
-            docs.sort(key=lambda d: d["at"], reverse=True)
-            await self._keep(docs, found, limit, accept)
+            await self._keep(_newest(docs, since, until), found, limit, accept)
             hours = int((end - start).total_seconds() // 3600) + 1
             density = matches / hours
             span = max(1, min(int(PAGE / density) if density else hours * GROWTH, MAX_HOURS))
@@ -262,10 +259,7 @@ class SearchTerms:
         the prefix's, so this costs all its matches, at most MAX_SCANNED)."""
         query: Doc = {"t": {"$gte": prefix, "$lt": prefix + "\U0010ffff"}}
         docs = await self.coll.find(query, {"c": 1, "at": 1}).limit(MAX_SCANNED).to_list()
-        docs = [d for d in docs if (since is None or d["at"] >= since)
-                and (until is None or d["at"] < until)]
-        docs.sort(key=lambda d: d["at"], reverse=True)
-        await self._keep(docs, found, limit, accept)
+        await self._keep(_newest(docs, since, until), found, limit, accept)
         return len(docs) >= MAX_SCANNED
 
     @staticmethod
@@ -285,3 +279,10 @@ class SearchTerms:
             for conversation_id, message_id in chunk.items():
                 if conversation_id in allowed and len(found) < limit:
                     found[conversation_id] = message_id
+
+
+def _newest(docs: list[Doc], since: datetime | None, until: datetime | None) -> list[Doc]:
+    """The entries from ``since`` to before ``until``, newest first."""
+    kept = [d for d in docs if (since is None or d["at"] >= since)
+            and (until is None or d["at"] < until)]
+    return sorted(kept, key=lambda d: d["at"], reverse=True)
