@@ -52,18 +52,7 @@
   let lastReport = null;    // shown again when only the breakdown changes
 
   // ------------------------------------------------------------------- DOM
-  function h(tag, attrs, ...children) {
-    const node = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === "class") node.className = v;
-      else if (k === "text") node.textContent = v;
-      else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
-      else node.setAttribute(k, v === true ? "" : String(v));
-    }
-    for (const c of children) if (c !== null && c !== undefined && c !== false) node.append(c);
-    return node;
-  }
+  const { h } = window.OmnigateDom; // dom.js
 
   function svg(tag, attrs) {
     const node = document.createElementNS(SVG_NS, tag);

@@ -16,20 +16,7 @@
   const CONTACT_ACTIONS = new Set(["update_contact", "merge"]);  // their object is a contact
   const S = { seq: 0, before: null };
 
-  const $ = (name) => document.querySelector('[data-c="' + name + '"]');
-  function h(tag, attrs, ...children) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === "class") el.className = v;
-      else if (k === "text") el.textContent = String(v);
-      else el.setAttribute(k, v === true ? "" : String(v));
-    }
-    for (const c of children) if (c !== null && c !== undefined && c !== false) el.append(c);
-    return el;
-  }
-  function show(el, on) { el.hidden = !on; }
-  function clear(el) { while (el.firstChild) el.firstChild.remove(); }
+  const { $, h, show, clear } = window.OmnigateDom; // dom.js
   function when(iso) {
     const d = new Date(iso);
     return isNaN(d) ? "" : d.toLocaleString([], { dateStyle: "short", timeStyle: "medium" });

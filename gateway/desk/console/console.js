@@ -68,21 +68,7 @@
   const OWNER_TEXT = { bot: "bot", queued: "queued", agent: "agent", resolved: "resolved" };
 
   // -------------------------------------------------------------------- DOM
-  const $ = (name) => document.querySelector('[data-c="' + name + '"]');
-  function h(tag, attrs, ...children) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === "class") el.className = v;
-      else if (k === "text") el.textContent = String(v);
-      else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-      else el.setAttribute(k, v === true ? "" : String(v));
-    }
-    for (const c of children) if (c !== null && c !== undefined && c !== false) el.append(c);
-    return el;
-  }
-  function show(el, on) { el.hidden = !on; }
-  function clear(el) { while (el.firstChild) el.firstChild.remove(); }
+  const { $, h, show, clear } = window.OmnigateDom; // dom.js
 
   function channelBadge(channel) {
     const known = CHANNELS[channel] || { label: String(channel || "?"), title: String(channel || "unknown") };

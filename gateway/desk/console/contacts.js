@@ -29,21 +29,7 @@
     timer: null, names: new Map() };
 
   // ------------------------------------------------------------------ DOM
-  const $ = (name) => document.querySelector('[data-c="' + name + '"]');
-  function h(tag, attrs, ...children) {
-    const el = document.createElement(tag);
-    for (const [k, v] of Object.entries(attrs || {})) {
-      if (v === null || v === undefined || v === false) continue;
-      if (k === "class") el.className = v;
-      else if (k === "text") el.textContent = String(v);
-      else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
-      else el.setAttribute(k, v === true ? "" : String(v));
-    }
-    for (const c of children) if (c !== null && c !== undefined && c !== false) el.append(c);
-    return el;
-  }
-  function show(el, on) { el.hidden = !on; }
-  function clear(el) { while (el.firstChild) el.firstChild.remove(); }
+  const { $, h, show, clear } = window.OmnigateDom; // dom.js
   function say(name, err) {
     const el = $(name);
     el.textContent = err ? err.message || String(err) : "";
